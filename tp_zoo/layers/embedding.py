@@ -1,0 +1,186 @@
+"""Vocab-parallel token embedding and LM head.
+
+The table is split on the vocab dim. A device looks up only the ids in its
+own range (zeros for the rest) and the partial rows are all-reduced; the
+LM head multiplies by the local rows and returns logits split on the vocab
+dim, never gathered.
+
+A vocab size that tp does not divide is padded up inside the layer: the
+table variable then has `padded_vocab_size` rows, the extra rows are never
+looked up, their logits are cut off, and saving, `get_weights` and
+`set_weights` of the layer show only the real rows.
+"""
+
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from tp_zoo import parallel
+from tp_zoo.layers.base import ShardedLayer
+
+M = parallel.MODEL
+B = parallel.BATCH
+
+
+def _padded(size, tp):
+    return -(-size // tp) * tp
+
+
+def _pad_rows(value, rows, axis):
+    value = np.asarray(value)
+    pad = [(0, 0)] * value.ndim
+    pad[axis] = (0, rows - value.shape[axis])
+    return np.pad(value, pad)
+
+
+class _PaddedVocabWeights:
+    """Hides the vocab padding of `self._vocab_variables` from saving and get/set."""
+
+    def _vocab_axis(self, variable):
+        return variable.shape.index(self.padded_vocab_size)
+
+    def get_weights(self):
+        weights = []
+        for v in self.weights:
+            value = np.asarray(v.numpy())
+            if v in self._vocab_variables:
+                value = np.take(value, np.arange(self.vocab_size), axis=self._vocab_axis(v))
+            weights.append(value)
+        return weights
+
+    def set_weights(self, weights):
+        padded = []
+        for v, w in zip(self.weights, weights):
+            if v in self._vocab_variables:
+                w = _pad_rows(w, self.padded_vocab_size, self._vocab_axis(v))
+            padded.append(w)
+        super().set_weights(padded)
+
+    def save_own_variables(self, store):
+        for i, w in enumerate(self.get_weights()):
+            store[str(i)] = w
+
+    def load_own_variables(self, store):
+        self.set_weights([store[str(i)] for i in range(len(self.weights))])
+
+
+class VocabParallelEmbedding(_PaddedVocabWeights, ShardedLayer):
+    """Token embedding with its table split on the vocab dim."""
+
+    def __init__(self, input_dim, output_dim, embeddings_initializer="uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.input_dim = input_dim
+        self.output_dim = output_dim
+        self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
+        self.vocab_size = input_dim
+        self.padded_vocab_size = _padded(input_dim, self.tp)
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_sharded_weight(
+            "embeddings",
+            (self.padded_vocab_size, self.output_dim),
+            (M, None),
+            self.embeddings_initializer,
+        )
+        self._vocab_variables = [self.embeddings]
+
+    @staticmethod
+    def local_lookup(table, ids):
+        rows = table.shape[0]
+        local_ids = ids - parallel.model_index() * rows
+        mine = (local_ids >= 0) & (local_ids < rows)
+        found = jnp.take(table, jnp.where(mine, local_ids, 0), axis=0)
+        return parallel.all_reduce(jnp.where(mine[..., None], found, 0))
+
+    def call(self, ids):
+        ids = jnp.asarray(ids, dtype="int32")
+        layout = (B,) + (None,) * (ids.ndim - 1)
+        return self.run_sharded(
+            self.local_lookup,
+            ((M, None), layout),
+            layout + (None,),
+            self.embeddings.value,
+            ids,
+        )
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "input_dim": self.input_dim,
+            "output_dim": self.output_dim,
+            "embeddings_initializer": keras.initializers.serialize(self.embeddings_initializer),
+        }
+
+
+class VocabParallelLMHead(_PaddedVocabWeights, ShardedLayer):
+    """hidden -> logits over the vocab, split on the vocab dim.
+
+    Tied: multiplies by the table of `tied_embedding` (a
+    `VocabParallelEmbedding`). Untied: owns a `kernel` of shape
+    (hidden, vocab) split on the vocab dim.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        tied_embedding=None,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size = vocab_size
+        self.tied_embedding = tied_embedding
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.padded_vocab_size = _padded(vocab_size, self.tp)
+        if tied_embedding is not None and tied_embedding.input_dim != vocab_size:
+            raise ValueError(
+                f"{self.name}: vocab_size={vocab_size} but the tied embedding "
+                f"has {tied_embedding.input_dim} rows."
+            )
+
+    def build(self, input_shape):
+        self._vocab_variables = []
+        if self.tied_embedding is None:
+            self.kernel = self.add_sharded_weight(
+                "kernel",
+                (input_shape[-1], self.padded_vocab_size),
+                (None, M),
+                self.kernel_initializer,
+            )
+            self._vocab_variables = [self.kernel]
+
+    def _kernel(self):
+        if self.tied_embedding is not None:
+            return self.tied_embedding.embeddings.value, (M, None), "...d,vd->...v"
+        return self.kernel.value, (None, M), "...d,dv->...v"
+
+    def call(self, x):
+        kernel, kernel_layout, equation = self._kernel()
+        layout = (B,) + (None,) * (x.ndim - 2)
+        logits = self.run_sharded(
+            lambda k, h: jnp.einsum(equation, h, k),
+            (kernel_layout, layout + (None,)),
+            layout + (M,),
+            kernel,
+            x,
+        )
+        if self.padded_vocab_size != self.vocab_size:
+            logits = logits[..., : self.vocab_size]
+        return logits
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.vocab_size,)
+
+    def get_config(self):
+        if self.tied_embedding is not None:
+            raise NotImplementedError(
+                "A tied VocabParallelLMHead is rebuilt by its model, not from config."
+            )
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+        }

@@ -1,0 +1,237 @@
+"""Megatron's column- and row-parallel linear layers.
+
+Column-parallel: the kernel is split on its output dim (and so is the bias);
+each device computes its slice of the output with no communication.
+Row-parallel: the kernel is split on its input dim; each device multiplies
+its slice of the input, the partial products are all-reduced, and the
+replicated bias is added once, after the all-reduce.
+
+The per-head variants are the same two rules on EinsumDense-style kernels of
+shape (hidden, heads, head_dim) and (heads, head_dim, hidden), split on the
+heads axis, as attention needs them.
+"""
+
+import jax.numpy as jnp
+import keras
+
+from tp_zoo import parallel
+from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.base import check_divisible
+
+M = parallel.MODEL
+B = parallel.BATCH
+
+
+def _activation_layout(rank, trailing):
+    """(BATCH, None, ..., *trailing) for an activation of `rank` dims."""
+    return (B,) + (None,) * (rank - 1 - len(trailing)) + tuple(trailing)
+
+
+class _ParallelLinear(ShardedLayer):
+    """x -> einsum(x, kernel) (+ bias), with one of Megatron's split rules.
+
+    Subclasses set the equation, the kernel and bias shapes and layouts, the
+    layouts of the input's and output's trailing dims, and whether the
+    partial products are summed over devices (row-parallel).
+    """
+
+    equation = None
+    reduces = False
+
+    def __init__(
+        self,
+        activation=None,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        bias_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.activation = keras.activations.get(activation)
+        self.use_bias = use_bias
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.bias_initializer = keras.initializers.get(bias_initializer)
+
+    # Subclasses: shapes and layouts.
+    def kernel_shape(self, in_dim):
+        raise NotImplementedError
+
+    kernel_layout = bias_layout = in_trailing = out_trailing = ()
+    bias_shape = ()
+
+    def build(self, input_shape):
+        in_dim = input_shape[-1] if len(self.in_trailing) == 1 else input_shape[-2:]
+        self.kernel = self.add_sharded_weight(
+            "kernel", self.kernel_shape(in_dim), self.kernel_layout, self.kernel_initializer
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_sharded_weight(
+                "bias", self.bias_shape, self.bias_layout, self.bias_initializer
+            )
+
+    def weights_and_layouts(self):
+        """The variables' current values and layouts, for enclosing layers."""
+        values = [self.kernel.value]
+        layouts = [self.kernel_layout]
+        if self.use_bias:
+            values.append(self.bias.value)
+            layouts.append(self.bias_layout)
+        return tuple(values), tuple(layouts)
+
+    def local_apply(self, weights, x):
+        """What one device computes on its shards (inside a sharded region)."""
+        y = jnp.einsum(self.equation, x, weights[0])
+        if self.reduces:
+            y = parallel.all_reduce(y)
+        if self.use_bias:
+            y = y + weights[1]
+        return self.activation(y) if self.activation is not None else y
+
+    def call(self, x):
+        weights, layouts = self.weights_and_layouts()
+        return self.run_sharded(
+            self.local_apply,
+            (layouts, _activation_layout(x.ndim, self.in_trailing)),
+            _activation_layout(x.ndim - len(self.in_trailing) + len(self.out_trailing), self.out_trailing),
+            weights,
+            x,
+        )
+
+    def compute_output_shape(self, input_shape):
+        lead = tuple(input_shape[: len(input_shape) - len(self.in_trailing)])
+        return lead + tuple(self.output_trailing_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            activation=keras.activations.serialize(self.activation),
+            use_bias=self.use_bias,
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            bias_initializer=keras.initializers.serialize(self.bias_initializer),
+        )
+        return config
+
+
+class ColumnParallelDense(_ParallelLinear):
+    """Dense layer with its kernel and bias split on the output dim.
+
+    The output stays split on its last dim (what a following
+    `RowParallelDense` wants) unless `gather_output=True`. An activation
+    here must be elementwise, since each device sees only its columns.
+    """
+
+    equation = "...i,io->...o"
+    kernel_layout = (None, M)
+    bias_layout = (M,)
+    in_trailing = (None,)
+
+    def __init__(self, units, activation=None, use_bias=True, gather_output=False, **kwargs):
+        super().__init__(activation=activation, use_bias=use_bias, **kwargs)
+        self.units = units
+        self.gather_output = gather_output
+        self.out_trailing = (None,) if gather_output else (M,)
+        check_divisible(self.name, "units", units, self.tp)
+        self.bias_shape = (units,)
+        self.output_trailing_shape = (units,)
+
+    def kernel_shape(self, in_dim):
+        return (in_dim, self.units)
+
+    def local_apply(self, weights, x):
+        y = super().local_apply(weights, x)
+        return parallel.all_gather(y, axis=-1) if self.gather_output else y
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
+
+
+class RowParallelDense(_ParallelLinear):
+    """Dense layer with its kernel split on the input dim.
+
+    Takes an input split on its last dim (a column-parallel output; a
+    replicated input is sliced locally), all-reduces the partial products
+    and adds the replicated bias once, after the all-reduce.
+    """
+
+    equation = "...i,io->...o"
+    reduces = True
+    kernel_layout = (M, None)
+    bias_layout = (None,)
+    in_trailing = (M,)
+    out_trailing = (None,)
+
+    def __init__(self, units, activation=None, use_bias=True, **kwargs):
+        super().__init__(activation=activation, use_bias=use_bias, **kwargs)
+        self.units = units
+        self.bias_shape = (units,)
+        self.output_trailing_shape = (units,)
+
+    def kernel_shape(self, in_dim):
+        check_divisible(self.name, "input dim", in_dim, self.tp)
+        return (in_dim, self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+class HeadSplitDense(_ParallelLinear):
+    """hidden -> (heads, head_dim), column-parallel over heads.
+
+    `replicated=True` keeps every head on every device, for key/value heads
+    fewer than the tensor-parallel devices (each device then picks the
+    heads its query heads need).
+    """
+
+    equation = "...d,dnh->...nh"
+    in_trailing = (None,)
+
+    def __init__(self, num_heads, head_dim, use_bias=True, replicated=False, **kwargs):
+        super().__init__(use_bias=use_bias, **kwargs)
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.replicated = replicated
+        heads = None if replicated else M
+        if not replicated:
+            check_divisible(self.name, "heads", num_heads, self.tp)
+        self.kernel_layout = (None, heads, None)
+        self.bias_layout = (heads, None)
+        self.out_trailing = (heads, None)
+        self.bias_shape = (num_heads, head_dim)
+        self.output_trailing_shape = (num_heads, head_dim)
+
+    def kernel_shape(self, in_dim):
+        return (in_dim, self.num_heads, self.head_dim)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "replicated": self.replicated,
+        }
+
+
+class HeadMergeDense(_ParallelLinear):
+    """(heads, head_dim) -> hidden, row-parallel over heads."""
+
+    equation = "...nh,nhd->...d"
+    reduces = True
+    kernel_layout = (M, None, None)
+    bias_layout = (None,)
+    in_trailing = (M, None)
+    out_trailing = (None,)
+
+    def __init__(self, units, use_bias=True, **kwargs):
+        super().__init__(use_bias=use_bias, **kwargs)
+        self.units = units
+        self.bias_shape = (units,)
+        self.output_trailing_shape = (units,)
+
+    def kernel_shape(self, in_dim):
+        heads, head_dim = in_dim
+        check_divisible(self.name, "heads", heads, self.tp)
+        return (heads, head_dim, self.units)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}

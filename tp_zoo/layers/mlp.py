@@ -1,0 +1,74 @@
+"""The transformer feed-forward block: column-parallel up, row-parallel down."""
+
+import keras
+
+from tp_zoo import parallel
+from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.linear import ColumnParallelDense
+from tp_zoo.layers.linear import RowParallelDense
+
+B = parallel.BATCH
+
+
+class ParallelMLP(ShardedLayer):
+    """down(act(up(x))), or down(act(gate(x)) * up(x)) when `gated` (SwiGLU).
+
+    The intermediate activations stay split over the devices; the block
+    costs one all-reduce, in `down`.
+    """
+
+    def __init__(
+        self,
+        hidden_dim,
+        intermediate_dim,
+        activation="relu",
+        gated=False,
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        self.intermediate_dim = intermediate_dim
+        self.activation = activation
+        self.gated = gated
+        common = dict(use_bias=use_bias, kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        self.gate = None
+        if gated:
+            self.gate = ColumnParallelDense(intermediate_dim, activation=activation, name="gate", **common)
+        self.up = ColumnParallelDense(
+            intermediate_dim, activation=None if gated else activation, name="up", **common
+        )
+        self.down = RowParallelDense(hidden_dim, name="down", **common)
+
+    def _projections(self):
+        return tuple(p for p in (self.gate, self.up, self.down) if p is not None)
+
+    def build(self, input_shape):
+        for p in self._projections()[:-1]:
+            p.build(input_shape)
+        self.down.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+
+    def _local_mlp(self, weights, x):
+        h = self.up.local_apply(weights[-2], x)
+        if self.gated:
+            h = self.gate.local_apply(weights[0], x) * h
+        return self.down.local_apply(weights[-1], h)
+
+    def call(self, x):
+        weights, layouts = zip(*(p.weights_and_layouts() for p in self._projections()))
+        x_layout = (B,) + (None,) * (x.ndim - 1)
+        return self.run_sharded(self._local_mlp, (tuple(layouts), x_layout), x_layout, weights, x)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape[:-1]) + (self.hidden_dim,)
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "hidden_dim": self.hidden_dim,
+            "intermediate_dim": self.intermediate_dim,
+            "activation": self.activation,
+            "gated": self.gated,
+            "use_bias": self.down.use_bias,
+        }

@@ -1,0 +1,76 @@
+"""Small layers kept whole on every device: norms and learned positions.
+
+They go through `ShardedLayer.add_sharded_weight` (with nothing split) so
+that checkpoints stream into them like into the sharded layers.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from tp_zoo.layers.base import ShardedLayer
+
+
+class LayerNorm(ShardedLayer):
+    """Layer normalization over the last dim (variables `gamma`, `beta`)."""
+
+    def __init__(self, epsilon=1e-5, use_bias=True, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+        self.use_bias = use_bias
+
+    def build(self, input_shape):
+        dim = (input_shape[-1],)
+        self.gamma = self.add_sharded_weight("gamma", dim, (None,), "ones")
+        self.beta = self.add_sharded_weight("beta", dim, (None,), "zeros") if self.use_bias else None
+
+    def call(self, x):
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.gamma.value
+        return y + self.beta.value if self.use_bias else y
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon, "use_bias": self.use_bias}
+
+
+class RMSNorm(ShardedLayer):
+    """Root-mean-square normalization (variable `scale`), in float32 like Llama."""
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_sharded_weight("scale", (input_shape[-1],), (None,), "ones")
+
+    def call(self, x):
+        x32 = x.astype("float32")
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return self.scale.value * y.astype(x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+class PositionEmbedding(ShardedLayer):
+    """Learned absolute positions: a (sequence_length, dim) table (`embeddings`)."""
+
+    def __init__(self, sequence_length, output_dim, initializer="glorot_uniform", **kwargs):
+        super().__init__(**kwargs)
+        self.sequence_length = sequence_length
+        self.output_dim = output_dim
+        self.initializer = initializer
+
+    def build(self, input_shape=None):
+        self.embeddings = self.add_sharded_weight(
+            "embeddings", (self.sequence_length, self.output_dim), (None, None), self.initializer
+        )
+
+    def call(self, positions):
+        return jnp.take(self.embeddings.value, jnp.asarray(positions, "int32"), axis=0)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape) + (self.output_dim,)
+
+    def get_config(self):
+        return {**super().get_config(), "sequence_length": self.sequence_length, "output_dim": self.output_dim}

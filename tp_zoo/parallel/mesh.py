@@ -1,0 +1,94 @@
+"""The device mesh: ("batch", "model") axes of shape (dp, tp)."""
+
+import dataclasses
+
+import jax
+import keras
+
+BATCH_AXIS = "batch"
+MODEL_AXIS = "model"
+
+
+def _require_jax_backend():
+    if keras.backend.backend() != "jax":
+        raise RuntimeError(
+            "tp_zoo runs on the JAX backend only, but Keras is using "
+            f"'{keras.backend.backend()}'. Set KERAS_BACKEND=jax before "
+            "importing keras."
+        )
+
+
+def distribution(tp=1, dp=1, devices=None):
+    """A `keras.distribution.ModelParallel` over a (dp, tp) device mesh.
+
+    Args:
+        tp: tensor-parallel degree (size of the "model" axis).
+        dp: data-parallel degree (size of the "batch" axis).
+        devices: devices to use; the first `dp * tp` of `jax.devices()`
+            when omitted.
+
+    Use it as `with tp_zoo.distribution(tp=2).scope(): ...` or pass it to
+    `keras.distribution.set_distribution`. Layers of `tp_zoo.layers` shard
+    their variables over the "model" axis; Keras shards input batches over
+    the "batch" axis.
+    """
+    _require_jax_backend()
+    for name, value in (("tp", tp), ("dp", dp)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    available = list(jax.devices()) if devices is None else list(devices)
+    if tp * dp > len(available):
+        hint = ""
+        if all(d.platform == "cpu" for d in available):
+            hint = (
+                " On a CPU-only machine, simulate more devices by setting "
+                f"XLA_FLAGS=--xla_force_host_platform_device_count={tp * dp} "
+                "before jax is imported."
+            )
+        raise ValueError(
+            f"tp={tp} x dp={dp} needs {tp * dp} devices, but only "
+            f"{len(available)} {'is' if len(available) == 1 else 'are'} "
+            f"available ({available[0].platform if available else 'none'})."
+            + hint
+        )
+    mesh = keras.distribution.DeviceMesh(
+        shape=(dp, tp),
+        axis_names=(BATCH_AXIS, MODEL_AXIS),
+        devices=available[: tp * dp],
+    )
+    layout_map = keras.distribution.LayoutMap(mesh)
+    return keras.distribution.ModelParallel(
+        layout_map=layout_map, batch_dim_name=BATCH_AXIS
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshInfo:
+    """The active mesh as the sharded layers see it."""
+
+    keras_mesh: keras.distribution.DeviceMesh
+    mesh: jax.sharding.Mesh
+    tp: int
+    dp: int
+
+
+def active_mesh():
+    """The mesh of the active Keras distribution, or None.
+
+    None means "compute as on one device": no distribution is active, or
+    the active one has no "model" axis.
+    """
+    dist = keras.distribution.distribution()
+    if dist is None:
+        return None
+    keras_mesh = dist.device_mesh
+    names = tuple(keras_mesh.axis_names)
+    if MODEL_AXIS not in names:
+        return None
+    shape = dict(zip(names, keras_mesh.shape))
+    return MeshInfo(
+        keras_mesh=keras_mesh,
+        mesh=keras_mesh.backend_mesh,
+        tp=shape[MODEL_AXIS],
+        dp=shape.get(BATCH_AXIS, 1),
+    )
