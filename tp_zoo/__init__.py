@@ -1,7 +1,12 @@
 """tp_zoo: Hugging Face LLMs as tensor-parallel KerasHub models on JAX."""
 
-from tp_zoo import layers
-from tp_zoo import losses
-from tp_zoo.parallel import distribution
+import os
+
+# tp_zoo is built on JAX collectives; choose the backend unless the user did.
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+from tp_zoo import layers  # noqa: E402
+from tp_zoo import losses  # noqa: E402
+from tp_zoo.parallel import distribution  # noqa: E402
 
 __version__ = "0.1.0"

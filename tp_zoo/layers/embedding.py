@@ -36,32 +36,34 @@ def _pad_rows(value, rows, axis):
 class _PaddedVocabWeights:
     """Hides the vocab padding of `self._vocab_variables` from saving and get/set."""
 
-    def _vocab_axis(self, variable):
-        return variable.shape.index(self.padded_vocab_size)
+    def _unpadded(self, variable):
+        value = np.asarray(variable.numpy())
+        if not any(variable is v for v in self._vocab_variables):
+            return value
+        axis = variable.shape.index(self.padded_vocab_size)
+        return np.take(value, np.arange(self.vocab_size), axis=axis)
+
+    def _padded_value(self, variable, value):
+        if not any(variable is v for v in self._vocab_variables):
+            return value
+        return _pad_rows(value, self.padded_vocab_size, variable.shape.index(self.padded_vocab_size))
 
     def get_weights(self):
-        weights = []
-        for v in self.weights:
-            value = np.asarray(v.numpy())
-            if v in self._vocab_variables:
-                value = np.take(value, np.arange(self.vocab_size), axis=self._vocab_axis(v))
-            weights.append(value)
-        return weights
+        return [self._unpadded(v) for v in self.weights]
 
     def set_weights(self, weights):
-        padded = []
-        for v, w in zip(self.weights, weights):
-            if v in self._vocab_variables:
-                w = _pad_rows(w, self.padded_vocab_size, self._vocab_axis(v))
-            padded.append(w)
-        super().set_weights(padded)
+        super().set_weights([self._padded_value(v, w) for v, w in zip(self.weights, weights)])
+
+    def _own_variables(self):
+        return self._trainable_variables + self._non_trainable_variables
 
     def save_own_variables(self, store):
-        for i, w in enumerate(self.get_weights()):
-            store[str(i)] = w
+        for i, v in enumerate(self._own_variables()):
+            store[str(i)] = self._unpadded(v)
 
     def load_own_variables(self, store):
-        self.set_weights([store[str(i)] for i in range(len(self.weights))])
+        for i, v in enumerate(self._own_variables()):
+            v.assign(self._padded_value(v, store[str(i)]))
 
 
 class VocabParallelEmbedding(_PaddedVocabWeights, ShardedLayer):
@@ -142,8 +144,11 @@ class VocabParallelLMHead(_PaddedVocabWeights, ShardedLayer):
             )
 
     def build(self, input_shape):
-        self._vocab_variables = []
-        if self.tied_embedding is None:
+        if self.tied_embedding is not None:
+            if not self.tied_embedding.built:
+                self.tied_embedding.build()
+            self._vocab_variables = [self.tied_embedding.embeddings]
+        else:
             self.kernel = self.add_sharded_weight(
                 "kernel",
                 (input_shape[-1], self.padded_vocab_size),

@@ -128,7 +128,7 @@ def all_gather(x, axis):
     """Concatenates the devices' shards along `axis`, in device order."""
     if not in_sharded_region():
         return x
-    return lax.all_gather(x, MODEL, axis=axis, tiled=True)
+    return lax.all_gather(x, MODEL, axis=axis, tiled=True, to="invarying")
 
 
 def model_index():

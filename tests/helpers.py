@@ -1,0 +1,28 @@
+"""Comparison helpers shared by the tests."""
+
+import contextlib
+
+import numpy as np
+
+import tp_zoo
+
+
+def max_diff(ref, got):
+    ref, got = np.asarray(ref, np.float64), np.asarray(got, np.float64)
+    assert ref.shape == got.shape, (ref.shape, got.shape)
+    return float(np.max(np.abs(ref - got))) if ref.size else 0.0
+
+
+def assert_close(ref, got, what, rel=1e-5):
+    """max |diff| <= rel * max(1, max |ref|): the float32 tolerance of the issues."""
+    diff = max_diff(ref, got)
+    bound = rel * max(1.0, float(np.max(np.abs(np.asarray(ref, np.float64)))))
+    assert diff <= bound, f"{what}: max |diff| {diff:.3e} > {bound:.3e}"
+    return diff
+
+
+def mesh_scope(tp, dp=1):
+    """The distribution scope for a (dp, tp) mesh; none for a single device."""
+    if tp == 1 and dp == 1:
+        return contextlib.nullcontext()
+    return tp_zoo.distribution(tp=tp, dp=dp).scope()

@@ -1,0 +1,40 @@
+"""The `tp-zoo` command."""
+
+import argparse
+import os
+import sys
+
+
+def _simulate_cpu_devices(count=8):
+    # Only affects the CPU platform (GPUs are used as they are); must be set
+    # before jax starts its backends.
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def _demo(args):
+    from tp_zoo import demo
+
+    demo.run(tp=args.tp)
+
+
+def main(argv=None):
+    _simulate_cpu_devices()
+    parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="offline demo on a small sharded model")
+    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
+    demo.set_defaults(run=_demo)
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except ValueError as error:
+        print(f"tp-zoo: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
