@@ -3,6 +3,7 @@
 from tp_zoo.layers.attention import ParallelAttention
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import weights_from
+from tp_zoo.layers.decoder_block import DecoderBlock
 from tp_zoo.layers.embedding import VocabParallelEmbedding
 from tp_zoo.layers.embedding import VocabParallelLMHead
 from tp_zoo.layers.linear import ColumnParallelDense

@@ -66,11 +66,12 @@ class PositionEmbedding(ShardedLayer):
             "embeddings", (self.sequence_length, self.output_dim), (None, None), self.initializer
         )
 
-    def call(self, positions):
-        return jnp.take(self.embeddings.value, jnp.asarray(positions, "int32"), axis=0)
+    def call(self, x, start_index=0):
+        """Embeddings of positions start_index, ..., start_index + seq - 1 of `x` (batch, seq, ...)."""
+        return jax.lax.dynamic_slice_in_dim(self.embeddings.value, start_index, x.shape[1], axis=0)[None]
 
     def compute_output_shape(self, input_shape):
-        return tuple(input_shape) + (self.output_dim,)
+        return (1, input_shape[1], self.output_dim)
 
     def get_config(self):
         return {**super().get_config(), "sequence_length": self.sequence_length, "output_dim": self.output_dim}

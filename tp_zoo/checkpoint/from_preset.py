@@ -1,0 +1,58 @@
+"""`tp_zoo.from_preset`: a Hugging Face checkpoint as a sharded KerasHub CausalLM."""
+
+from tp_zoo import parallel
+from tp_zoo.checkpoint.layout import Layout
+from tp_zoo.checkpoint.loader import StreamingLoader
+from tp_zoo.checkpoint.source import checkpoint_directory
+from tp_zoo.checkpoint.source import open_tensors
+from tp_zoo.checkpoint.source import read_config
+from tp_zoo.layers import weights_from
+from tp_zoo.models import causal_lm_class
+from tp_zoo.models.hf_config import family_of
+
+
+def _checkpoint_dtype(config):
+    dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True):
+    """Loads a checkpoint straight into per-device shards.
+
+    Args:
+        preset: a name from `tp_zoo.list_presets()`, a local directory with a
+            Hugging Face checkpoint (config.json + safetensors), or
+            "hf://org/name". Downloads go through `huggingface_hub` (its cache,
+            HF_HUB_OFFLINE and tokens apply) and fetch only the files needed.
+        tp, dp, devices: the mesh, as for `tp_zoo.distribution`.
+        dtype: variable and compute dtype (or a Keras dtype policy name such as
+            "mixed_bfloat16"); defaults to the checkpoint's own dtype.
+        allow_pickle: accept checkpoints that only have pickled PyTorch files.
+            Unpickling can run arbitrary code: only for checkpoints you trust.
+        progress: show a progress bar of the bytes loaded.
+
+    Returns:
+        A `keras_hub.models.CausalLM` of the checkpoint's family, every variable
+        already sharded over the (dp, tp) mesh; its `distribution` attribute is
+        the `keras.distribution.ModelParallel` it was built under.
+    """
+    distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
+    directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
+    config = read_config(directory)
+    family = family_of(config)
+    tensors = open_tensors(directory, allow_pickle=allow_pickle)
+    try:
+        layout = Layout(family)
+        cls = causal_lm_class(config)
+        loader = StreamingLoader(tensors, layout, config["vocab_size"], progress=progress,
+                                 description=f"loading {directory.name} (tp={tp})")
+        with loader, distribution.scope(), weights_from(loader):
+            backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
+            causal_lm = cls(backbone=backbone)
+        loader.warn_unused()
+    finally:
+        tensors.close()
+    causal_lm.distribution = distribution
+    causal_lm.checkpoint_directory = directory
+    causal_lm.hf_config = config
+    return causal_lm

@@ -1,0 +1,163 @@
+"""Streaming a checkpoint into per-device shards while the model is built.
+
+The model is built inside `tp_zoo.layers.weights_from(loader)`: as each
+variable is created, the loader finds its tensor through the family's
+layout map, reads for each device only the slice that device holds, and
+hands Keras the finished sharded array. No variable is first initialised at
+random, and no whole copy of a sharded tensor is made in host memory: host
+memory holds one device's slice at a time (devices that hold the same slice
+share one read).
+"""
+
+import collections
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from rich.progress import BarColumn
+from rich.progress import DownloadColumn
+from rich.progress import Progress
+from rich.progress import TextColumn
+from rich.progress import TimeRemainingColumn
+from rich.progress import TransferSpeedColumn
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+class StreamingLoader:
+    """The weight source for `weights_from`: layout map + tensor files -> shards."""
+
+    def __init__(self, tensors, layout, vocab_size, progress=True, description="loading"):
+        self.tensors = tensors
+        self.layout = layout
+        self.vocab_size = vocab_size
+        self.used = set()
+        self.bytes_read = 0
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            disable=not progress,
+            transient=False,
+        )
+        total = sum(tensors.nbytes(n) for n in tensors.names() if not layout.ignored(n))
+        self._task = self._progress.add_task(description, total=total)
+
+    def __enter__(self):
+        self._progress.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._progress.stop()
+
+    # --- the weights_from protocol ---------------------------------------------
+    def __call__(self, path, shape, dtype, sharding):
+        entry, tensor = self.layout.find(path)
+        if entry is None:
+            raise CheckpointMismatchError(
+                f"The {self.layout.family} layout map has no entry for variable {path}."
+            )
+        name = self.layout.resolve(tensor, self.tensors.names())
+        if name is None:
+            if entry.optional:
+                return None
+            raise CheckpointMismatchError(
+                f"Checkpoint tensor {tensor} (for variable {path}) is missing from the checkpoint."
+            )
+        true_shape = list(shape)
+        if entry.vocab_axis is not None:
+            true_shape[entry.vocab_axis] = self.vocab_size
+        expected = entry.tensor_shape(true_shape)
+        found = self.tensors.shape(name)
+        if tuple(found) != tuple(expected):
+            raise CheckpointMismatchError(
+                f"Checkpoint tensor {name} has shape {tuple(found)}, expected shape "
+                f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
+            )
+        self._check_split(entry, path, sharding)
+        value = self._place(entry, name, tuple(shape), true_shape, dtype, sharding)
+        if name not in self.used:
+            self.used.add(name)
+            self._progress.advance(self._task, self.tensors.nbytes(name))
+        return value
+
+    def _check_split(self, entry, path, sharding):
+        if sharding is None:
+            return
+        split = [d for d, axis in enumerate(sharding.spec) if axis is not None]
+        # A layer may keep a declared split whole (kv heads fewer than tp).
+        if split and split != [entry.split]:
+            raise CheckpointMismatchError(
+                f"The {self.layout.family} layout map splits {path} on dim {entry.split}, "
+                f"but the layer splits it on dim {split[0]}."
+            )
+
+    def _place(self, entry, name, shape, true_shape, dtype, sharding):
+        if sharding is None:
+            indices = {jax.devices()[0]: tuple(slice(None) for _ in shape)}
+        else:
+            indices = sharding.addressable_devices_indices_map(shape)
+        by_block = collections.defaultdict(list)
+        for device, index in indices.items():
+            block = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+            by_block[block].append(device)
+        shards = []
+        for block, devices in by_block.items():
+            shards += self._read_block(entry, name, block, shape, true_shape, dtype, devices)
+        if sharding is None:
+            return shards[0]
+        return jax.make_array_from_single_device_arrays(shape, sharding, shards)
+
+    def _read_block(self, entry, name, block, shape, true_shape, dtype, devices):
+        """One block of the variable, read once, placed on each of `devices`."""
+        local_shape = [stop - start for start, stop in block]
+        ranges, pad = [], None
+        for d, (start, stop) in enumerate(block):
+            true_stop = min(stop, true_shape[d])
+            if true_stop < stop:
+                pad = (d, stop - max(true_stop, start))
+                local_shape[d] -= pad[1]
+            full = start == 0 and true_stop == true_shape[d]
+            ranges.append(None if full else (start, max(true_stop, start)))
+        shards = []
+        if min(local_shape) == 0:
+            host = None
+        else:
+            slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
+            host = self.tensors.array(name)[slices]
+            self.bytes_read += host.nbytes
+        for device in devices:
+            if host is None:
+                x = jnp.zeros((), dtype)
+            else:
+                x = jax.device_put(host, device)
+                if entry.transposed:
+                    x = x.T
+                x = x.reshape(local_shape).astype(dtype)
+            if pad is not None:
+                widths = [(0, 0)] * len(shape)
+                widths[pad[0]] = (0, pad[1])
+                x = jnp.pad(x, widths) if host is not None else jnp.zeros(
+                    [stop - start for start, stop in block], dtype, device=device
+                )
+            shards.append(jax.device_put(x, device))
+        return shards
+
+    def unused_tensors(self):
+        return sorted(
+            n for n in self.tensors.names() if n not in self.used and not self.layout.ignored(n)
+        )
+
+    def warn_unused(self):
+        unused = self.unused_tensors()
+        if unused:
+            warnings.warn(
+                f"{len(unused)} checkpoint tensors were not used: {', '.join(unused[:8])}"
+                + (" ..." if len(unused) > 8 else ""),
+                stacklevel=3,
+            )

@@ -1,0 +1,56 @@
+"""One transformer decoder block: attention and MLP, each with a residual."""
+
+from tp_zoo.layers.attention import ParallelAttention
+from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.mlp import ParallelMLP
+from tp_zoo.layers.replicated import LayerNorm
+from tp_zoo.layers.replicated import RMSNorm
+
+
+def make_norm(kind, epsilon, name, dtype):
+    if kind == "rms":
+        return RMSNorm(epsilon=epsilon, name=name, dtype=dtype)
+    if kind == "layer":
+        return LayerNorm(epsilon=epsilon, name=name, dtype=dtype)
+    raise ValueError(f"Unknown norm {kind!r}; expected 'layer' or 'rms'.")
+
+
+class DecoderBlock(ShardedLayer):
+    """x + attention(norm(x)), then h + mlp(norm(h)) (pre-norm, the default);
+    with `pre_norm=False` the norms come after each residual sum instead
+    (post-norm, as in OPT-350m).
+
+    `attention` and `mlp` are the keyword arguments of `ParallelAttention`
+    and `ParallelMLP`.
+    """
+
+    def __init__(self, attention, mlp, norm="layer", norm_epsilon=1e-5, pre_norm=True, **kwargs):
+        super().__init__(**kwargs)
+        self.pre_norm = pre_norm
+        dtype = self.dtype_policy
+        self.attention_norm = make_norm(norm, norm_epsilon, "attention_norm", dtype)
+        self.attention = ParallelAttention(**attention, name="attention", dtype=dtype)
+        self.mlp_norm = make_norm(norm, norm_epsilon, "mlp_norm", dtype)
+        self.mlp = ParallelMLP(**mlp, name="mlp", dtype=dtype)
+
+    def build(self, input_shape):
+        for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
+            layer.build(input_shape)
+
+    def call(self, x, padding_mask=None, cache=None, cache_update_index=None):
+        new_cache = None
+        attention_in = self.attention_norm(x) if self.pre_norm else x
+        if cache is None:
+            h = self.attention(attention_in, padding_mask=padding_mask)
+        else:
+            h, new_cache = self.attention(attention_in, cache=cache, cache_update_index=cache_update_index)
+        h = x + h
+        if not self.pre_norm:
+            h = self.attention_norm(h)
+        out = h + self.mlp(self.mlp_norm(h) if self.pre_norm else h)
+        if not self.pre_norm:
+            out = self.mlp_norm(out)
+        return out if cache is None else (out, new_cache)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)

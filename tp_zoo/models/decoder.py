@@ -1,0 +1,254 @@
+"""The decoder-only transformer every family is an instance of.
+
+A family says which norm, which positions, which MLP and which biases; the
+shared layers do the rest. Families add only the translation of their
+Hugging Face config (and their checkpoint layout, in `presets/`).
+"""
+
+import jax.numpy as jnp
+import keras
+import keras_hub
+
+from tp_zoo.layers import ColumnParallelDense
+from tp_zoo.layers import DecoderBlock
+from tp_zoo.layers import PositionEmbedding
+from tp_zoo.layers import RotaryEmbedding
+from tp_zoo.layers import VocabParallelEmbedding
+from tp_zoo.layers import VocabParallelLMHead
+from tp_zoo.layers.decoder_block import make_norm
+from tp_zoo.losses import VocabParallelCrossEntropy
+
+
+class DecoderBackbone(keras_hub.models.Backbone):
+    """token ids -> hidden states, sharded over the active mesh.
+
+    Args:
+        vocab_size, hidden_dim, num_layers, num_heads, intermediate_dim: sizes.
+        num_kv_heads: key/value heads (GQA/MQA); defaults to num_heads.
+        head_dim: defaults to hidden_dim // num_heads.
+        embedding_dim: width of the token table when it differs from
+            hidden_dim (OPT's word_embed_proj_dim), bridged by replicated
+            `project_in` / `project_out` projections.
+        max_positions: learned absolute positions of this many slots, or
+            None for rotary positions (`rope_theta`, `rope_scaling`).
+        norm, norm_epsilon, pre_norm, final_norm: the normalization scheme.
+        activation, gated_mlp, mlp_bias: the MLP.
+        qkv_bias, output_bias: attention biases.
+        sliding_window: attention window (Mistral), or None.
+        tie_embeddings: whether the LM head reuses the token table.
+    """
+
+    def __init__(
+        self,
+        vocab_size,
+        hidden_dim,
+        num_layers,
+        num_heads,
+        intermediate_dim,
+        num_kv_heads=None,
+        head_dim=None,
+        embedding_dim=None,
+        max_positions=None,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        norm="layer",
+        norm_epsilon=1e-5,
+        pre_norm=True,
+        final_norm=True,
+        activation="relu",
+        gated_mlp=False,
+        mlp_bias=True,
+        qkv_bias=True,
+        output_bias=True,
+        sliding_window=None,
+        tie_embeddings=True,
+        dtype=None,
+        **kwargs,
+    ):
+        head_dim = head_dim or hidden_dim // num_heads
+        embedding_dim = embedding_dim or hidden_dim
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+
+        # === Layers ===
+        self.token_embedding = VocabParallelEmbedding(
+            vocab_size, embedding_dim, name="token_embedding", dtype=policy
+        )
+        self.project_in = self.project_out = None
+        if embedding_dim != hidden_dim:
+            self.project_in = ColumnParallelDense(
+                hidden_dim, use_bias=False, gather_output=True, name="project_in", dtype=policy
+            )
+            self.project_out = ColumnParallelDense(
+                embedding_dim, use_bias=False, gather_output=True, name="project_out", dtype=policy
+            )
+        self.position_embedding = None
+        rotary = None
+        if max_positions is not None:
+            self.position_embedding = PositionEmbedding(
+                max_positions, hidden_dim, name="position_embedding", dtype=policy
+            )
+        else:
+            rotary = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
+        attention = dict(
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            hidden_dim=hidden_dim,
+            rotary=rotary,
+            use_qkv_bias=qkv_bias,
+            use_output_bias=output_bias,
+            sliding_window=sliding_window,
+        )
+        mlp = dict(
+            hidden_dim=hidden_dim,
+            intermediate_dim=intermediate_dim,
+            activation=activation,
+            gated=gated_mlp,
+            use_bias=mlp_bias,
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                attention, mlp, norm=norm, norm_epsilon=norm_epsilon, pre_norm=pre_norm,
+                name=f"transformer_layer_{i}", dtype=policy,
+            )
+            for i in range(num_layers)
+        ]
+        self.final_norm = make_norm(norm, norm_epsilon, "final_norm", policy) if final_norm else None
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embed(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        x = self.finish(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=x,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.vocab_size = vocab_size
+        self.hidden_dim = hidden_dim
+        self.num_layers = num_layers
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.head_dim = head_dim
+        self.intermediate_dim = intermediate_dim
+        self.embedding_dim = embedding_dim
+        self.max_positions = max_positions
+        self.rope_theta = rope_theta
+        self.rope_scaling = rope_scaling
+        self.norm = norm
+        self.norm_epsilon = norm_epsilon
+        self.pre_norm = pre_norm
+        self.use_final_norm = final_norm
+        self.activation = activation
+        self.gated_mlp = gated_mlp
+        self.mlp_bias = mlp_bias
+        self.qkv_bias = qkv_bias
+        self.output_bias = output_bias
+        self.sliding_window = sliding_window
+        self.tie_embeddings = tie_embeddings
+
+    def embed(self, token_ids, start_index=0):
+        """Token (and learned position) embeddings of ids starting at `start_index`."""
+        x = self.token_embedding(token_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, start_index=start_index)
+        return x
+
+    def finish(self, x):
+        """Final norm (and OPT's projection back to the embedding width)."""
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            vocab_size=self.vocab_size,
+            hidden_dim=self.hidden_dim,
+            num_layers=self.num_layers,
+            num_heads=self.num_heads,
+            intermediate_dim=self.intermediate_dim,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            embedding_dim=self.embedding_dim,
+            max_positions=self.max_positions,
+            rope_theta=self.rope_theta,
+            rope_scaling=self.rope_scaling,
+            norm=self.norm,
+            norm_epsilon=self.norm_epsilon,
+            pre_norm=self.pre_norm,
+            final_norm=self.use_final_norm,
+            activation=self.activation,
+            gated_mlp=self.gated_mlp,
+            mlp_bias=self.mlp_bias,
+            qkv_bias=self.qkv_bias,
+            output_bias=self.output_bias,
+            sliding_window=self.sliding_window,
+            tie_embeddings=self.tie_embeddings,
+        )
+        return config
+
+
+class DecoderCausalLM(keras_hub.models.CausalLM):
+    """A `DecoderBackbone` with a vocab-parallel LM head.
+
+    Calling it on `{"token_ids", "padding_mask"}` returns logits over the
+    vocab, split over the tensor-parallel devices. `compile()` defaults to
+    `tp_zoo.losses.VocabParallelCrossEntropy`, so the logits are never
+    gathered in training.
+    """
+
+    backbone_cls = DecoderBackbone
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.lm_head = VocabParallelLMHead(
+            backbone.vocab_size,
+            tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,
+            name="lm_head",
+            dtype=backbone.dtype_policy,
+        )
+        # === Functional model ===
+        inputs = backbone.input
+        outputs = self.lm_head(backbone(inputs))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
+        if loss == "auto":
+            loss = VocabParallelCrossEntropy()
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
+
+    def call_with_cache(self, token_ids, cache, cache_update_index):
+        """Forward pass over `token_ids` placed at `cache_update_index`, updating the cache.
+
+        `cache` has shape (batch, num_layers, 2, max_length, kv heads, head_dim),
+        split over devices on the kv-heads dim. Returns (logits, hidden, cache).
+        """
+        backbone = self.backbone
+        x = backbone.embed(token_ids, start_index=cache_update_index)
+        caches = []
+        for i, block in enumerate(backbone.transformer_layers):
+            x, layer_cache = block(x, cache=cache[:, i], cache_update_index=cache_update_index)
+            caches.append(layer_cache)
+        hidden = backbone.finish(x)
+        return self.lm_head(hidden), hidden, jnp.stack(caches, axis=1)
+
+    def _build_cache(self, token_ids):
+        batch, length = token_ids.shape
+        attention = self.backbone.transformer_layers[0].attention
+        layer_cache = attention.empty_cache(batch, length)
+        cache = jnp.stack([layer_cache] * self.backbone.num_layers, axis=1)
+        _, hidden, cache = self.call_with_cache(token_ids, cache, 0)
+        return hidden, cache

@@ -1,0 +1,2 @@
+from tp_zoo.models.gpt2.gpt2 import GPT2Backbone
+from tp_zoo.models.gpt2.gpt2 import GPT2CausalLM

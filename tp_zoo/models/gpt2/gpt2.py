@@ -1,0 +1,54 @@
+"""GPT-2 (Radford et al., 2019).
+
+Learned absolute positions, LayerNorm before each block and at the end, a
+GELU (tanh approximation) MLP four times as wide, biases everywhere, and an
+LM head tied to the token table. The checkpoint fuses q, k, v into one
+Conv1D (`c_attn`, stored input-major); the layout map splits it per head.
+"""
+
+import functools
+
+import keras
+
+from tp_zoo.models.decoder import DecoderBackbone
+from tp_zoo.models.decoder import DecoderCausalLM
+from tp_zoo.models.hf_config import refuse
+
+_ACTIVATIONS = {
+    "gelu_new": functools.partial(keras.activations.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(keras.activations.gelu, approximate=True),
+    "gelu": functools.partial(keras.activations.gelu, approximate=False),
+    "relu": "relu",
+}
+
+
+class GPT2Backbone(DecoderBackbone):
+    @classmethod
+    def from_hf_config(cls, config, dtype=None):
+        if config.get("scale_attn_by_inverse_layer_idx", False):
+            refuse(config, "scale_attn_by_inverse_layer_idx=true")
+        if not config.get("scale_attn_weights", True):
+            refuse(config, "scale_attn_weights=false")
+        # reorder_and_upcast_attn only computes the scores in float32, which
+        # ParallelAttention always does: nothing to refuse.
+        activation = config.get("activation_function", "gelu_new")
+        if activation not in _ACTIVATIONS:
+            refuse(config, f"activation_function={activation!r}")
+        hidden = config["n_embd"]
+        return cls(
+            vocab_size=config["vocab_size"],
+            hidden_dim=hidden,
+            num_layers=config["n_layer"],
+            num_heads=config["n_head"],
+            intermediate_dim=config.get("n_inner") or 4 * hidden,
+            max_positions=config["n_positions"],
+            norm="layer",
+            norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
+            activation=_ACTIVATIONS[activation],
+            tie_embeddings=True,
+            dtype=dtype,
+        )
+
+
+class GPT2CausalLM(DecoderCausalLM):
+    backbone_cls = GPT2Backbone

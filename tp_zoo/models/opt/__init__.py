@@ -1,0 +1,2 @@
+from tp_zoo.models.opt.opt import OPTBackbone
+from tp_zoo.models.opt.opt import OPTCausalLM
