@@ -170,7 +170,10 @@ def test_tp4_variables_are_sharded(checkpoints):
     assert not odd, f"variables neither replicated nor split 4 ways: {odd}"
     # Every large tensor of this model is the token table, an attention
     # projection or an MLP kernel: all must be split 4 ways.
-    replicated_large = [v.path for v in lm.weights if v.value.size >= 1024 and v not in split]
+    split_ids = {id(v) for v in split}
+    replicated_large = [
+        v.path for v in lm.weights if v.value.size >= 1024 and id(v) not in split_ids
+    ]
     assert not replicated_large, f"replicated instead of sharded: {replicated_large}"
     # Together they account for at least the embedding (128 x 32), q/k/v/o
     # (4 x 32 x 32) and gate/up/down (3 x 32 x 64) of both layers.

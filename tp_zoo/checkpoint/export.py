@@ -1,0 +1,102 @@
+"""Saving a loaded model back in the Hugging Face safetensors layout.
+
+The inverse of loading: each variable is fetched (one at a time, so the
+host holds one tensor, not the model), cut to the real vocab, reshaped and
+transposed back through its layout entry, and fused q/k/v parts are joined.
+The file is written to a temporary name and renamed at the end, so an
+interrupted export never leaves a file that looks complete.
+"""
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from tp_zoo.checkpoint.layout import Layout
+from tp_zoo.checkpoint.tensor_files import DTYPES
+from tp_zoo.models.hf_config import family_of
+
+_DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
+_COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
+           "merges.txt", "special_tokens_map.json", "generation_config.json")
+
+
+def _to_tensor(entry, value):
+    """A variable's value in the tensor's layout (before any part / offset)."""
+    groups = entry.groups(value.ndim)
+    value = value.reshape([int(np.prod([value.shape[d] for d in g])) for g in groups])
+    return np.ascontiguousarray(value.T if entry.transposed else value)
+
+
+def hf_tensors(causal_lm):
+    """Yields (tensor name, numpy array) in the Hugging Face layout, one at a time."""
+    config = causal_lm.hf_config
+    layout = Layout(family_of(config))
+    fused = {}
+    for variable in causal_lm.weights:
+        entry, name = layout.find(variable.path)
+        if entry is None:
+            raise ValueError(f"The layout map has no entry for variable {variable.path}.")
+        value = np.asarray(variable.numpy())
+        if entry.vocab_axis is not None:
+            value = np.take(value, np.arange(config["vocab_size"]), axis=entry.vocab_axis)
+        tensor = _to_tensor(entry, value)
+        if entry.row_offset:
+            tensor = np.concatenate([np.zeros((entry.row_offset,) + tensor.shape[1:], tensor.dtype), tensor])
+        if entry.part is None:
+            yield name, tensor
+            continue
+        axis, index, count = entry.part
+        parts = fused.setdefault(name, {})
+        parts[index] = tensor
+        if len(parts) == count:
+            yield name, np.concatenate([parts[i] for i in range(count)], axis=axis)
+            del fused[name]
+
+
+def export_to_hf(causal_lm, directory, dtype=None):
+    """Writes config.json and model.safetensors (and the tokenizer files of the
+    source checkpoint, if any) to `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = hf_tensors(causal_lm)
+    if dtype is not None:
+        tensors = ((k, v.astype(dtype)) for k, v in tensors)
+    _write_safetensors(directory / "model.safetensors", tensors)
+    config = dict(causal_lm.hf_config)
+    source = getattr(causal_lm, "checkpoint_directory", None)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    if source is not None:
+        for name in _COPIED:
+            if (Path(source) / name).exists() and Path(source).resolve() != directory.resolve():
+                shutil.copy(Path(source) / name, directory / name)
+    return directory
+
+
+def _write_safetensors(path, tensors):
+    """Streams (name, array) pairs to `path`: the data goes to a scratch file
+    first (the header, which precedes it, needs every offset)."""
+    header, offset = {}, 0
+    data = path.with_name(path.name + ".data.tmp")
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(data, "wb") as f:
+            for name, value in tensors:
+                header[name] = {"dtype": _DTYPE_NAMES[value.dtype], "shape": list(value.shape),
+                                "data_offsets": [offset, offset + value.nbytes]}
+                f.write(value.tobytes())
+                offset += value.nbytes
+        header["__metadata__"] = {"format": "pt"}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        with open(tmp, "wb") as out, open(data, "rb") as f:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(f, out, 64 << 20)
+        os.replace(tmp, path)
+    finally:
+        for leftover in (data, tmp):
+            leftover.unlink(missing_ok=True)
