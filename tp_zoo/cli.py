@@ -20,6 +20,20 @@ def _demo(args):
     demo.run(tp=args.tp)
 
 
+def _presets(args):
+    from rich.console import Console
+    from rich.table import Table
+
+    from tp_zoo.checkpoint.source import presets
+
+    table = Table(title="tp_zoo presets")
+    for column in ("name", "Hugging Face repo", "family", "description"):
+        table.add_column(column)
+    for name, entry in sorted(presets().items()):
+        table.add_row(name, entry["hf"], entry["family"], entry["description"])
+    Console().print(table)
+
+
 def main(argv=None):
     _simulate_cpu_devices()
     parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
@@ -27,6 +41,7 @@ def main(argv=None):
     demo = commands.add_parser("demo", help="offline demo on a small sharded model")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
     demo.set_defaults(run=_demo)
+    commands.add_parser("presets", help="list the checkpoints known by name").set_defaults(run=_presets)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -35,22 +35,13 @@ TRANSFORMS = {
 }
 
 
-def _layouts_dir():
+def presets_dir():
+    """presets/ inside the installed package, or at the top of a checkout."""
     here = Path(__file__).resolve()
     for candidate in (here.parents[1] / "presets", here.parents[2] / "presets"):
         if (candidate / "layouts").is_dir():
             return candidate
     raise FileNotFoundError("tp_zoo's presets/ folder was not found next to the package.")
-
-
-PRESETS_DIR = None
-
-
-def presets_dir():
-    global PRESETS_DIR
-    if PRESETS_DIR is None:
-        PRESETS_DIR = _layouts_dir()
-    return PRESETS_DIR
 
 
 class LayoutEntry:
