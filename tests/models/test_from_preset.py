@@ -75,6 +75,18 @@ def diff_table():
         print("\n\nfrom_preset vs transformers (real positions only):\n" + "\n".join(lines))
 
 
+# The tp=4 tied Llama is loaded once for both its logits and its sharding test.
+SHARED = ("llama_mha_tied", 4)
+
+
+@pytest.fixture(scope="module")
+def kept_models():
+    models = {}
+    yield models
+    models.clear()
+    gc.collect()
+
+
 def _load(ck_or_path, tp, **kwargs):
     path = ck_or_path.path if isinstance(ck_or_path, Checkpoint) else str(ck_or_path)
     return tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False, **kwargs)
@@ -120,10 +132,12 @@ def test_mistral_reference_depends_on_the_window(checkpoints):
 
 
 @pytest.mark.parametrize("name,tp", CASES, ids=[f"{n}-tp{t}" for n, t in CASES])
-def test_logits_match_transformers(checkpoints, diff_table, name, tp):
+def test_logits_match_transformers(checkpoints, diff_table, kept_models, name, tp):
     ck = checkpoints.get(name)
     start = time.perf_counter()
     lm = _load(ck, tp)
+    if (name, tp) == SHARED:
+        kept_models[SHARED] = lm
     import keras_hub
 
     assert isinstance(lm, keras_hub.models.CausalLM), type(lm)
@@ -152,9 +166,11 @@ def test_logits_match_transformers(checkpoints, diff_table, name, tp):
 # --------------------------------------------------------------------------
 
 
-def test_tp4_variables_are_sharded(checkpoints):
-    ck = checkpoints.get("llama_mha_tied")  # 4 heads, 4 kv heads, vocab 128
-    lm = _load(ck, 4)
+def test_tp4_variables_are_sharded(checkpoints, kept_models):
+    # 4 heads, 4 kv heads, vocab 128: every matrix can be split 4 ways.
+    lm = kept_models.get(SHARED)
+    if lm is None:  # run on its own
+        lm = _load(checkpoints.get(SHARED[0]), SHARED[1])
     rows, split, odd = [], [], []
     for v in lm.weights:
         arr = v.value
@@ -181,8 +197,6 @@ def test_tp4_variables_are_sharded(checkpoints):
     assert sum(v.value.size for v in split) >= expected
     sizes = sorted(v.value.size for v in split)
     assert 128 * 32 in sizes, f"token embedding (4096 values) not split: {sizes}"
-    del lm
-    gc.collect()
 
 
 # --------------------------------------------------------------------------

@@ -182,7 +182,7 @@ class ParallelAttention(ShardedLayer):
             return self._local_attention(weights, x, mask, cache, start)
 
         out_layout = x_layout if cache is None else (x_layout, self.cache_layout)
-        return self.run_sharded(local, tuple(layouts), out_layout, *args)
+        return self.run_sharded(local, tuple(layouts), out_layout, *args, key=("attention", has_mask))
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.hidden_dim,)

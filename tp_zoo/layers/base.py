@@ -85,5 +85,12 @@ class ShardedLayer(keras.layers.Layer):
                 layout=keras_layout,
             )
 
-    def run_sharded(self, fn, in_layouts, out_layouts, *args):
-        return parallel.run_sharded(self.mesh_info, fn, in_layouts, out_layouts, *args)
+    def run_sharded(self, fn, in_layouts, out_layouts, *args, key=None):
+        """`parallel.run_sharded` over this layer's mesh; eager calls reuse one
+        compiled program per `key` (default: `fn`, fine for bound methods)."""
+        if not hasattr(self, "_sharded_programs"):
+            self._sharded_programs = {}
+        return parallel.run_sharded(
+            self.mesh_info, fn, in_layouts, out_layouts, *args,
+            compiled=self._sharded_programs, key=(fn if key is None else key, repr(in_layouts)),
+        )

@@ -171,6 +171,7 @@ class VocabParallelLMHead(_PaddedVocabWeights, ShardedLayer):
             layout + (M,),
             kernel,
             x,
+            key=equation,
         )
         if self.padded_vocab_size != self.vocab_size:
             logits = logits[..., : self.vocab_size]

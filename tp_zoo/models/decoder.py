@@ -8,6 +8,7 @@ Hugging Face config (and their checkpoint layout, in `presets/`).
 import jax.numpy as jnp
 import keras
 import keras_hub
+from keras import ops
 
 from tp_zoo.layers import ColumnParallelDense
 from tp_zoo.layers import DecoderBlock
@@ -252,3 +253,40 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         cache = jnp.stack([layer_cache] * self.backbone.num_layers, axis=1)
         _, hidden, cache = self.call_with_cache(token_ids, cache, 0)
         return hidden, cache
+
+    def generate_step(self, inputs, stop_token_ids=None):
+        """One compiled program: prefill the cache, then sample to max_length.
+
+        `inputs` are right-padded {"token_ids", "padding_mask"} of shape
+        (batch, max_length); the sampler fills the positions the mask leaves
+        free, one token per step, each step reading and writing the sharded
+        KV cache in place.
+        """
+        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
+        hidden, cache = self._build_cache(token_ids)
+        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
+
+        def next(prompt, cache, index):
+            # The cache index is the index of the previous token.
+            token = ops.slice(prompt, [0, index - 1], [prompt.shape[0], 1])
+            logits, hidden, cache = self.call_with_cache(token, cache, index - 1)
+            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
+
+        token_ids = self.sampler(
+            next=next,
+            prompt=token_ids,
+            cache=cache,
+            index=index,
+            mask=padding_mask,
+            stop_token_ids=stop_token_ids,
+            hidden_states=hidden,
+            model=self,
+        )
+        if stop_token_ids is None:
+            return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
+        # Everything after the first stop token a row generated is padding.
+        generated = ops.logical_not(ops.cast(padding_mask, "bool"))
+        is_stop = ops.any(ops.stack([token_ids == t for t in stop_token_ids]), axis=0)
+        ends = ops.cast(ops.logical_and(is_stop, generated), "int32")
+        after_end = ops.cumsum(ends, axis=-1) - ends
+        return {"token_ids": token_ids, "padding_mask": ops.logical_not(ops.cast(after_end, "bool"))}

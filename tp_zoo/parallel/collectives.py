@@ -51,19 +51,29 @@ def _spec(layout, batch_sharded):
     )
 
 
-def run_sharded(mesh_info, fn, in_layouts, out_layouts, *args):
+def run_sharded(mesh_info, fn, in_layouts, out_layouts, *args, compiled=None, key=None):
     """Runs `fn` on each device's shards of `args` and returns global arrays.
 
     `in_layouts` / `out_layouts` give, per argument / output, a tuple with
     one entry per dim: `MODEL`, `BATCH` or None (pytrees of tuples are
     fine). With no mesh or tp == 1, `fn` runs once on the whole arrays and
     the collectives are the identity.
+
+    Called outside any trace (an eager call), the sharded program is
+    compiled once and kept in the dict `compiled` under `key` (which must
+    name everything the program depends on besides the shapes of `args`);
+    an eager shard_map would otherwise dispatch, and compile, op by op.
     """
     if mesh_info is None or mesh_info.tp == 1:
         return fn(*args)
     batch_sharded = mesh_info.dp > 1 and _batch_divides(
         in_layouts, args, mesh_info.dp
     )
+    eager = compiled is not None and not any(
+        isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)
+    )
+    if eager and (key, batch_sharded) in compiled:
+        return compiled[key, batch_sharded](*args)
     to_specs = lambda layouts: jax.tree.map(
         lambda l: _spec(l, batch_sharded), layouts, is_leaf=_is_layout
     )
@@ -73,12 +83,15 @@ def run_sharded(mesh_info, fn, in_layouts, out_layouts, *args):
         with _inside_sharded_region():
             return fn(*local_args)
 
-    return jax.shard_map(
+    program = jax.shard_map(
         body,
         mesh=mesh_info.mesh,
         in_specs=tuple(to_specs(l) for l in in_layouts),
         out_specs=to_specs(out_layouts),
-    )(*args)
+    )
+    if eager:
+        program = compiled[key, batch_sharded] = jax.jit(program)
+    return program(*args)
 
 
 def _is_layout(x):
