@@ -17,7 +17,7 @@ def _simulate_cpu_devices(count=8):
 def _demo(args):
     from tp_zoo import demo
 
-    demo.run(tp=args.tp)
+    demo.run(tp=args.tp, steps=args.steps, prompt=args.prompt, out=args.out)
 
 
 def _presets(args):
@@ -40,6 +40,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="offline demo on a small sharded model")
     demo.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
+    demo.add_argument("--steps", type=int, default=600, help="fine-tuning steps (about)")
+    demo.add_argument("--prompt", default="Four score and seven years ago")
+    demo.add_argument("--out", default=None, help="where to write the demo checkpoint (default: a temp dir)")
     demo.set_defaults(run=_demo)
     commands.add_parser("presets", help="list the checkpoints known by name").set_defaults(run=_presets)
     args = parser.parse_args(argv)

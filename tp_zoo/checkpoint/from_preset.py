@@ -9,6 +9,7 @@ from tp_zoo.checkpoint.source import read_config
 from tp_zoo.layers import weights_from
 from tp_zoo.models import causal_lm_class
 from tp_zoo.models.hf_config import family_of
+from tp_zoo.models.tokenizer import CheckpointTokenizer
 
 
 def _checkpoint_dtype(config):
@@ -48,7 +49,7 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
                                  description=f"loading {directory.name} (tp={tp})")
         with loader, distribution.scope(), weights_from(loader):
             backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
-            causal_lm = cls(backbone=backbone)
+            causal_lm = cls(backbone=backbone, tokenizer=CheckpointTokenizer.from_directory(directory, config, family))
         loader.warn_unused()
     finally:
         tensors.close()

@@ -45,14 +45,16 @@ class StreamingLoader:
             disable=not progress,
             transient=False,
         )
-        total = sum(tensors.nbytes(n) for n in tensors.names() if not layout.ignored(n))
+        total = sum(tensors.nbytes(n) for n in tensors.names())
         self._task = self._progress.add_task(description, total=total)
 
     def __enter__(self):
         self._progress.start()
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, exc_type, *exc):
+        if exc_type is None:  # the tensors left are unused ones (tied heads, buffers)
+            self._progress.update(self._task, completed=self._progress.tasks[0].total)
         self._progress.stop()
 
     # --- the weights_from protocol ---------------------------------------------

@@ -7,6 +7,7 @@ Hugging Face config (and their checkpoint layout, in `presets/`).
 
 import jax.numpy as jnp
 import keras
+import numpy as np
 import keras_hub
 from keras import ops
 
@@ -30,8 +31,9 @@ class DecoderBackbone(keras_hub.models.Backbone):
         embedding_dim: width of the token table when it differs from
             hidden_dim (OPT's word_embed_proj_dim), bridged by replicated
             `project_in` / `project_out` projections.
-        max_positions: learned absolute positions of this many slots, or
-            None for rotary positions (`rope_theta`, `rope_scaling`).
+        max_sequence_length: the longest sequence the model takes.
+        learned_positions: a learned table of `max_sequence_length` absolute
+            positions; otherwise rotary positions (`rope_theta`, `rope_scaling`).
         norm, norm_epsilon, pre_norm, final_norm: the normalization scheme.
         activation, gated_mlp, mlp_bias: the MLP.
         qkv_bias, output_bias: attention biases.
@@ -49,7 +51,8 @@ class DecoderBackbone(keras_hub.models.Backbone):
         num_kv_heads=None,
         head_dim=None,
         embedding_dim=None,
-        max_positions=None,
+        max_sequence_length=2048,
+        learned_positions=False,
         rope_theta=10000.0,
         rope_scaling=None,
         norm="layer",
@@ -84,9 +87,9 @@ class DecoderBackbone(keras_hub.models.Backbone):
             )
         self.position_embedding = None
         rotary = None
-        if max_positions is not None:
+        if learned_positions:
             self.position_embedding = PositionEmbedding(
-                max_positions, hidden_dim, name="position_embedding", dtype=policy
+                max_sequence_length, hidden_dim, name="position_embedding", dtype=policy
             )
         else:
             rotary = RotaryEmbedding(head_dim, rope_theta, rope_scaling)
@@ -139,7 +142,8 @@ class DecoderBackbone(keras_hub.models.Backbone):
         self.head_dim = head_dim
         self.intermediate_dim = intermediate_dim
         self.embedding_dim = embedding_dim
-        self.max_positions = max_positions
+        self.max_sequence_length = max_sequence_length
+        self.learned_positions = learned_positions
         self.rope_theta = rope_theta
         self.rope_scaling = rope_scaling
         self.norm = norm
@@ -182,7 +186,8 @@ class DecoderBackbone(keras_hub.models.Backbone):
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
             embedding_dim=self.embedding_dim,
-            max_positions=self.max_positions,
+            max_sequence_length=self.max_sequence_length,
+            learned_positions=self.learned_positions,
             rope_theta=self.rope_theta,
             rope_scaling=self.rope_scaling,
             norm=self.norm,
@@ -211,10 +216,12 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
 
     backbone_cls = DecoderBackbone
 
-    def __init__(self, backbone, preprocessor=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, tokenizer=None, **kwargs):
         # === Layers ===
         self.backbone = backbone
         self.preprocessor = preprocessor
+        # A `CheckpointTokenizer` (or None): lets generate() take strings.
+        self.tokenizer = tokenizer
         self.lm_head = VocabParallelLMHead(
             backbone.vocab_size,
             tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,
@@ -290,3 +297,118 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         ends = ops.cast(ops.logical_and(is_stop, generated), "int32")
         after_end = ops.cumsum(ends, axis=-1) - ends
         return {"token_ids": token_ids, "padding_mask": ops.logical_not(ops.cast(after_end, "bool"))}
+
+    # --- generate ------------------------------------------------------------
+    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
+        """Generates from prompts, sharded, in one compiled program per
+        (batch, max_length).
+
+        Args:
+            inputs: a string or a list of strings (needs the checkpoint's
+                tokenizer), or a {"token_ids", "padding_mask"} batch of
+                right-padded ids.
+            max_length: total length (prompt + generated) of every row.
+                Defaults to the width of an id batch, or to the longest
+                prompt + 64 for strings (at most the model's positions).
+            stop_token_ids: "auto" (the checkpoint's EOS), None, or ids.
+            strip_prompt: return only the generated part.
+
+        Returns strings for string inputs, else {"token_ids", "padding_mask"}.
+        Sampling is set by `compile(sampler=...)` (any keras_hub sampler).
+        """
+        prompts, as_text, single = self._prompts(inputs)
+        limit = self.backbone.max_sequence_length
+        longest = max(len(p) for p in prompts)
+        if max_length is None:
+            max_length = inputs["token_ids"].shape[1] if not as_text else min(longest + 64, limit)
+        if max_length > limit:
+            raise ValueError(f"max_length={max_length} is beyond the model's {limit} positions.")
+        if longest >= max_length:
+            raise ValueError(
+                f"A prompt of {longest} tokens leaves no room to generate within "
+                f"max_length={max_length}."
+            )
+        token_ids = np.zeros((len(prompts), max_length), "int32")
+        padding_mask = np.zeros((len(prompts), max_length), "int32")
+        for row, prompt in enumerate(prompts):
+            token_ids[row, : len(prompt)] = prompt
+            padding_mask[row, : len(prompt)] = 1
+        if stop_token_ids == "auto":
+            stop_token_ids = self._stop_token_ids()
+        stop_token_ids = tuple(stop_token_ids) if stop_token_ids is not None else None
+        generate = self.make_generate_function()
+        out = generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=stop_token_ids)
+        out_ids = np.asarray(out["token_ids"])
+        out_mask = np.asarray(out["padding_mask"]).astype(bool)
+        start = [len(p) if strip_prompt else 0 for p in prompts]
+        rows = [out_ids[r, start[r] :][out_mask[r, start[r] :]] for r in range(len(prompts))]
+        if as_text:
+            texts = [self.tokenizer.decode(row) for row in rows]
+            return texts[0] if single else texts
+        ids = np.zeros_like(out_ids)
+        mask = np.zeros_like(out_ids, dtype=bool)
+        for r, row in enumerate(rows):
+            ids[r, : len(row)] = row
+            mask[r, : len(row)] = True
+        return {"token_ids": ids, "padding_mask": mask}
+
+    def _prompts(self, inputs):
+        """(list of id lists, given as text?, a single string?) with checks."""
+        if isinstance(inputs, str):
+            inputs, single = [inputs], True
+        else:
+            single = False
+        if isinstance(inputs, dict):
+            if set(inputs) != {"token_ids", "padding_mask"}:
+                raise ValueError(
+                    f"An id batch needs exactly the keys 'token_ids' and 'padding_mask', got {sorted(inputs)}."
+                )
+            ids = np.asarray(inputs["token_ids"])
+            mask = np.asarray(inputs["padding_mask"]).astype(bool)
+            if ids.ndim != 2 or ids.shape != mask.shape:
+                raise ValueError(
+                    f"token_ids and padding_mask must both be (batch, length); got {ids.shape} and {mask.shape}."
+                )
+            prompts = []
+            for row, row_mask in zip(ids, mask):
+                length = int(row_mask.sum())
+                if not row_mask[:length].all():
+                    raise ValueError("padding_mask must mark each prompt's tokens first (right padding).")
+                prompts.append([int(t) for t in row[:length]])
+            self._check_ids(prompts)
+            return prompts, False, False
+        if not isinstance(inputs, (list, tuple)) or not inputs:
+            raise ValueError(
+                "generate() takes a string, a non-empty list of strings, or a "
+                f"{{'token_ids', 'padding_mask'}} batch; got {type(inputs).__name__}."
+            )
+        if not all(isinstance(x, str) for x in inputs):
+            raise ValueError(
+                "generate() got a list mixing strings and other values; pass either strings, "
+                "or ids as a {'token_ids', 'padding_mask'} batch."
+            )
+        if self.tokenizer is None:
+            raise ValueError(
+                "This checkpoint has no tokenizer files, so generate() needs ids: "
+                "pass a {'token_ids', 'padding_mask'} batch."
+            )
+        prompts = [self.tokenizer.encode(text) for text in inputs]
+        self._check_ids(prompts)
+        return prompts, True, single
+
+    def _check_ids(self, prompts):
+        vocab = self.backbone.vocab_size
+        for row, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"Prompt {row} is empty: give at least one token.")
+            bad = [t for t in prompt if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"Prompt {row} has token ids outside the vocab [0, {vocab}): {bad[:5]}.")
+
+    def _stop_token_ids(self):
+        if self.tokenizer is not None and self.tokenizer.eos_ids:
+            return self.tokenizer.eos_ids
+        eos = getattr(self, "hf_config", {}).get("eos_token_id")
+        if eos is None:
+            return None
+        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

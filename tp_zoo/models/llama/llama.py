@@ -32,6 +32,7 @@ class LlamaBackbone(DecoderBackbone):
             num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
             head_dim=config.get("head_dim"),
             intermediate_dim=config["intermediate_size"],
+            max_sequence_length=config.get("max_position_embeddings", 2048),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
             norm="rms",
