@@ -20,6 +20,43 @@ def _demo(args):
     demo.run(tp=args.tp, steps=args.steps, prompt=args.prompt, out=args.out)
 
 
+def _sampler(args):
+    import keras_hub
+
+    extra = {} if args.temperature is None else {"temperature": args.temperature}
+    if args.top_k is not None:
+        return keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, **extra)
+    if args.top_p is not None:
+        return keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, **extra)
+    if args.temperature is not None or args.seed is not None:
+        return keras_hub.samplers.RandomSampler(seed=args.seed, **extra)
+    return keras_hub.samplers.GreedySampler()
+
+
+def _generate(args):
+    import time
+
+    from rich.console import Console
+
+    import tp_zoo
+
+    console = Console()
+    start = time.perf_counter()
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype)
+    console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
+    lm.compile(sampler=_sampler(args))
+    start = time.perf_counter()
+    text = lm.generate(args.prompt, max_length=args.max_length)
+    seconds = time.perf_counter() - start
+    prompt_tokens = len(lm.tokenizer.encode(args.prompt))
+    new_tokens = max(0, len(lm.tokenizer.encode(text)) - prompt_tokens)
+    console.print(text)
+    console.print(
+        f"[dim]{new_tokens} new tokens in {seconds:.2f} s = {new_tokens / seconds:.1f} tokens/s "
+        "(this first call includes compiling the decode loop)[/dim]"
+    )
+
+
 def _presets(args):
     from rich.console import Console
     from rich.table import Table
@@ -27,8 +64,10 @@ def _presets(args):
     from tp_zoo.checkpoint.source import presets
 
     table = Table(title="tp_zoo presets")
-    for column in ("name", "Hugging Face repo", "family", "description"):
-        table.add_column(column)
+    table.add_column("name", no_wrap=True)
+    table.add_column("Hugging Face repo", no_wrap=True)
+    table.add_column("family", no_wrap=True)
+    table.add_column("description")
     for name, entry in sorted(presets().items()):
         table.add_row(name, entry["hf"], entry["family"], entry["description"])
     Console().print(table)
@@ -45,6 +84,17 @@ def main(argv=None):
     demo.add_argument("--out", default=None, help="where to write the demo checkpoint (default: a temp dir)")
     demo.set_defaults(run=_demo)
     commands.add_parser("presets", help="list the checkpoints known by name").set_defaults(run=_presets)
+    gen = commands.add_parser("generate", help="generate text from a preset or checkpoint directory")
+    gen.add_argument("preset", metavar="PRESET_OR_DIR")
+    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
+    gen.add_argument("--top-k", type=int, default=None)
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--temperature", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    gen.set_defaults(run=_generate)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -132,7 +132,11 @@ def run(tp=2, steps=600, prompt="Four score and seven years ago", out=None):
     console.print(f"3. Fine-tuning: {len(y)} sequences of {x['token_ids'].shape[1]} tokens, batch {batch_size}, "
                   f"{epochs} epochs, AdamW, vocab-parallel cross-entropy (logits never gathered)")
     start = time.perf_counter()
-    history = lm.fit(x, y, batch_size=batch_size, epochs=epochs, verbose=0)
+    # KerasHub's fit() turns arrays into a tf.data pipeline that it does not
+    # shuffle; shuffle the windows once here instead.
+    order = np.random.default_rng(0).permutation(len(y))
+    x, y = {k: v[order] for k, v in x.items()}, y[order]
+    history = lm.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
     seconds = time.perf_counter() - start
     losses = history.history["loss"]
     trained_tokens = epochs * y.size

@@ -1,0 +1,112 @@
+"""Decode speed: tp_zoo at each tp against KerasHub's own single-device Llama.
+
+    python scripts/bench_decode.py --shape llama3_8b --tp 1 2 --batch 1 16
+
+Both models get the same shapes and random weights (built directly on the
+devices, sharded for tp_zoo), the same greedy sampler and the same compiled
+KerasHub generate loop. Per-token time = (t(prompt + 128 new) - t(prompt +
+1 new)) / 127, each the best of --repeats runs after a warm-up, so prefill
+and compilation cancel out. The table comes last.
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tp_zoo  # noqa: E402
+from shapes import hf_config  # noqa: E402
+from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
+from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
+
+
+def tp_zoo_model(config, tp, dtype):
+    with tp_zoo.distribution(tp=tp).scope():
+        return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype))
+
+
+def keras_hub_model(config, dtype):
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+        num_query_heads=config["num_attention_heads"], hidden_dim=config["hidden_size"],
+        intermediate_dim=config["intermediate_size"], num_key_value_heads=config["num_key_value_heads"],
+        rope_max_wavelength=config["rope_theta"], layer_norm_epsilon=config["rms_norm_eps"],
+        tie_word_embeddings=config.get("tie_word_embeddings", False), dtype=dtype,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def time_generate(lm, batch, prompt, new, repeats):
+    """Best wall time of lm.generate over `repeats` runs, after one warm-up."""
+    length = prompt + new
+    rs = np.random.RandomState(0)
+    ids = np.zeros((batch, length), "int32")
+    ids[:, :prompt] = rs.randint(3, 1000, (batch, prompt))
+    mask = np.zeros_like(ids)
+    mask[:, :prompt] = 1
+    inputs = {"token_ids": ids, "padding_mask": mask}
+    generate = (lambda: lm.generate(inputs, stop_token_ids=None)) if not isinstance(lm, LlamaCausalLM) else (
+        lambda: lm.generate(inputs, max_length=length, stop_token_ids=None))
+    jax.block_until_ready(generate())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(generate())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def per_token_ms(lm, batch, prompt, new, repeats):
+    t_long = time_generate(lm, batch, prompt, new, repeats)
+    t_one = time_generate(lm, batch, prompt, 1, repeats)
+    return 1000 * (t_long - t_one) / (new - 1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
+    parser.add_argument("--prompt", type=int, default=128)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-keras-hub", action="store_true")
+    args = parser.parse_args()
+    config = hf_config(args.shape)
+    rows = []
+    candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, args.dtype))]
+    candidates += [(f"tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
+    for name, tp, build in candidates:
+        keras.utils.set_random_seed(0)
+        lm = build()
+        lm.compile(sampler="greedy")
+        for batch in args.batch:
+            ms = per_token_ms(lm, batch, args.prompt, args.new, args.repeats)
+            rows.append((name, tp, batch, ms, batch * 1000 / ms))
+            print(f"{name} tp={tp} batch={batch}: {ms:.3f} ms/token", flush=True)
+        del lm
+        keras.backend.clear_session()
+    device = jax.devices()[0]
+    print()
+    print(f"decode, shape {args.shape}, {args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy; "
+          f"{len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
+          f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(f"{'model':<24}{'tp':>4}{'batch':>7}{'ms/token':>11}{'tokens/s':>11}")
+    for name, tp, batch, ms, tps in rows:
+        print(f"{name:<24}{tp:>4}{batch:>7}{ms:>11.3f}{tps:>11.1f}")
+
+
+if __name__ == "__main__":
+    main()

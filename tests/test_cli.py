@@ -1,0 +1,31 @@
+"""The tp-zoo command: demo, presets, generate, and its errors."""
+
+import pytest
+
+from tp_zoo import cli
+
+
+def test_demo_fine_tunes_and_generates(tmp_path, capsys):
+    assert cli.main(["demo", "--steps", "120", "--out", str(tmp_path / "demo")]) == 0
+    text = capsys.readouterr().out
+    assert "What each device holds" in text and "cpu:1" in text
+    first, last = [float(x) for x in text.split("loss ")[1].split(" (last epoch)")[0].replace("(first epoch) -> ", "").split()]
+    assert last < first - 1.0  # the loss visibly falls
+    assert "tokens/s" in text
+    # The checkpoint the demo wrote is a normal Hugging Face directory.
+    assert cli.main(["generate", str(tmp_path / "demo"), "--tp", "2", "--prompt", "We hold these truths",
+                     "--max-length", "20", "--top-k", "4", "--seed", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("We hold these truths") == 1 and "new tokens in" in out
+
+
+def test_presets_lists_names(capsys):
+    assert cli.main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "opt_125m" in out and "meta-llama/Meta-Llama-3-8B" in out
+
+
+def test_tp_beyond_devices_says_how_many(tmp_path, capsys):
+    assert cli.main(["generate", str(tmp_path), "--tp", "16", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "only 8 are available" in err and "xla_force_host_platform_device_count=16" in err
