@@ -1,5 +1,7 @@
 """`tp_zoo.from_preset`: a Hugging Face checkpoint as a sharded KerasHub CausalLM."""
 
+import contextlib
+
 from tp_zoo import parallel
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.loader import StreamingLoader
@@ -35,9 +37,12 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
     Returns:
         A `keras_hub.models.CausalLM` of the checkpoint's family, every variable
         already sharded over the (dp, tp) mesh; its `distribution` attribute is
-        the `keras.distribution.ModelParallel` it was built under.
+        the `keras.distribution.ModelParallel` it was built under (None for a
+        single device), and its fit/predict/generate run under it.
     """
     distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
+    if tp * dp == 1 and devices is None:
+        distribution = None  # one device: a plain single-device model
     directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
     config = read_config(directory)
     family = family_of(config)
@@ -47,7 +52,8 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         cls = causal_lm_class(config)
         loader = StreamingLoader(tensors, layout, config["vocab_size"], progress=progress,
                                  description=f"loading {directory.name} (tp={tp})")
-        with loader, distribution.scope(), weights_from(loader):
+        scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
+        with loader, scope, weights_from(loader):
             backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
             causal_lm = cls(backbone=backbone, tokenizer=CheckpointTokenizer.from_directory(directory, config, family))
         loader.warn_unused()

@@ -5,6 +5,8 @@ shared layers do the rest. Families add only the translation of their
 Hugging Face config (and their checkpoint layout, in `presets/`).
 """
 
+import functools
+
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -205,6 +207,21 @@ class DecoderBackbone(keras_hub.models.Backbone):
         return config
 
 
+def _under_own_distribution(method):
+    """Runs a Keras entry point under the distribution the model was built
+    with (so fit() shards batches over "batch"), unless one is active."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        distribution = getattr(self, "distribution", None)
+        if distribution is None or keras.distribution.distribution() is not None:
+            return method(self, *args, **kwargs)
+        with distribution.scope():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class DecoderCausalLM(keras_hub.models.CausalLM):
     """A `DecoderBackbone` with a vocab-parallel LM head.
 
@@ -233,10 +250,26 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         outputs = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
 
+    @_under_own_distribution
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
+        """KerasHub's compile, with `VocabParallelCrossEntropy` as the default loss.
+
+        An optimizer made outside the model's distribution (its step counter
+        and learning rate on one device) is remade from its config inside it,
+        so that all training state lives on the mesh.
+        """
         if loss == "auto":
             loss = VocabParallelCrossEntropy()
+        if isinstance(optimizer, keras.optimizers.Optimizer) and not optimizer.built:
+            optimizer = optimizer.__class__.from_config(optimizer.get_config())
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
+
+    fit = _under_own_distribution(keras_hub.models.CausalLM.fit)
+    evaluate = _under_own_distribution(keras_hub.models.CausalLM.evaluate)
+    predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
+    train_on_batch = _under_own_distribution(keras_hub.models.CausalLM.train_on_batch)
+    test_on_batch = _under_own_distribution(keras_hub.models.CausalLM.test_on_batch)
+    predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
         """Forward pass over `token_ids` placed at `cache_update_index`, updating the cache.
