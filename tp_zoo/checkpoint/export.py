@@ -36,7 +36,16 @@ def hf_tensors(causal_lm):
     config = causal_lm.hf_config
     layout = Layout(family_of(config))
     fused = {}
+    lora_layers = [l for l in causal_lm._flatten_layers() if getattr(l, "lora_enabled", False)]
+    if any(np.any(np.asarray(l.lora_kernel_b.numpy())) for l in lora_layers):
+        raise ValueError(
+            "The model has LoRA adapters that are not merged: call "
+            "backbone.merge_lora() before exporting (or save them alone with "
+            "backbone.save_lora_weights)."
+        )
     for variable in causal_lm.weights:
+        if "lora_kernel" in variable.path:
+            continue
         entry, name = layout.find(variable.path)
         if entry is None:
             raise ValueError(f"The layout map has no entry for variable {variable.path}.")

@@ -118,19 +118,21 @@ class ParallelAttention(ShardedLayer):
         return jax.device_put(jnp.zeros(shape, dtype), parallel.sharding(self.mesh_info, self.cache_layout))
 
     # --- computation ----------------------------------------------------------
-    def _local_kv_weights(self, weights):
-        """With replicated kv kernels, cut out the one head this device uses."""
-        if not self.kv_replicated:
-            return weights
-        devices_per_kv_head = self.tp // self.num_kv_heads
-        head = parallel.model_index() // devices_per_kv_head
-        return tuple(jax.lax.dynamic_slice_in_dim(w, head, 1, axis=w.ndim - 2) for w in weights)
+    def _local_kv(self, projection, weights, x):
+        """Keys or values of this device's kv heads. With replicated kv
+        kernels, first cut out the one head this device's queries use."""
+        kernel, bias = projection.effective(weights)
+        if self.kv_replicated:
+            head = parallel.model_index() // (self.tp // self.num_kv_heads)
+            kernel = jax.lax.dynamic_slice_in_dim(kernel, head, 1, axis=1)
+            bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, head, 1, axis=0)
+        return projection.apply(kernel, bias, x)
 
     def _local_attention(self, weights, x, padding_mask, cache, start):
         wq, wk, wv, wo = weights
         q = self.query.local_apply(wq, x)
-        k = self.key.local_apply(self._local_kv_weights(wk), x)
-        v = self.value.local_apply(self._local_kv_weights(wv), x)
+        k = self._local_kv(self.key, wk, x)
+        v = self._local_kv(self.value, wv, x)
         seq = x.shape[1]
         q_pos = start + jnp.arange(seq)
         if self.rotary is not None:

@@ -70,6 +70,51 @@ class _ParallelLinear(ShardedLayer):
                 "bias", self.bias_shape, self.bias_layout, self.bias_initializer
             )
 
+    # --- LoRA ---------------------------------------------------------------
+    lora_enabled = False
+
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
+        """Freezes the kernel (and bias) and adds a trainable low-rank update
+        kernel + (lora_alpha / rank) * A @ B, as Keras' Dense does.
+
+        A takes the kernel's input dims and B its output dims, so the split
+        follows the kernel: a column-parallel kernel's B is split with its
+        outputs (A whole on every device), a row-parallel kernel's A with
+        its inputs (B whole); each device's A @ B is its own kernel block.
+        """
+        if not isinstance(rank, int) or rank <= 0:
+            raise ValueError(f"{self.name}: LoRA rank must be a positive integer, got {rank!r}.")
+        if not self.built:
+            raise ValueError(f"{self.name}: cannot enable LoRA on a layer that isn't built yet.")
+        if self.lora_enabled:
+            raise ValueError(f"{self.name}: LoRA is already enabled.")
+        self._tracker.unlock()
+        n_in = len(self.in_trailing)
+        shape, layout = tuple(self.kernel.shape), self.kernel_layout
+        self.lora_kernel_a = self.add_sharded_weight(
+            "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer
+        )
+        self.lora_kernel_b = self.add_sharded_weight(
+            "lora_kernel_b", (rank,) + shape[n_in:], (None,) + layout[n_in:], b_initializer
+        )
+        self._tracker.lock()
+        self.kernel.trainable = False
+        if self.use_bias:
+            self.bias.trainable = False
+        self.lora_rank = rank
+        self.lora_alpha = rank if lora_alpha is None else lora_alpha
+        self.lora_enabled = True
+
+    def merge_lora(self):
+        """Folds the LoRA update into the kernel and zeroes B (adapters stay, now inert)."""
+        weights, layouts = self.weights_and_layouts()
+        merged = self.run_sharded(
+            lambda w: self.effective(w)[0], (layouts,), self.kernel_layout, weights, key="merge_lora"
+        )
+        self.kernel.assign(merged)
+        self.lora_kernel_b.assign(jnp.zeros_like(self.lora_kernel_b.value))
+
+    # --- computation --------------------------------------------------------
     def weights_and_layouts(self):
         """The variables' current values and layouts, for enclosing layers."""
         values = [self.kernel.value]
@@ -77,16 +122,40 @@ class _ParallelLinear(ShardedLayer):
         if self.use_bias:
             values.append(self.bias.value)
             layouts.append(self.bias_layout)
+        if self.lora_enabled:
+            values += [self.lora_kernel_a.value, self.lora_kernel_b.value]
+            layouts += [self.lora_kernel_a_layout, self.lora_kernel_b_layout]
         return tuple(values), tuple(layouts)
+
+    @property
+    def lora_kernel_a_layout(self):
+        return self.kernel_layout[: len(self.in_trailing)] + (None,)
+
+    @property
+    def lora_kernel_b_layout(self):
+        return (None,) + self.kernel_layout[len(self.in_trailing) :]
+
+    def effective(self, weights):
+        """(kernel, bias or None) from local weights, the LoRA update folded in."""
+        kernel = weights[0]
+        if self.lora_enabled:
+            a, b = weights[-2:]
+            update = jnp.tensordot(a, b, axes=1) * (self.lora_alpha / self.lora_rank)
+            kernel = kernel + update.astype(kernel.dtype)
+        return kernel, (weights[1] if self.use_bias else None)
+
+    def apply(self, kernel, bias, x):
+        """The layer's math on local shards (inside a sharded region)."""
+        y = jnp.einsum(self.equation, x, kernel)
+        if self.reduces:
+            y = parallel.all_reduce(y)
+        if bias is not None:
+            y = y + bias
+        return self.activation(y) if self.activation is not None else y
 
     def local_apply(self, weights, x):
         """What one device computes on its shards (inside a sharded region)."""
-        y = jnp.einsum(self.equation, x, weights[0])
-        if self.reduces:
-            y = parallel.all_reduce(y)
-        if self.use_bias:
-            y = y + weights[1]
-        return self.activation(y) if self.activation is not None else y
+        return self.apply(*self.effective(weights), x)
 
     def call(self, x):
         weights, layouts = self.weights_and_layouts()

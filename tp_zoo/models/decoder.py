@@ -160,6 +160,19 @@ class DecoderBackbone(keras_hub.models.Backbone):
         self.sliding_window = sliding_window
         self.tie_embeddings = tie_embeddings
 
+    def enable_lora(self, rank, target_layer_names=None):
+        """KerasHub's LoRA (default targets: the query and value projections);
+        the rank is checked before anything is frozen."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        super().enable_lora(rank, target_layer_names)
+
+    def merge_lora(self):
+        """Folds every LoRA adapter into its base kernel (see enable_lora)."""
+        for layer in self._flatten_layers(include_self=False):
+            if getattr(layer, "lora_enabled", False):
+                layer.merge_lora()
+
     def embed(self, token_ids, start_index=0):
         """Token (and learned position) embeddings of ids starting at `start_index`."""
         x = self.token_embedding(token_ids)
@@ -260,6 +273,9 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         """
         if loss == "auto":
             loss = VocabParallelCrossEntropy()
+        # KerasHub's enable_lora freezes the backbone; the LM head lives here.
+        if getattr(self.backbone, "_lora_enabled_layers", None):
+            self.lm_head.trainable = False
         if isinstance(optimizer, keras.optimizers.Optimizer) and not optimizer.built:
             optimizer = optimizer.__class__.from_config(optimizer.get_config())
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
