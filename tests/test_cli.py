@@ -9,7 +9,7 @@ def test_demo_fine_tunes_and_generates(tmp_path, capsys):
     assert cli.main(["demo", "--steps", "120", "--out", str(tmp_path / "demo")]) == 0
     text = capsys.readouterr().out
     assert "What each device holds" in text and "cpu:1" in text
-    first, last = [float(x) for x in text.split("loss ")[1].split(" (last epoch)")[0].replace("(first epoch) -> ", "").split()]
+    first, last = [float(x) for x in text.split("loss ")[1].split(" (last step)")[0].replace("(first step) -> ", "").split()]
     assert last < first - 1.0  # the loss visibly falls
     assert "tokens/s" in text
     # The checkpoint the demo wrote is a normal Hugging Face directory.

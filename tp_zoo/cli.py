@@ -57,6 +57,23 @@ def _generate(args):
     )
 
 
+def _finetune(args):
+    from rich.console import Console
+
+    import tp_zoo
+    from tp_zoo.finetune import finetune
+
+    console = Console()
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype)
+    losses = finetune(lm, args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                      lr=args.lr, lora_rank=args.lora_rank, save_every=args.save_every, out=args.out,
+                      stride=args.stride)
+    if losses:
+        console.print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
+    if args.out:
+        console.print(f"checkpoints in {args.out}/checkpoints, model (Hugging Face layout) in {args.out}/model")
+
+
 def _presets(args):
     from rich.console import Console
     from rich.table import Table
@@ -95,6 +112,21 @@ def main(argv=None):
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
     gen.set_defaults(run=_generate)
+    ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
+    ft.add_argument("preset", metavar="PRESET_OR_DIR")
+    ft.add_argument("--tp", type=int, default=1)
+    ft.add_argument("--dp", type=int, default=1)
+    ft.add_argument("--data", required=True, help=".txt (one document) or .jsonl ({'text': ...} per line)")
+    ft.add_argument("--lora-rank", type=int, default=None)
+    ft.add_argument("--steps", type=int, default=100)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--seq-len", type=int, default=128)
+    ft.add_argument("--stride", type=int, default=None, help="window start every N tokens (default: seq-len)")
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
+    ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")
+    ft.add_argument("--dtype", default=None)
+    ft.set_defaults(run=_finetune)
     args = parser.parse_args(argv)
     try:
         args.run(args)

@@ -5,7 +5,7 @@
    checkpoint in the Hugging Face layout (config.json, model.safetensors,
    tokenizer.json), random-initialised.
 2. Load it with `tp_zoo.from_preset(path, tp=2)`: streamed into shards.
-3. Fine-tune it briefly with the vocab-parallel loss.
+3. Fine-tune it briefly with `tp_zoo.finetune` (the vocab-parallel loss).
 4. Generate from a prompt, sharded, and report the speed.
 """
 
@@ -22,6 +22,7 @@ from rich.table import Table
 
 import tp_zoo
 from tp_zoo.checkpoint.export import export_to_hf
+from tp_zoo.finetune import finetune
 from tp_zoo.models.llama import LlamaBackbone
 from tp_zoo.models.llama import LlamaCausalLM
 
@@ -78,17 +79,6 @@ def write_checkpoint(directory, text, vocab_size=1024):
     return directory
 
 
-def _training_batches(lm, text, seq_len=64, batch_size=8):
-    """Overlapping windows of the text (stride seq_len / 4), as next-token pairs."""
-    ids = np.asarray(lm.tokenizer.encode(text), "int32")
-    starts = np.arange(0, len(ids) - seq_len - 1, seq_len // 4)
-    count = len(starts)
-    x = np.stack([ids[s : s + seq_len] for s in starts])
-    y = np.stack([ids[s + 1 : s + seq_len + 1] for s in starts])
-    count -= count % batch_size
-    return {"token_ids": x[:count], "padding_mask": np.ones_like(x[:count])}, y[:count], batch_size
-
-
 def _device_table(lm, tp):
     per_device = {}
     for v in lm.weights:
@@ -126,24 +116,20 @@ def run(tp=2, steps=600, prompt="Four score and seven years ago", out=None):
     lm = tp_zoo.from_preset(directory, tp=tp)
     console.print(_device_table(lm, tp))
 
-    x, y, batch_size = _training_batches(lm, text)
-    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=3e-3), weighted_metrics=[], sampler="greedy")
-    epochs = max(1, steps * batch_size // len(y))
-    console.print(f"3. Fine-tuning: {len(y)} sequences of {x['token_ids'].shape[1]} tokens, batch {batch_size}, "
-                  f"{epochs} epochs, AdamW, vocab-parallel cross-entropy (logits never gathered)")
+    data = directory / "train.txt"
+    data.write_text(text)
+    batch_size, seq_len = 8, 64
+    console.print(f"3. Fine-tuning with tp_zoo.finetune (what `tp-zoo finetune` runs): {steps} steps of "
+                  f"{batch_size} x {seq_len} tokens (windows overlapping by 3/4), AdamW, vocab-parallel cross-entropy (logits never gathered)")
     start = time.perf_counter()
-    # KerasHub's fit() turns arrays into a tf.data pipeline that it does not
-    # shuffle; shuffle the windows once here instead.
-    order = np.random.default_rng(0).permutation(len(y))
-    x, y = {k: v[order] for k, v in x.items()}, y[order]
-    history = lm.fit(x, y, batch_size=batch_size, epochs=epochs, shuffle=False, verbose=0)
+    losses = finetune(lm, data, steps=steps, batch_size=batch_size, seq_len=seq_len, stride=seq_len // 4,
+                      lr=3e-3, progress=False)
     seconds = time.perf_counter() - start
-    losses = history.history["loss"]
-    trained_tokens = epochs * y.size
-    console.print(f"   loss {losses[0]:.3f} (first epoch) -> {losses[-1]:.3f} (last epoch); "
-                  f"{trained_tokens / seconds:,.0f} tokens/s including compilation ({seconds:.1f} s)")
+    console.print(f"   loss {losses[0]:.3f} (first step) -> {losses[-1]:.3f} (last step); "
+                  f"{steps * batch_size * seq_len / seconds:,.0f} tokens/s including compilation ({seconds:.1f} s)")
     console.print("   (a model this small memorizes a text this short: this shows the sharded training "
                   "path works, not language modelling)")
+    lm.compile(sampler="greedy")
 
     console.print(f"4. Generating (greedy) from {prompt!r}, sharded, with the KV cache split by heads")
     max_length = 64

@@ -1,0 +1,152 @@
+"""Sharded training checkpoints: weights, optimizer state and step.
+
+Each process writes only the shards its own devices hold (one copy of each
+distinct block), to its own safetensors file; nothing is gathered. A
+checkpoint is written under a temporary name and renamed into place only
+when complete, so a run killed in the middle of a save leaves the previous
+checkpoint as the latest one. Restoring assembles each device's block from
+the saved blocks that overlap it, so a checkpoint saved at one tp restores
+at another.
+"""
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tp_zoo.checkpoint.export import _write_safetensors
+from tp_zoo.checkpoint.tensor_files import SafetensorsFile
+
+_NAME = re.compile(r"^step_(\d{8})$")
+# Fault injection for tests: die (SIGKILL) half-way through saving this step.
+_KILL_DURING_SAVE = "TP_ZOO_TEST_KILL_DURING_SAVE"
+# Vocab padding differs between tp values by less than this many rows.
+_MAX_PADDING = 64
+
+
+class CheckpointMismatchError(ValueError):
+    pass
+
+
+def _state(causal_lm):
+    """(key, variable) for every variable a training run needs back."""
+    items = [(v.path, v) for v in causal_lm.variables]
+    optimizer = getattr(causal_lm, "optimizer", None)
+    if optimizer is not None and optimizer.built:
+        # Optimizer variable paths start with the optimizer's (counted) name.
+        items += [("optimizer/" + v.path.split("/", 1)[-1], v) for v in optimizer.variables]
+    return items
+
+
+def save_training_state(causal_lm, directory, step, keep=2):
+    """Saves to directory/step_{step:08d}; returns that path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    final = directory / f"step_{step:08d}"
+    tmp = directory / f".step_{step:08d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    process = jax.process_index()
+    manifest = {"step": step, "model": _fingerprint(causal_lm), "variables": {}}
+    pieces = []
+    for key, variable in _state(causal_lm):
+        value = variable.value
+        manifest["variables"][key] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+        for shard in value.addressable_shards:
+            if shard.replica_id != 0:
+                continue
+            index = [list(s.indices(n)[:2]) for s, n in zip(shard.index, value.shape)]
+            pieces.append((f"{key}@{'_'.join(f'{a}-{b}' for a, b in index)}", shard, key, index))
+    kill = os.environ.get(_KILL_DURING_SAVE) == str(step)
+
+    def tensors():
+        for i, (name, shard, _, _) in enumerate(pieces):
+            if kill and i == len(pieces) // 2:
+                os.kill(os.getpid(), 9)
+            yield name, np.asarray(shard.data)
+
+    _write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors())
+    manifest["pieces"] = {name: {"key": key, "index": index, "file": f"shard-{process:05d}.safetensors"}
+                          for name, _, key, index in pieces}
+    (tmp / "manifest.json").write_text(json.dumps(manifest))
+    for path in tmp.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, final)
+    for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(directory):
+    """The newest complete checkpoint under `directory`, or None."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return None
+    done = sorted(p for p in directory.iterdir() if _NAME.match(p.name) and (p / "manifest.json").exists())
+    return done[-1] if done else None
+
+
+def restore_training_state(causal_lm, path):
+    """Loads a checkpoint into `causal_lm` (its optimizer is built if needed); returns the step."""
+    path = Path(path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    mine = _fingerprint(causal_lm)
+    if manifest["model"] != mine:
+        raise CheckpointMismatchError(
+            f"{path} was saved from a different model ({manifest['model']}); this one is {mine}."
+        )
+    optimizer = causal_lm.optimizer
+    if optimizer is not None and not optimizer.built:
+        optimizer.build(causal_lm.trainable_variables)
+    files = {}
+    by_key = {}
+    for name, piece in manifest["pieces"].items():
+        by_key.setdefault(piece["key"], []).append((name, piece))
+    for key, variable in _state(causal_lm):
+        if key not in manifest["variables"]:
+            raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
+        saved_shape = manifest["variables"][key]["shape"]
+        _check_shape(key, saved_shape, variable.shape)
+        variable.assign(_assemble(variable, by_key.get(key, []), files, path))
+    return manifest["step"]
+
+
+def _check_shape(key, saved, wanted):
+    diffs = [abs(a - b) for a, b in zip(saved, wanted)]
+    if len(saved) != len(wanted) or sum(d > 0 for d in diffs) > 1 or max(diffs, default=0) >= _MAX_PADDING:
+        raise CheckpointMismatchError(f"Saved {key} has shape {tuple(saved)}, the model's is {tuple(wanted)}.")
+
+
+def _assemble(variable, pieces, files, path):
+    """The variable's value for its current sharding, from overlapping saved blocks."""
+    value = variable.value
+    sharding = value.sharding
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(value.shape).items():
+        block = [s.indices(n)[:2] for s, n in zip(index, value.shape)]
+        out = np.zeros([b - a for a, b in block], dtype=value.dtype)
+        for name, piece in pieces:
+            lo = [max(a, p[0]) for (a, _), p in zip(block, piece["index"])]
+            hi = [min(b, p[1]) for (_, b), p in zip(block, piece["index"])]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            if piece["file"] not in files:
+                files[piece["file"]] = SafetensorsFile(path / piece["file"])
+            saved = files[piece["file"]].array(name)
+            src = tuple(slice(l - p[0], h - p[0]) for l, h, p in zip(lo, hi, piece["index"]))
+            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, block))
+            out[dst] = saved[src]
+        arrays.append(jax.device_put(out, device))
+    return jax.make_array_from_single_device_arrays(value.shape, sharding, arrays)
+
+
+def _fingerprint(causal_lm):
+    """What identifies a model's architecture (not its tp): family config sizes."""
+    backbone = causal_lm.backbone
+    keys = ("vocab_size", "hidden_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "intermediate_dim")
+    return {k: getattr(backbone, k) for k in keys} | {"class": type(causal_lm).__name__}
