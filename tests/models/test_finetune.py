@@ -87,3 +87,30 @@ def test_mixed_bfloat16_trains(llama_path):
     assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
     _, ref = _train(llama_path, 100, 1, 1, dtype="mixed_bfloat16")
     assert_close(ref, losses, "mixed_bfloat16 losses", rel=2e-2)
+
+
+def test_labels_outside_the_vocab_are_refused(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
+    lm.compile(optimizer="adamw", weighted_metrics=[])
+    x, y, _ = _batch(100)
+    y = y.copy()
+    y[0, 0] = 100
+    with pytest.raises(ValueError, match=r"Labels outside the vocab \[0, 100\): \[100\]"):
+        lm.train_on_batch(x, y)
+
+
+def test_fine_tuned_export_matches_transformers(llama_path, tmp_path):
+    import torch
+    import transformers
+
+    from tp_zoo.checkpoint.export import export_to_hf
+
+    lm, _ = _train(llama_path, 100, 2, 1)
+    out = export_to_hf(lm, tmp_path / "tuned")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    x, _, mask = _batch(100)
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(x["token_ids"]).long(), attention_mask=torch.tensor(mask).long()).logits.numpy()
+    got = np.asarray(lm(x))
+    real = mask.astype(bool)
+    assert_close(ref[real], got[real], "fine-tuned logits, transformers vs tp_zoo", rel=1e-4)

@@ -7,6 +7,7 @@ Hugging Face config (and their checkpoint layout, in `presets/`).
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -235,6 +236,24 @@ def _under_own_distribution(method):
     return wrapper
 
 
+def _checks_labels(method):
+    """Refuses label arrays outside the vocab (a jitted loss cannot)."""
+
+    @functools.wraps(method)
+    def wrapper(self, x=None, y=None, *args, **kwargs):
+        if isinstance(y, (np.ndarray, jax.Array)) and np.issubdtype(y.dtype, np.integer) and y.size:
+            ignored = getattr(getattr(self, "loss", None), "ignore_class", None)
+            labels = np.asarray(y)
+            bad = labels[((labels < 0) | (labels >= self.backbone.vocab_size)) & (labels != ignored)]
+            if bad.size:
+                raise ValueError(
+                    f"Labels outside the vocab [0, {self.backbone.vocab_size}): {sorted(set(bad.tolist()))[:5]}."
+                )
+        return method(self, x, y, *args, **kwargs)
+
+    return wrapper
+
+
 class DecoderCausalLM(keras_hub.models.CausalLM):
     """A `DecoderBackbone` with a vocab-parallel LM head.
 
@@ -280,11 +299,11 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
             optimizer = optimizer.__class__.from_config(optimizer.get_config())
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
-    fit = _under_own_distribution(keras_hub.models.CausalLM.fit)
-    evaluate = _under_own_distribution(keras_hub.models.CausalLM.evaluate)
+    fit = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.fit))
+    evaluate = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.evaluate))
     predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
-    train_on_batch = _under_own_distribution(keras_hub.models.CausalLM.train_on_batch)
-    test_on_batch = _under_own_distribution(keras_hub.models.CausalLM.test_on_batch)
+    train_on_batch = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.train_on_batch))
+    test_on_batch = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.test_on_batch))
     predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
