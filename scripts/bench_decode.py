@@ -10,41 +10,21 @@ and compilation cancel out. The table comes last.
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("KERAS_BACKEND", "jax")
-if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import jax  # noqa: E402
-import keras  # noqa: E402
-import keras_hub  # noqa: E402
+from bench_common import LlamaCausalLM  # noqa: E402
+from bench_common import header  # noqa: E402
+from bench_common import hf_config  # noqa: E402
+from bench_common import jax  # noqa: E402
+from bench_common import keras  # noqa: E402
+from bench_common import keras_hub_model  # noqa: E402
+from bench_common import tp_zoo_model  # noqa: E402
+
 import numpy as np  # noqa: E402
-
-import tp_zoo  # noqa: E402
-from shapes import hf_config  # noqa: E402
-from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
-from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
-
-
-def tp_zoo_model(config, tp, dtype):
-    with tp_zoo.distribution(tp=tp).scope():
-        return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype))
-
-
-def keras_hub_model(config, dtype):
-    backbone = keras_hub.models.LlamaBackbone(
-        vocabulary_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
-        num_query_heads=config["num_attention_heads"], hidden_dim=config["hidden_size"],
-        intermediate_dim=config["intermediate_size"], num_key_value_heads=config["num_key_value_heads"],
-        rope_max_wavelength=config["rope_theta"], layer_norm_epsilon=config["rms_norm_eps"],
-        tie_word_embeddings=config.get("tie_word_embeddings", False), dtype=dtype,
-    )
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
 def time_generate(lm, batch, prompt, new, repeats):
@@ -87,7 +67,7 @@ def main():
     config = hf_config(args.shape)
     rows = []
     candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, args.dtype))]
-    candidates += [(f"tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
+    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
     for name, tp, build in candidates:
         keras.utils.set_random_seed(0)
         lm = build()
@@ -98,11 +78,8 @@ def main():
             print(f"{name} tp={tp} batch={batch}: {ms:.3f} ms/token", flush=True)
         del lm
         keras.backend.clear_session()
-    device = jax.devices()[0]
     print()
-    print(f"decode, shape {args.shape}, {args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy; "
-          f"{len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
-          f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")
+    print(header(f"decode, shape {args.shape}, {args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy"))
     print(f"{'model':<24}{'tp':>4}{'batch':>7}{'ms/token':>11}{'tokens/s':>11}")
     for name, tp, batch, ms, tps in rows:
         print(f"{name:<24}{tp:>4}{batch:>7}{ms:>11.3f}{tps:>11.1f}")

@@ -1,9 +1,10 @@
 """Loading benchmark: host memory and bytes per device while streaming a checkpoint.
 
-    python scripts/bench_load.py [--tp 4] [--layers 9] [--dir DIR]
+    python scripts/bench_load.py [--tp 4] [--shape llama3_1b] [--layers 9] [--dir DIR]
 
-Writes a Llama-shaped bf16 safetensors checkpoint of about 1 GB (random
-weights; kept in DIR if given), then loads it with tp_zoo.from_preset in a
+Writes a Llama-shaped bf16 safetensors checkpoint (by default the 1B shape
+cut to 9 layers, about 1 GB; random weights; kept in DIR if given), then
+loads it with tp_zoo.from_preset in a
 fresh process on simulated CPU devices (or the real accelerators) while a
 thread samples the process's anonymous resident memory every millisecond.
 Reports, table last:
@@ -27,22 +28,18 @@ from pathlib import Path
 import numpy as np
 
 
-def _config(layers):
-    return {
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 32000,
-        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": layers,
-        "num_attention_heads": 16, "num_key_value_heads": 4, "max_position_embeddings": 2048,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False, "dtype": "bfloat16",
-    }
-
-
-def write_checkpoint(directory, layers):
+def write_checkpoint(directory, shape, layers):
     import ml_dtypes
 
+    from bench_common import hf_config
     from tp_zoo.checkpoint.export import _write_safetensors
 
-    c = _config(layers)
-    h, f, v, kv = c["hidden_size"], c["intermediate_size"], c["vocab_size"], 4 * 128
+    c = {**hf_config(shape), "tie_word_embeddings": False, "dtype": "bfloat16"}
+    if layers:
+        c["num_hidden_layers"] = layers
+    layers = c["num_hidden_layers"]
+    h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
     shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -53,8 +50,9 @@ def write_checkpoint(directory, layers):
             p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
         })
-    rs = np.random.default_rng(0)
-    tensors = ((n, (0.02 * rs.standard_normal(s, dtype=np.float32)).astype(ml_dtypes.bfloat16)) for n, s in shapes.items())
+    # Random values are slow to draw at 8B scale; a random tile repeated is as good for timing.
+    tile = (0.02 * np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32)).astype(ml_dtypes.bfloat16)
+    tensors = ((n, np.resize(tile, s)) for n, s in shapes.items())
     directory.mkdir(parents=True, exist_ok=True)
     _write_safetensors(directory / "model.safetensors", tensors)
     (directory / "config.json").write_text(json.dumps(c))
@@ -81,6 +79,9 @@ def measure(directory, tp):
             peak[0] = max(peak[0], _anon_rss())
             time.sleep(0.001)
 
+    import jax
+
+    jax.devices()  # start the backend before the clock
     before = _anon_rss()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -108,7 +109,8 @@ def measure(directory, tp):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, default=4)
-    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--shape", default="llama3_1b")
+    parser.add_argument("--layers", type=int, default=9, help="layers to keep (0: all of the shape's)")
     parser.add_argument("--dir", default=None)
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -116,7 +118,8 @@ def main():
         measure(args.child, args.tp)
         return
     directory = Path(args.dir or tempfile.mkdtemp(prefix="tp_zoo_bench_"))
-    sizes = write_checkpoint(directory, args.layers)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sizes = write_checkpoint(directory, args.shape, args.layers)
     total = sum(sizes.values())
     largest = max(sizes, key=sizes.get)
     with open(directory / "model.safetensors", "rb") as f:  # into page cache

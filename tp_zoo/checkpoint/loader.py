@@ -10,6 +10,7 @@ share one read).
 """
 
 import collections
+import functools
 import warnings
 
 import jax
@@ -126,29 +127,14 @@ class StreamingLoader:
                 local_shape[d] -= pad[1]
             full = start == 0 and true_stop == true_shape[d]
             ranges.append(None if full else (start, max(true_stop, start)))
-        shards = []
-        if min(local_shape) == 0:
-            host = None
-        else:
-            slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
-            host = self.tensors.array(name)[slices]
-            self.bytes_read += host.nbytes
-        for device in devices:
-            if host is None:
-                x = jnp.zeros((), dtype)
-            else:
-                x = jax.device_put(host, device)
-                if entry.transposed:
-                    x = x.T
-                x = x.reshape(local_shape).astype(dtype)
-            if pad is not None:
-                widths = [(0, 0)] * len(shape)
-                widths[pad[0]] = (0, pad[1])
-                x = jnp.pad(x, widths) if host is not None else jnp.zeros(
-                    [stop - start for start, stop in block], dtype, device=device
-                )
-            shards.append(jax.device_put(x, device))
-        return shards
+        padded_shape = tuple(stop - start for start, stop in block)
+        if min(local_shape) == 0:  # a block of padding rows only
+            return [jnp.zeros(padded_shape, dtype, device=device) for device in devices]
+        slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
+        host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
+        self.bytes_read += host.nbytes * len(devices)
+        finish = _finisher(tuple(local_shape), padded_shape, pad, jnp.dtype(dtype))
+        return [finish(_to_device(host, device, entry.transposed)).block_until_ready() for device in devices]
 
     def unused_tensors(self):
         return sorted(
@@ -163,3 +149,46 @@ class StreamingLoader:
                 + (" ..." if len(unused) > 8 else ""),
                 stacklevel=3,
             )
+
+
+# Host rows are copied to a device this many bytes at a time, so host memory
+# holds one chunk, not one device's whole slice, even while transposing.
+_CHUNK_BYTES = 32 << 20
+
+
+def _to_device(host, device, transposed):
+    """`host` (or its transpose) on `device`, copied over in row chunks."""
+    rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
+    if host.shape[0] <= rows:
+        x = jax.device_put(np.ascontiguousarray(host), device)
+        return x.T if transposed else x
+    out_shape = host.shape[::-1] if transposed else host.shape
+    out = jnp.zeros(out_shape, host.dtype, device=device)
+    for start in range(0, host.shape[0], rows):
+        chunk = jax.device_put(np.ascontiguousarray(host[start : start + rows]), device)
+        # Wait for each chunk: with asynchronous dispatch the loop would
+        # otherwise queue every chunk's copy at once.
+        out = _write_chunk(out, chunk, start, transposed).block_until_ready()
+    return out
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
+def _write_chunk(out, chunk, start, transposed):
+    if transposed:
+        return jax.lax.dynamic_update_slice_in_dim(out, chunk.T, start, axis=1)
+    return jax.lax.dynamic_update_slice_in_dim(out, chunk, start, axis=0)
+
+
+@functools.lru_cache(maxsize=None)
+def _finisher(local_shape, padded_shape, pad, dtype):
+    """Reshape to the variable's block, cast, and pad the vocab, in place where XLA can."""
+
+    def finish(x):
+        x = x.reshape(local_shape).astype(dtype)
+        if pad is not None:
+            widths = [(0, 0)] * len(local_shape)
+            widths[pad[0]] = (0, pad[1])
+            x = jnp.pad(x, widths)
+        return x
+
+    return jax.jit(finish, donate_argnums=0)

@@ -1,0 +1,59 @@
+"""What the benchmarks share: model shapes, the two models, the report header."""
+
+import os
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+
+import jax  # noqa: E402
+import keras  # noqa: E402
+import keras_hub  # noqa: E402
+
+import tp_zoo  # noqa: E402
+from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
+from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
+
+SHAPES = {
+    # For a CPU smoke run: proves the scripts work, nothing more.
+    "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                 num_attention_heads=8, num_key_value_heads=4),
+    "llama3_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8),
+    "llama3_70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8),
+}
+
+
+def hf_config(shape):
+    return {
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 8192,
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, **SHAPES[shape],
+    }
+
+
+def tp_zoo_model(config, tp, dtype):
+    """tp_zoo's Llama with random weights, made directly sharded on the devices."""
+    with tp_zoo.distribution(tp=tp).scope():
+        return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype))
+
+
+def keras_hub_model(config, dtype):
+    """KerasHub's own single-device Llama of the same shape."""
+    backbone = keras_hub.models.LlamaBackbone(
+        vocabulary_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
+        num_query_heads=config["num_attention_heads"], hidden_dim=config["hidden_size"],
+        intermediate_dim=config["intermediate_size"], num_key_value_heads=config["num_key_value_heads"],
+        rope_max_wavelength=config["rope_theta"], layer_norm_epsilon=config["rms_norm_eps"],
+        tie_word_embeddings=config.get("tie_word_embeddings", False), dtype=dtype,
+    )
+    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+
+
+def header(what):
+    device = jax.devices()[0]
+    return (f"{what}; {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
+            f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")

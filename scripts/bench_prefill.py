@@ -1,0 +1,70 @@
+"""Prefill speed: one forward pass over a long prompt, tp_zoo at each tp
+against KerasHub's own single-device Llama.
+
+    python scripts/bench_prefill.py --shape llama3_8b --tp 1 2 --tokens 2048
+
+Times a jitted forward pass (logits of every position) of batch 1 x
+--tokens, best of --repeats after a warm-up. The table comes last.
+"""
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_common import header  # noqa: E402
+from bench_common import hf_config  # noqa: E402
+from bench_common import jax  # noqa: E402
+from bench_common import keras  # noqa: E402
+from bench_common import keras_hub_model  # noqa: E402
+from bench_common import tp_zoo_model  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+
+def best_forward_time(lm, tokens, repeats):
+    ids = np.random.RandomState(0).randint(0, 1000, (1, tokens)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    values = ([v.value for v in lm.trainable_variables], [v.value for v in lm.non_trainable_variables])
+    forward = jax.jit(lambda values, x: lm.stateless_call(*values, x)[0])
+    jax.block_until_ready(forward(values, x))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(forward(values, x))
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="tiny")
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--tokens", type=int, default=2048)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-keras-hub", action="store_true")
+    args = parser.parse_args()
+    config = hf_config(args.shape)
+    candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, args.dtype))]
+    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
+    rows = []
+    for name, tp, build in candidates:
+        keras.utils.set_random_seed(0)
+        lm = build()
+        seconds = best_forward_time(lm, args.tokens, args.repeats)
+        rows.append((name, tp, seconds * 1000, args.tokens / seconds))
+        print(f"{name} tp={tp}: {seconds * 1000:.2f} ms", flush=True)
+        del lm
+        keras.backend.clear_session()
+    print()
+    print(header(f"prefill, shape {args.shape}, {args.dtype}, batch 1 x {args.tokens} tokens"))
+    print(f"{'model':<24}{'tp':>4}{'ms':>10}{'tokens/s':>12}")
+    for name, tp, ms, tokens in rows:
+        print(f"{name:<24}{tp:>4}{ms:>10.2f}{tokens:>12,.0f}")
+
+
+if __name__ == "__main__":
+    main()
