@@ -83,9 +83,7 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     (and at the end); a run finding one there resumes from it. The final
     model is exported to out/model in the Hugging Face layout.
     """
-    dp = 1 if causal_lm.distribution is None else dict(
-        zip(causal_lm.distribution.device_mesh.axis_names, causal_lm.distribution.device_mesh.shape)
-    ).get("batch", 1)
+    dp = causal_lm.data_parallel_degree
     if batch_size % dp:
         raise ValueError(f"batch_size={batch_size} is not divisible by dp={dp}.")
     x, y = windows(causal_lm, read_texts(data), seq_len, stride)

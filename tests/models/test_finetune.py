@@ -114,3 +114,13 @@ def test_fine_tuned_export_matches_transformers(llama_path, tmp_path):
     got = np.asarray(lm(x))
     real = mask.astype(bool)
     assert_close(ref[real], got[real], "fine-tuned logits, transformers vs tp_zoo", rel=1e-4)
+
+
+def test_batch_not_divisible_by_dp_is_refused(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=2, dp=2, dtype="float32", progress=False)
+    lm.compile(optimizer="adamw", weighted_metrics=[])
+    x, y, _ = _batch(100)
+    with pytest.raises(ValueError, match="A batch of 3 is not divisible by dp=2"):
+        lm.train_on_batch({k: v[:3] for k, v in x.items()}, y[:3])
+    with pytest.raises(ValueError, match="A batch of 3 is not divisible by dp=2"):
+        lm.fit(x, y, batch_size=3, verbose=0)

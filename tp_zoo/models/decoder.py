@@ -236,11 +236,18 @@ def _under_own_distribution(method):
     return wrapper
 
 
-def _checks_labels(method):
-    """Refuses label arrays outside the vocab (a jitted loss cannot)."""
+def _checks_batch(method):
+    """Refuses, with a clear error, what jitted code would fail on obscurely:
+    label arrays outside the vocab, batches that dp does not divide."""
 
     @functools.wraps(method)
     def wrapper(self, x=None, y=None, *args, **kwargs):
+        dp = self.data_parallel_degree
+        rows = kwargs.get("batch_size")
+        if rows is None and isinstance(x, dict) and hasattr(x.get("token_ids"), "shape"):
+            rows = x["token_ids"].shape[0] if method.__name__.endswith("_on_batch") else None
+        if dp > 1 and rows is not None and rows % dp:
+            raise ValueError(f"A batch of {rows} is not divisible by dp={dp}.")
         if isinstance(y, (np.ndarray, jax.Array)) and np.issubdtype(y.dtype, np.integer) and y.size:
             ignored = getattr(getattr(self, "loss", None), "ignore_class", None)
             labels = np.asarray(y)
@@ -271,6 +278,8 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         self.preprocessor = preprocessor
         # A `CheckpointTokenizer` (or None): lets generate() take strings.
         self.tokenizer = tokenizer
+        # The distribution the model was built under (from_preset sets it).
+        self.distribution = None
         self.lm_head = VocabParallelLMHead(
             backbone.vocab_size,
             tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,
@@ -281,6 +290,14 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         inputs = backbone.input
         outputs = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @property
+    def data_parallel_degree(self):
+        """The size of the "batch" axis of the model's mesh (1 without one)."""
+        if self.distribution is None:
+            return 1
+        mesh = self.distribution.device_mesh
+        return dict(zip(mesh.axis_names, mesh.shape)).get("batch", 1)
 
     @_under_own_distribution
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
@@ -299,11 +316,11 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
             optimizer = optimizer.__class__.from_config(optimizer.get_config())
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
-    fit = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.fit))
-    evaluate = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.evaluate))
+    fit = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.fit))
+    evaluate = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.evaluate))
     predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
-    train_on_batch = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.train_on_batch))
-    test_on_batch = _under_own_distribution(_checks_labels(keras_hub.models.CausalLM.test_on_batch))
+    train_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.train_on_batch))
+    test_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.test_on_batch))
     predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
 
     def call_with_cache(self, token_ids, cache, cache_update_index):
