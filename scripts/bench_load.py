@@ -102,7 +102,7 @@ def measure(directory, tp):
     print(json.dumps({
         "before": before, "peak": peak[0], "after": after, "seconds": seconds,
         "per_device": per_device, "model_bytes": model_bytes,
-        "devices": str(lm.weights[0].value.sharding.mesh.devices.flatten().tolist()),
+        "devices": str(sorted(str(d) for d in lm.weights[0].value.sharding.device_set)),
     }))
 
 

@@ -40,6 +40,21 @@ def _check_heads(name, num_heads, num_kv_heads, tp):
         )
 
 
+def _fused_attention_applies(q):
+    """cuDNN flash attention: on NVIDIA GPUs, for 16-bit heads of up to 128."""
+    return (
+        FUSED_ATTENTION
+        and jax.devices()[0].platform == "gpu"
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] <= 128
+        and q.shape[-1] % 8 == 0
+    )
+
+
+# Set to False to compare with the plain XLA attention (as a benchmark does).
+FUSED_ATTENTION = True
+
+
 class ParallelAttention(ShardedLayer):
     """Causal self-attention, heads split over devices.
 
@@ -142,6 +157,9 @@ class ParallelAttention(ShardedLayer):
             k = jax.lax.dynamic_update_slice_in_dim(cache[:, 0], k.astype(cache.dtype), start, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache[:, 1], v.astype(cache.dtype), start, axis=1)
             cache = jnp.stack([k, v], axis=1)
+        elif _fused_attention_applies(q):
+            out = self._attend_fused(q, k, v, padding_mask)
+            return self.output_dense.local_apply(wo, out)
         k_pos = jnp.arange(k.shape[1])
         mask = k_pos[None, :] <= q_pos[:, None]
         if self.sliding_window is not None:
@@ -152,6 +170,18 @@ class ParallelAttention(ShardedLayer):
         out = self._attend(q, k, v, mask)
         out = self.output_dense.local_apply(wo, out)
         return out if cache is None else (out, cache)
+
+    def _attend_fused(self, q, k, v, padding_mask):
+        """cuDNN's fused (flash) attention on this device's heads: causal,
+        right padding as sequence lengths, Mistral's window as a local window."""
+        lengths = None
+        if padding_mask is not None:
+            lengths = jnp.sum(padding_mask.astype("int32"), axis=-1)
+        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+            local_window_size=window, scale=1.0 / self.head_dim**0.5, implementation="cudnn",
+        )
 
     def _attend(self, q, k, v, mask):
         b, s, h, d = q.shape
