@@ -26,6 +26,7 @@ def main():
     for window in (None, 64):
         layer = ParallelAttention(8, 32, 256, num_kv_heads=2, rotary=RotaryEmbedding(32), sliding_window=window,
                                   dtype="bfloat16")
+        layer.build(x.shape)
         outs = {}
         for fused in (True, False):
             attention_module.FUSED_ATTENTION = fused
