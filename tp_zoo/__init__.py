@@ -10,5 +10,6 @@ from tp_zoo import losses  # noqa: E402
 from tp_zoo.checkpoint import from_preset  # noqa: E402
 from tp_zoo.checkpoint import list_presets  # noqa: E402
 from tp_zoo.parallel import distribution  # noqa: E402
+from tp_zoo.parallel import initialize  # noqa: E402
 
 __version__ = "0.1.0"

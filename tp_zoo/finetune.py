@@ -12,6 +12,7 @@ import json
 import time
 from pathlib import Path
 
+import jax
 import keras
 import numpy as np
 from rich.progress import BarColumn
@@ -104,6 +105,9 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
         began = time.perf_counter()
         for step in range(start, steps):
             rows = batch_for_step(step, len(x), batch_size, seed)
+            if dp > 1 and jax.process_count() > 1:
+                # Processes along the "batch" axis each feed their own share.
+                rows = np.array_split(rows, jax.process_count())[jax.process_index()]
             batch = {"token_ids": x[rows], "padding_mask": np.ones_like(x[rows])}
             losses.append(float(causal_lm.train_on_batch(batch, y[rows])))
             done = step + 1 - start

@@ -60,6 +60,10 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
     finally:
         tensors.close()
     causal_lm.distribution = distribution
+    # What this process read from the files (each process reads only the
+    # blocks its own devices hold), against the checkpoint's size.
+    causal_lm.load_stats = {"bytes_read": loader.bytes_read,
+                            "checkpoint_bytes": sum(tensors.nbytes(n) for n in tensors.names())}
     causal_lm.checkpoint_directory = directory
     causal_lm.hf_config = config
     return causal_lm

@@ -132,7 +132,7 @@ class StreamingLoader:
             return [jnp.zeros(padded_shape, dtype, device=device) for device in devices]
         slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
         host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
-        self.bytes_read += host.nbytes * len(devices)
+        self.bytes_read += host.nbytes  # one read, however many devices hold the block
         finish = _finisher(tuple(local_shape), padded_shape, pad, jnp.dtype(dtype))
         return [finish(_to_device(host, device, entry.transposed)).block_until_ready() for device in devices]
 

@@ -42,15 +42,29 @@ def _state(causal_lm):
     return items
 
 
+def _barrier(name):
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
 def save_training_state(causal_lm, directory, step, keep=2):
-    """Saves to directory/step_{step:08d}; returns that path."""
+    """Saves to directory/step_{step:08d}; returns that path.
+
+    With several processes (sharing `directory`), each writes its own
+    shard-N.safetensors and pieces-N.json; process 0 writes the manifest and
+    renames the folder once all have finished.
+    """
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step_{step:08d}"
     tmp = directory / f".step_{step:08d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     process = jax.process_index()
+    if process == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    _barrier(f"tp_zoo save {step} begin")
     manifest = {"step": step, "model": _fingerprint(causal_lm), "variables": {}}
     pieces = []
     for key, variable in _state(causal_lm):
@@ -70,15 +84,22 @@ def save_training_state(causal_lm, directory, step, keep=2):
             yield name, np.asarray(shard.data)
 
     _write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors())
-    manifest["pieces"] = {name: {"key": key, "index": index, "file": f"shard-{process:05d}.safetensors"}
-                          for name, _, key, index in pieces}
-    (tmp / "manifest.json").write_text(json.dumps(manifest))
-    for path in tmp.iterdir():
+    mine = {name: {"key": key, "index": index, "file": f"shard-{process:05d}.safetensors"}
+            for name, _, key, index in pieces}
+    (tmp / f"pieces-{process:05d}.json").write_text(json.dumps(mine))
+    for path in (tmp / f"shard-{process:05d}.safetensors", tmp / f"pieces-{process:05d}.json"):
         with open(path, "rb") as f:
             os.fsync(f.fileno())
-    os.replace(tmp, final)
-    for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    _barrier(f"tp_zoo save {step} written")
+    if process == 0:
+        # The manifest comes last: a folder without one is never taken as complete.
+        (tmp / "manifest.json").write_text(json.dumps(manifest))
+        with open(tmp / "manifest.json", "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    _barrier(f"tp_zoo save {step} done")
     return final
 
 
@@ -105,8 +126,9 @@ def restore_training_state(causal_lm, path):
         optimizer.build(causal_lm.trainable_variables)
     files = {}
     by_key = {}
-    for name, piece in manifest["pieces"].items():
-        by_key.setdefault(piece["key"], []).append((name, piece))
+    for listing in sorted(path.glob("pieces-*.json")):
+        for name, piece in json.loads(listing.read_text()).items():
+            by_key.setdefault(piece["key"], []).append((name, piece))
     for key, variable in _state(causal_lm):
         if key not in manifest["variables"]:
             raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
