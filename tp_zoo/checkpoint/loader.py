@@ -133,7 +133,7 @@ class StreamingLoader:
         slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
         host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
         self.bytes_read += host.nbytes  # one read, however many devices hold the block
-        finish = _finisher(tuple(local_shape), padded_shape, pad, jnp.dtype(dtype))
+        finish = _finisher(tuple(local_shape), padded_shape, pad, jnp.dtype(host.dtype), jnp.dtype(dtype))
         return [finish(_to_device(host, device, entry.transposed)).block_until_ready() for device in devices]
 
     def unused_tensors(self):
@@ -180,8 +180,9 @@ def _write_chunk(out, chunk, start, transposed):
 
 
 @functools.lru_cache(maxsize=None)
-def _finisher(local_shape, padded_shape, pad, dtype):
-    """Reshape to the variable's block, cast, and pad the vocab, in place where XLA can."""
+def _finisher(local_shape, padded_shape, pad, source_dtype, dtype):
+    """Reshape to the variable's block, cast, and pad the vocab; in place when
+    the block keeps its size (no cast, no padding)."""
 
     def finish(x):
         x = x.reshape(local_shape).astype(dtype)
@@ -191,4 +192,5 @@ def _finisher(local_shape, padded_shape, pad, dtype):
             x = jnp.pad(x, widths)
         return x
 
-    return jax.jit(finish, donate_argnums=0)
+    in_place = pad is None and source_dtype == dtype
+    return jax.jit(finish, donate_argnums=0 if in_place else ())
