@@ -57,3 +57,16 @@ def header(what):
     device = jax.devices()[0]
     return (f"{what}; {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
             f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")
+
+
+def each_model(config, tps, dtype, skip_keras_hub=False):
+    """Yields (name, tp, model): KerasHub's single-device Llama first (unless
+    skipped), then tp_zoo at each tp; each is freed before the next is built."""
+    candidates = [] if skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, dtype))]
+    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, dtype))) for tp in tps]
+    for name, tp, build in candidates:
+        keras.utils.set_random_seed(0)
+        model = build()
+        yield name, tp, model
+        del model
+        keras.backend.clear_session()

@@ -19,10 +19,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import LlamaCausalLM  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
+from bench_common import each_model  # noqa: E402
 from bench_common import jax  # noqa: E402
-from bench_common import keras  # noqa: E402
-from bench_common import keras_hub_model  # noqa: E402
-from bench_common import tp_zoo_model  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -66,18 +64,12 @@ def main():
     args = parser.parse_args()
     config = hf_config(args.shape)
     rows = []
-    candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, args.dtype))]
-    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
-    for name, tp, build in candidates:
-        keras.utils.set_random_seed(0)
-        lm = build()
+    for name, tp, lm in each_model(config, args.tp, args.dtype, args.skip_keras_hub):
         lm.compile(sampler="greedy")
         for batch in args.batch:
             ms = per_token_ms(lm, batch, args.prompt, args.new, args.repeats)
             rows.append((name, tp, batch, ms, batch * 1000 / ms))
             print(f"{name} tp={tp} batch={batch}: {ms:.3f} ms/token", flush=True)
-        del lm
-        keras.backend.clear_session()
     print()
     print(header(f"decode, shape {args.shape}, {args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy"))
     print(f"{'model':<24}{'tp':>4}{'batch':>7}{'ms/token':>11}{'tokens/s':>11}")

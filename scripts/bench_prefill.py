@@ -16,10 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
+from bench_common import each_model  # noqa: E402
 from bench_common import jax  # noqa: E402
-from bench_common import keras  # noqa: E402
-from bench_common import keras_hub_model  # noqa: E402
-from bench_common import tp_zoo_model  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -48,17 +46,11 @@ def main():
     parser.add_argument("--skip-keras-hub", action="store_true")
     args = parser.parse_args()
     config = hf_config(args.shape)
-    candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, args.dtype))]
-    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, args.dtype))) for tp in args.tp]
     rows = []
-    for name, tp, build in candidates:
-        keras.utils.set_random_seed(0)
-        lm = build()
+    for name, tp, lm in each_model(config, args.tp, args.dtype, args.skip_keras_hub):
         seconds = best_forward_time(lm, args.tokens, args.repeats)
         rows.append((name, tp, seconds * 1000, args.tokens / seconds))
         print(f"{name} tp={tp}: {seconds * 1000:.2f} ms", flush=True)
-        del lm
-        keras.backend.clear_session()
     print()
     print(header(f"prefill, shape {args.shape}, {args.dtype}, batch 1 x {args.tokens} tokens"))
     print(f"{'model':<24}{'tp':>4}{'ms':>10}{'tokens/s':>12}")

@@ -21,8 +21,7 @@ from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
 from bench_common import jax  # noqa: E402
 from bench_common import keras  # noqa: E402
-from bench_common import keras_hub_model  # noqa: E402
-from bench_common import tp_zoo_model  # noqa: E402
+from bench_common import each_model  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -54,12 +53,8 @@ def main():
     parser.add_argument("--skip-keras-hub", action="store_true")
     args = parser.parse_args()
     config = hf_config(args.shape)
-    candidates = [] if args.skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, "mixed_bfloat16"))]
-    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, "mixed_bfloat16"))) for tp in args.tp]
     rows = []
-    for name, tp, build in candidates:
-        keras.utils.set_random_seed(0)
-        lm = build()
+    for name, tp, lm in each_model(config, args.tp, "mixed_bfloat16", args.skip_keras_hub):
         loss = None if name == "tp_zoo" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4), weighted_metrics=[],
                    **({"loss": loss} if loss is not None else {}))
@@ -68,8 +63,6 @@ def main():
         tokens = args.batch * args.seq / seconds
         rows.append((name, tp, seconds * 1000, tokens, 6 * params * tokens / 1e12))
         print(f"{name} tp={tp}: {seconds * 1000:.1f} ms/step", flush=True)
-        del lm
-        keras.backend.clear_session()
     print()
     print(header(f"train, shape {args.shape}, mixed_bfloat16, AdamW, batch {args.batch} x {args.seq} tokens"))
     print(f"{'model':<24}{'tp':>4}{'ms/step':>10}{'tokens/s':>12}{'model TFLOP/s':>15}")
