@@ -11,10 +11,10 @@ def initialize(coordinator_address=None, num_processes=None, process_id=None, he
     Kubernetes JobSets, TPU pods); otherwise give the coordinator's
     "host:port", the process count and this process's id. A process that
     stops answering makes the others fail after `heartbeat_timeout_seconds`
-    instead of waiting for it forever. On CPUs, collectives go through gloo.
+    instead of waiting for it forever.
     """
-    if jax.config.jax_platforms in (None, "", "cpu") or jax.config.jax_platforms.startswith("cpu"):
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    # Collectives between CPU devices of different processes (GPUs use NCCL).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
