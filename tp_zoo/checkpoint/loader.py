@@ -4,9 +4,10 @@ The model is built inside `tp_zoo.layers.weights_from(loader)`: as each
 variable is created, the loader finds its tensor through the family's
 layout map, reads for each device only the slice that device holds, and
 hands Keras the finished sharded array. No variable is first initialised at
-random, and no whole copy of a sharded tensor is made in host memory: host
-memory holds one device's slice at a time (devices that hold the same slice
-share one read).
+random, and no whole copy of a sharded tensor is made in host memory: the
+file is memory-mapped and each device's block is copied over in chunks of
+rows (transposed on the device), so host memory holds one chunk at a time;
+devices that hold the same block share one read.
 """
 
 import collections
