@@ -59,6 +59,13 @@ def header(what):
             f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")
 
 
+def add_model_arguments(parser):
+    """The arguments every benchmark takes: which shape, which tp values."""
+    parser.add_argument("--shape", default="tiny", choices=sorted(SHAPES))
+    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--skip-keras-hub", action="store_true")
+
+
 def each_model(config, tps, dtype, skip_keras_hub=False):
     """Yields (name, tp, model): KerasHub's single-device Llama first (unless
     skipped), then tp_zoo at each tp; each is freed before the next is built."""

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_common import LlamaCausalLM  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
+from bench_common import add_model_arguments  # noqa: E402
 from bench_common import each_model  # noqa: E402
 from bench_common import jax  # noqa: E402
 
@@ -53,14 +54,12 @@ def per_token_ms(lm, batch, prompt, new, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-keras-hub", action="store_true")
     args = parser.parse_args()
     config = hf_config(args.shape)
     rows = []

@@ -16,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
+from bench_common import add_model_arguments  # noqa: E402
 from bench_common import each_model  # noqa: E402
 from bench_common import jax  # noqa: E402
 
@@ -38,12 +39,10 @@ def best_forward_time(lm, tokens, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    add_model_arguments(parser)
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--skip-keras-hub", action="store_true")
     args = parser.parse_args()
     config = hf_config(args.shape)
     rows = []

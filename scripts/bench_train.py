@@ -21,6 +21,7 @@ from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
 from bench_common import jax  # noqa: E402
 from bench_common import keras  # noqa: E402
+from bench_common import add_model_arguments  # noqa: E402
 from bench_common import each_model  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -44,13 +45,11 @@ def step_times(lm, batch, seq, vocab, warmup, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--shape", default="tiny")
-    parser.add_argument("--tp", type=int, nargs="+", default=[1, 2])
+    add_model_arguments(parser)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--skip-keras-hub", action="store_true")
     args = parser.parse_args()
     config = hf_config(args.shape)
     rows = []

@@ -227,10 +227,9 @@ def _under_own_distribution(method):
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
-        distribution = getattr(self, "distribution", None)
-        if distribution is None or keras.distribution.distribution() is not None:
+        if self.distribution is None or keras.distribution.distribution() is not None:
             return method(self, *args, **kwargs)
-        with distribution.scope():
+        with self.distribution.scope():
             return method(self, *args, **kwargs)
 
     return wrapper

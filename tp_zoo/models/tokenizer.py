@@ -46,6 +46,21 @@ class CheckpointTokenizer:
         return self._decode([int(i) for i in ids if int(i) not in self.special_ids])
 
     @classmethod
+    def _of_hf_tokenizer(cls, tok, bos_id, eos_ids, add_bos):
+        """Wraps a Hugging Face `tokenizers.Tokenizer`; a BOS its post-processor
+        already adds is not added again."""
+        probe = tok.encode("a").ids
+        return cls(
+            lambda text: tok.encode(text).ids,
+            lambda ids: tok.decode(ids, skip_special_tokens=True),
+            tok.get_vocab_size(),
+            bos_id,
+            eos_ids,
+            add_bos,
+            bos_in_encoding=bool(probe) and probe[0] == bos_id,
+        )
+
+    @classmethod
     def from_directory(cls, directory, config, family):
         """The tokenizer of a checkpoint directory, or None if it has none."""
         directory = Path(directory)
@@ -59,16 +74,7 @@ class CheckpointTokenizer:
             from tokenizers import Tokenizer
 
             tok = Tokenizer.from_file(str(directory / "tokenizer.json"))
-            probe = tok.encode("a").ids
-            return cls(
-                lambda text: tok.encode(text).ids,
-                lambda ids: tok.decode(ids, skip_special_tokens=True),
-                tok.get_vocab_size(),
-                bos_id,
-                eos_ids,
-                add_bos,
-                bos_in_encoding=bool(probe) and probe[0] == bos_id,
-            )
+            return cls._of_hf_tokenizer(tok, bos_id, eos_ids, add_bos)
         if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():
             from tokenizers import Tokenizer
             from tokenizers import decoders
@@ -78,14 +84,7 @@ class CheckpointTokenizer:
             tok = Tokenizer(models.BPE.from_file(str(directory / "vocab.json"), str(directory / "merges.txt")))
             tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             tok.decoder = decoders.ByteLevel()
-            return cls(
-                lambda text: tok.encode(text).ids,
-                lambda ids: tok.decode(ids, skip_special_tokens=False),
-                tok.get_vocab_size(),
-                bos_id,
-                eos_ids,
-                add_bos,
-            )
+            return cls._of_hf_tokenizer(tok, bos_id, eos_ids, add_bos)
         if (directory / "tokenizer.model").exists():
             import sentencepiece
 
