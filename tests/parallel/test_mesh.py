@@ -73,7 +73,8 @@ def test_kv_heads_fewer_than_tp_are_replicated_per_device(tp):
     with mesh_scope(tp):
         attention = layers.ParallelAttention(8, 4, 32, num_kv_heads=2)
         attention.build((1, 3, 32))
-        cache = attention.empty_cache(1, 5)
-    local_heads = cache.addressable_shards[0].data.shape[3]
+        keys, values = attention.empty_cache(1, 5)
+    local_heads = keys.addressable_shards[0].data.shape[1]
+    assert values.addressable_shards[0].data.shape == keys.addressable_shards[0].data.shape
     assert local_heads == (2 // tp if tp <= 2 else 1)
     assert attention.query.kernel.value.addressable_shards[0].data.shape == (32, 8 // tp, 4)

@@ -11,9 +11,9 @@ never gathered.
 
 import jax
 import jax.numpy as jnp
-import keras
 
 from tp_zoo import parallel
+from tp_zoo.layers import attention_ops as ops
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import valid_tp_values
 from tp_zoo.layers.linear import HeadMergeDense
@@ -21,7 +21,6 @@ from tp_zoo.layers.linear import HeadSplitDense
 
 M = parallel.MODEL
 B = parallel.BATCH
-_MASKED = -1e30
 
 
 def _check_heads(name, num_heads, num_kv_heads, tp):
@@ -38,21 +37,6 @@ def _check_heads(name, num_heads, num_kv_heads, tp):
             f"cannot be split over tp={tp}. tp values that would work: "
             f"{[t for t in valid_tp_values(num_heads) if works(t)]}."
         )
-
-
-def _fused_attention_applies(q):
-    """cuDNN flash attention: on NVIDIA GPUs, for 16-bit heads of up to 128."""
-    return (
-        FUSED_ATTENTION
-        and jax.devices()[0].platform == "gpu"
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and q.shape[-1] <= 128
-        and q.shape[-1] % 8 == 0
-    )
-
-
-# Set to False to compare with the plain XLA attention (as a benchmark does).
-FUSED_ATTENTION = True
 
 
 class ParallelAttention(ShardedLayer):
@@ -120,17 +104,20 @@ class ParallelAttention(ShardedLayer):
 
     # --- KV cache -----------------------------------------------------------
     def cache_shape(self, batch_size, max_length):
-        """Global shape of this layer's cache: (batch, 2, length, kv heads, head_dim)."""
-        return (batch_size, 2, max_length, self.local_kv_heads * self.tp, self.head_dim)
+        """Global shape of this layer's key cache and of its value cache:
+        (batch, kv heads, length, head_dim), split on the kv heads."""
+        return (batch_size, self.local_kv_heads * self.tp, max_length, self.head_dim)
 
-    cache_layout = (B, None, None, M, None)
+    cache_layout = (B, M, None, None)
 
     def empty_cache(self, batch_size, max_length, dtype=None):
+        """(keys, values) of zeros, each placed split over the devices."""
         shape = self.cache_shape(batch_size, max_length)
         dtype = dtype or self.compute_dtype
-        if self.mesh_info is None:
-            return jnp.zeros(shape, dtype)
-        return jax.device_put(jnp.zeros(shape, dtype), parallel.sharding(self.mesh_info, self.cache_layout))
+        zeros = jnp.zeros(shape, dtype)
+        if self.mesh_info is not None:
+            zeros = jax.device_put(zeros, parallel.sharding(self.mesh_info, self.cache_layout))
+        return zeros, zeros
 
     # --- computation ----------------------------------------------------------
     def _local_kv(self, projection, weights, x):
@@ -143,78 +130,83 @@ class ParallelAttention(ShardedLayer):
             bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, head, 1, axis=0)
         return projection.apply(kernel, bias, x)
 
-    def _local_attention(self, weights, x, padding_mask, cache, start):
-        wq, wk, wv, wo = weights
+    def _local_qkv(self, weights, x, positions):
+        wq, wk, wv, _ = weights
         q = self.query.local_apply(wq, x)
         k = self._local_kv(self.key, wk, x)
         v = self._local_kv(self.value, wv, x)
-        seq = x.shape[1]
-        q_pos = start + jnp.arange(seq)
         if self.rotary is not None:
-            q = self.rotary(q, q_pos)
-            k = self.rotary(k, q_pos)
-        if cache is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(cache[:, 0], k.astype(cache.dtype), start, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(cache[:, 1], v.astype(cache.dtype), start, axis=1)
-            cache = jnp.stack([k, v], axis=1)
-        elif _fused_attention_applies(q):
-            out = self._attend_fused(q, k, v, padding_mask)
-            return self.output_dense.local_apply(wo, out)
-        k_pos = jnp.arange(k.shape[1])
-        mask = k_pos[None, :] <= q_pos[:, None]
-        if self.sliding_window is not None:
-            mask &= q_pos[:, None] - k_pos[None, :] < self.sliding_window
-        mask = mask[None]
-        if padding_mask is not None:
-            mask = mask & padding_mask[:, None, :].astype(bool)
-        out = self._attend(q, k, v, mask)
-        out = self.output_dense.local_apply(wo, out)
-        return out if cache is None else (out, cache)
+            q = self.rotary(q, positions)
+            k = self.rotary(k, positions)
+        return q, k, v
 
-    def _attend_fused(self, q, k, v, padding_mask):
-        """cuDNN's fused (flash) attention on this device's heads: causal,
-        right padding as sequence lengths, Mistral's window as a local window."""
-        lengths = None
-        if padding_mask is not None:
-            lengths = jnp.sum(padding_mask.astype("int32"), axis=-1)
-        window = None if self.sliding_window is None else (self.sliding_window - 1, 0)
-        return jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-            local_window_size=window, scale=1.0 / self.head_dim**0.5, implementation="cudnn",
+    def _local_attention(self, weights, x, padding_mask):
+        """Causal attention over `x` alone (training, scoring)."""
+        q, k, v = self._local_qkv(weights, x, jnp.arange(x.shape[1]))
+        if ops.fused_applies(q):
+            lengths = None if padding_mask is None else jnp.sum(padding_mask.astype("int32"), axis=-1)
+            out = ops.fused_attention(q, k, v, lengths, self.sliding_window)
+        else:
+            positions = jnp.arange(x.shape[1])
+            mask = ops.causal_mask(positions, positions, self.sliding_window)[None]
+            if padding_mask is not None:
+                mask = mask & padding_mask[:, None, :].astype(bool)
+            out = ops.dense_attention(q, k, v, mask)
+        return self.output_dense.local_apply(weights[3], out)
+
+    def _local_prefill(self, weights, x, lengths, cache):
+        """Causal attention over prompts at positions 0..seq-1 (right padded to
+        `lengths`), writing their keys and values into the cache. Memory
+        stays linear in the prompt: flash attention on GPUs, blocks elsewhere."""
+        q, k, v = self._local_qkv(weights, x, jnp.arange(x.shape[1]))
+        to_cache = lambda c, new: jax.lax.dynamic_update_slice_in_dim(
+            c, jnp.swapaxes(new, 1, 2).astype(c.dtype), 0, axis=2
         )
+        cache = (to_cache(cache[0], k), to_cache(cache[1], v))
+        if ops.fused_applies(q):
+            out = ops.fused_attention(q, k, v, lengths, self.sliding_window)
+        else:
+            out = ops.blockwise_attention(q, k, v, self.sliding_window)
+        return self.output_dense.local_apply(weights[3], out), cache
 
-    def _attend(self, q, k, v, mask):
-        b, s, h, d = q.shape
-        kv = k.shape[2]
-        q = q.reshape(b, s, kv, h // kv, d)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k).astype("float32")
-        scores = scores * (1.0 / d**0.5)
-        scores = jnp.where(mask[:, None, None], scores, _MASKED)
-        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
-        return out.reshape(b, s, h, d)
+    def _local_decode(self, weights, x, positions, cache):
+        """One new token per row at its own position: write its key and value
+        into the cache, then attend to the row's keys up to it."""
+        q, k, v = self._local_qkv(weights, x, positions[:, None])
+        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=1))
+        to_cache = lambda c, new: write(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), positions)
+        cache = (to_cache(cache[0], k), to_cache(cache[1], v))
+        out = ops.decode_attention(q[:, 0], cache[0], cache[1], positions + 1, self.sliding_window)
+        return self.output_dense.local_apply(weights[3], out[:, None]), cache
 
-    def call(self, x, padding_mask=None, cache=None, cache_update_index=None):
+    def call(self, x, padding_mask=None, cache=None, positions=None):
+        """Without a cache: attention over `x`. With `cache` (keys, values),
+        returns (output, new cache): with `positions` (batch,), `x` is one
+        new token per row at those positions (a decode step); without, `x`
+        holds prompts from position 0, right padded as `padding_mask` says
+        (the prefill)."""
         weights, w_layouts = zip(*(p.weights_and_layouts() for p in self._projections()))
+        w_layouts = tuple(w_layouts)
         x_layout = (B, None, None)
-        args = [weights, x]
-        layouts = [tuple(w_layouts), x_layout]
-        if padding_mask is not None:
-            args.append(padding_mask)
-            layouts.append((B, None))
-        if cache is not None:
-            args += [cache, jnp.asarray(cache_update_index, "int32")]
-            layouts += [self.cache_layout, ()]
-        has_mask = padding_mask is not None
-
-        def local(weights, x, *rest):
-            mask = rest[0] if has_mask else None
-            rest = rest[1:] if has_mask else rest
-            cache, start = rest if rest else (None, 0)
-            return self._local_attention(weights, x, mask, cache, start)
-
-        out_layout = x_layout if cache is None else (x_layout, self.cache_layout)
-        return self.run_sharded(local, tuple(layouts), out_layout, *args, key=("attention", has_mask))
+        if cache is None:
+            has_mask = padding_mask is not None
+            args, layouts = (weights, x), (w_layouts, x_layout)
+            if has_mask:
+                args, layouts = args + (padding_mask,), layouts + ((B, None),)
+            local = lambda w, x, mask=None: self._local_attention(w, x, mask)
+            return self.run_sharded(local, layouts, x_layout, *args, key=("attention", has_mask))
+        cache_layouts = (self.cache_layout, self.cache_layout)
+        out_layout = (x_layout, cache_layouts)
+        if positions is None:
+            lengths = jnp.sum(padding_mask.astype("int32"), axis=-1)
+            return self.run_sharded(
+                self._local_prefill, (w_layouts, x_layout, (B,), cache_layouts), out_layout,
+                weights, x, lengths, tuple(cache),
+            )
+        return self.run_sharded(
+            self._local_decode, (w_layouts, x_layout, (B,), cache_layouts), out_layout,
+            weights, x, jnp.asarray(positions, "int32"), tuple(cache),
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.hidden_dim,)

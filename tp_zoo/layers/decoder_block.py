@@ -37,13 +37,14 @@ class DecoderBlock(ShardedLayer):
         for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
             layer.build(input_shape)
 
-    def call(self, x, padding_mask=None, cache=None, cache_update_index=None):
+    def call(self, x, padding_mask=None, cache=None, positions=None):
+        """As `ParallelAttention.call`: with a cache, returns (output, new cache)."""
         new_cache = None
         attention_in = self.attention_norm(x) if self.pre_norm else x
         if cache is None:
             h = self.attention(attention_in, padding_mask=padding_mask)
         else:
-            h, new_cache = self.attention(attention_in, cache=cache, cache_update_index=cache_update_index)
+            h, new_cache = self.attention(attention_in, padding_mask=padding_mask, cache=cache, positions=positions)
         h = x + h
         if not self.pre_norm:
             h = self.attention_norm(h)

@@ -66,9 +66,12 @@ class PositionEmbedding(ShardedLayer):
             "embeddings", (self.sequence_length, self.output_dim), (None, None), self.initializer
         )
 
-    def call(self, x, start_index=0):
-        """Embeddings of positions start_index, ..., start_index + seq - 1 of `x` (batch, seq, ...)."""
-        return jax.lax.dynamic_slice_in_dim(self.embeddings.value, start_index, x.shape[1], axis=0)[None]
+    def call(self, x, positions=None):
+        """Embeddings of `positions` ((batch, seq) ints; default 0..seq-1) for
+        `x` (batch, seq, ...); positions past the table take its last row."""
+        if positions is None:
+            positions = jnp.arange(x.shape[1])[None]
+        return jnp.take(self.embeddings.value, positions, axis=0, mode="clip")
 
     def compute_output_shape(self, input_shape):
         return (1, input_shape[1], self.output_dim)

@@ -8,11 +8,9 @@ Hugging Face config (and their checkpoint layout, in `presets/`).
 import functools
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 import keras_hub
-from keras import ops
 
 from tp_zoo.layers import ColumnParallelDense
 from tp_zoo.layers import DecoderBlock
@@ -22,6 +20,7 @@ from tp_zoo.layers import VocabParallelEmbedding
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.decoder_block import make_norm
 from tp_zoo.losses import VocabParallelCrossEntropy
+from tp_zoo.models import generation
 
 
 class DecoderBackbone(keras_hub.models.Backbone):
@@ -174,13 +173,14 @@ class DecoderBackbone(keras_hub.models.Backbone):
             if getattr(layer, "lora_enabled", False):
                 layer.merge_lora()
 
-    def embed(self, token_ids, start_index=0):
-        """Token (and learned position) embeddings of ids starting at `start_index`."""
+    def embed(self, token_ids, positions=None):
+        """Token (and learned position) embeddings of ids at `positions`
+        ((batch, seq) ints; default 0..seq-1)."""
         x = self.token_embedding(token_ids)
         if self.project_in is not None:
             x = self.project_in(x)
         if self.position_embedding is not None:
-            x = x + self.position_embedding(x, start_index=start_index)
+            x = x + self.position_embedding(x, positions)
         return x
 
     def finish(self, x):
@@ -322,177 +322,9 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
     test_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.test_on_batch))
     predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
 
-    def call_with_cache(self, token_ids, cache, cache_update_index):
-        """Forward pass over `token_ids` placed at `cache_update_index`, updating the cache.
-
-        `cache` has shape (batch, num_layers, 2, max_length, kv heads, head_dim),
-        split over devices on the kv-heads dim. Returns (logits, hidden, cache).
-        """
-        backbone = self.backbone
-        x = backbone.embed(token_ids, start_index=cache_update_index)
-        caches = []
-        for i, block in enumerate(backbone.transformer_layers):
-            x, layer_cache = block(x, cache=cache[:, i], cache_update_index=cache_update_index)
-            caches.append(layer_cache)
-        hidden = backbone.finish(x)
-        return self.lm_head(hidden), hidden, jnp.stack(caches, axis=1)
-
-    def _build_cache(self, token_ids):
-        batch, length = token_ids.shape
-        attention = self.backbone.transformer_layers[0].attention
-        layer_cache = attention.empty_cache(batch, length)
-        cache = jnp.stack([layer_cache] * self.backbone.num_layers, axis=1)
-        _, hidden, cache = self.call_with_cache(token_ids, cache, 0)
-        return hidden, cache
-
-    def generate_step(self, inputs, stop_token_ids=None):
-        """One compiled program: prefill the cache, then sample to max_length.
-
-        `inputs` are right-padded {"token_ids", "padding_mask"} of shape
-        (batch, max_length); the sampler fills the positions the mask leaves
-        free, one token per step, each step reading and writing the sharded
-        KV cache in place.
-        """
-        token_ids, padding_mask = inputs["token_ids"], inputs["padding_mask"]
-        hidden, cache = self._build_cache(token_ids)
-        index = ops.min(ops.sum(ops.cast(padding_mask, "int32"), axis=-1))
-
-        def next(prompt, cache, index):
-            # The cache index is the index of the previous token.
-            token = ops.slice(prompt, [0, index - 1], [prompt.shape[0], 1])
-            logits, hidden, cache = self.call_with_cache(token, cache, index - 1)
-            return ops.squeeze(logits, axis=1), ops.squeeze(hidden, axis=1), cache
-
-        token_ids = self.sampler(
-            next=next,
-            prompt=token_ids,
-            cache=cache,
-            index=index,
-            mask=padding_mask,
-            stop_token_ids=stop_token_ids,
-            hidden_states=hidden,
-            model=self,
+    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
+        """Generates from prompts, sharded; see `tp_zoo.models.generation.generate`."""
+        return generation.generate(
+            self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
         )
-        if stop_token_ids is None:
-            return {"token_ids": token_ids, "padding_mask": ops.ones_like(token_ids, dtype="bool")}
-        # Everything after the first stop token a row generated is padding.
-        generated = ops.logical_not(ops.cast(padding_mask, "bool"))
-        is_stop = ops.any(ops.stack([token_ids == t for t in stop_token_ids]), axis=0)
-        ends = ops.cast(ops.logical_and(is_stop, generated), "int32")
-        after_end = ops.cumsum(ends, axis=-1) - ends
-        return {"token_ids": token_ids, "padding_mask": ops.logical_not(ops.cast(after_end, "bool"))}
-
-    # --- generate ------------------------------------------------------------
-    def generate(self, inputs, max_length=None, stop_token_ids="auto", strip_prompt=False):
-        """Generates from prompts, sharded, in one compiled program per
-        (batch, max_length).
-
-        Args:
-            inputs: a string or a list of strings (needs the checkpoint's
-                tokenizer), or a {"token_ids", "padding_mask"} batch of
-                right-padded ids.
-            max_length: total length (prompt + generated) of every row.
-                Defaults to the width of an id batch, or to the longest
-                prompt + 64 for strings (at most the model's positions).
-            stop_token_ids: "auto" (the checkpoint's EOS), None, or ids.
-            strip_prompt: return only the generated part.
-
-        Returns strings for string inputs, else {"token_ids", "padding_mask"}.
-        Sampling is set by `compile(sampler=...)` (any keras_hub sampler).
-        """
-        prompts, as_text, single = self._prompts(inputs)
-        limit = self.backbone.max_sequence_length
-        longest = max(len(p) for p in prompts)
-        if max_length is None:
-            max_length = inputs["token_ids"].shape[1] if not as_text else min(longest + 64, limit)
-        if max_length > limit:
-            raise ValueError(f"max_length={max_length} is beyond the model's {limit} positions.")
-        if longest >= max_length:
-            raise ValueError(
-                f"A prompt of {longest} tokens leaves no room to generate within "
-                f"max_length={max_length}."
-            )
-        token_ids = np.zeros((len(prompts), max_length), "int32")
-        padding_mask = np.zeros((len(prompts), max_length), "int32")
-        for row, prompt in enumerate(prompts):
-            token_ids[row, : len(prompt)] = prompt
-            padding_mask[row, : len(prompt)] = 1
-        if stop_token_ids == "auto":
-            stop_token_ids = self._stop_token_ids()
-        stop_token_ids = tuple(stop_token_ids) if stop_token_ids is not None else None
-        generate = self.make_generate_function()
-        out = generate({"token_ids": token_ids, "padding_mask": padding_mask}, stop_token_ids=stop_token_ids)
-        out_ids = np.asarray(out["token_ids"])
-        out_mask = np.asarray(out["padding_mask"]).astype(bool)
-        start = [len(p) if strip_prompt else 0 for p in prompts]
-        rows = [out_ids[r, start[r] :][out_mask[r, start[r] :]] for r in range(len(prompts))]
-        if as_text:
-            texts = [self.tokenizer.decode(row) for row in rows]
-            return texts[0] if single else texts
-        ids = np.zeros_like(out_ids)
-        mask = np.zeros_like(out_ids, dtype=bool)
-        for r, row in enumerate(rows):
-            ids[r, : len(row)] = row
-            mask[r, : len(row)] = True
-        return {"token_ids": ids, "padding_mask": mask}
-
-    def _prompts(self, inputs):
-        """(list of id lists, given as text?, a single string?) with checks."""
-        if isinstance(inputs, str):
-            inputs, single = [inputs], True
-        else:
-            single = False
-        if isinstance(inputs, dict):
-            if set(inputs) != {"token_ids", "padding_mask"}:
-                raise ValueError(
-                    f"An id batch needs exactly the keys 'token_ids' and 'padding_mask', got {sorted(inputs)}."
-                )
-            ids = np.asarray(inputs["token_ids"])
-            mask = np.asarray(inputs["padding_mask"]).astype(bool)
-            if ids.ndim != 2 or ids.shape != mask.shape:
-                raise ValueError(
-                    f"token_ids and padding_mask must both be (batch, length); got {ids.shape} and {mask.shape}."
-                )
-            prompts = []
-            for row, row_mask in zip(ids, mask):
-                length = int(row_mask.sum())
-                if not row_mask[:length].all():
-                    raise ValueError("padding_mask must mark each prompt's tokens first (right padding).")
-                prompts.append([int(t) for t in row[:length]])
-            self._check_ids(prompts)
-            return prompts, False, False
-        if not isinstance(inputs, (list, tuple)) or not inputs:
-            raise ValueError(
-                "generate() takes a string, a non-empty list of strings, or a "
-                f"{{'token_ids', 'padding_mask'}} batch; got {type(inputs).__name__}."
-            )
-        if not all(isinstance(x, str) for x in inputs):
-            raise ValueError(
-                "generate() got a list mixing strings and other values; pass either strings, "
-                "or ids as a {'token_ids', 'padding_mask'} batch."
-            )
-        if self.tokenizer is None:
-            raise ValueError(
-                "This checkpoint has no tokenizer files, so generate() needs ids: "
-                "pass a {'token_ids', 'padding_mask'} batch."
-            )
-        prompts = [self.tokenizer.encode(text) for text in inputs]
-        self._check_ids(prompts)
-        return prompts, True, single
-
-    def _check_ids(self, prompts):
-        vocab = self.backbone.vocab_size
-        for row, prompt in enumerate(prompts):
-            if not prompt:
-                raise ValueError(f"Prompt {row} is empty: give at least one token.")
-            bad = [t for t in prompt if not 0 <= t < vocab]
-            if bad:
-                raise ValueError(f"Prompt {row} has token ids outside the vocab [0, {vocab}): {bad[:5]}.")
-
-    def _stop_token_ids(self):
-        if self.tokenizer is not None and self.tokenizer.eos_ids:
-            return self.tokenizer.eos_ids
-        eos = getattr(self, "hf_config", {}).get("eos_token_id")
-        if eos is None:
-            return None
-        return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)

@@ -1,0 +1,148 @@
+"""The attention computations one device runs on its own heads.
+
+Shapes: queries (batch, seq, heads, head_dim); keys and values (batch, seq,
+kv_heads, head_dim), or in the KV cache (batch, kv_heads, length, head_dim),
+so that each row's head is one contiguous (length, head_dim) block a decode
+step reads in order. Query head i reads key/value head i // (heads /
+kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
+
+- `dense_attention`: the whole score matrix (training on CPU, short inputs).
+- `fused_attention`: cuDNN's flash attention (NVIDIA GPUs, 16-bit heads).
+- `blockwise_attention`: causal attention in query and key blocks with an
+  online softmax, in plain JAX: memory linear in the sequence (prefill off
+  cuDNN).
+- `decode_attention`: one new query per row against its cached keys, read
+  once; a Pallas kernel on NVIDIA GPUs (`decode_kernel`), XLA elsewhere.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from tp_zoo.layers import decode_kernel
+
+_MASKED = -1e30
+
+# Set to False to compare with the plain XLA attention (as a benchmark does).
+FUSED_ATTENTION = True
+
+
+def on_gpu():
+    return jax.devices()[0].platform == "gpu"
+
+
+def fused_applies(q):
+    """cuDNN flash attention: on NVIDIA GPUs, for 16-bit heads of up to 128."""
+    return (
+        FUSED_ATTENTION
+        and on_gpu()
+        and q.dtype in (jnp.bfloat16, jnp.float16)
+        and q.shape[-1] <= 128
+        and q.shape[-1] % 8 == 0
+    )
+
+
+def _grouped(q, kv_heads):
+    """(b, s, heads, d) -> (b, s, kv_heads, group, d)."""
+    b, s, h, d = q.shape
+    return q.reshape(b, s, kv_heads, h // kv_heads, d)
+
+
+def causal_mask(q_pos, k_pos, window):
+    """Key k_pos visible from query q_pos: not in the future, within the window."""
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= q_pos[:, None] - k_pos[None, :] < window
+    return mask
+
+
+def dense_attention(q, k, v, mask):
+    """Softmax attention with the whole (batch, heads, q, k) score matrix;
+    `mask` broadcasts to (batch, q, k)."""
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    scores = jnp.einsum("bskgd,btkd->bkgst", _grouped(q, kv), k, preferred_element_type=jnp.float32)
+    scores = jnp.where(mask[:, None, None], scores * (1.0 / d**0.5), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    return out.reshape(b, s, h, d)
+
+
+def fused_attention(q, k, v, lengths, window):
+    """cuDNN's fused (flash) attention: causal, right padding as sequence
+    lengths (or None), a sliding window as a local window."""
+    local_window = None if window is None else (window - 1, 0)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+        local_window_size=local_window, scale=1.0 / q.shape[-1] ** 0.5, implementation="cudnn",
+    )
+
+
+def blockwise_attention(q, k, v, window=None, block=512):
+    """Causal attention over q, k, v of the same positions 0..seq-1, one
+    block of queries at a time against the key blocks it can see, with an
+    online softmax: the largest temporary is one (block x block) score tile
+    per head, so memory grows linearly with the sequence."""
+    b, s, h, d = q.shape
+    kv = k.shape[2]
+    block = min(block, s)
+    n = -(-s // block)
+    pad = n * block - s
+    if pad:
+        widen = lambda x: jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0)))
+        q, k, v = widen(q), widen(k), widen(v)
+    qb = _grouped(q, kv).reshape(b, n, block, kv, h // kv, d)
+    kb = k.reshape(b, n, block, kv, d)
+    vb = v.reshape(b, n, block, kv, d)
+    scale = 1.0 / d**0.5
+    offsets = jnp.arange(block)
+
+    def query_block(i):
+        qi = qb[:, i]
+        q_pos = i * block + offsets
+
+        def key_block(j, carry):
+            acc, m, l = carry
+            scores = jnp.einsum("bskgd,btkd->bkgst", qi, kb[:, j], preferred_element_type=jnp.float32)
+            mask = causal_mask(q_pos, j * block + offsets, window)
+            scores = jnp.where(mask, scores * scale, _MASKED)
+            m_new = jnp.maximum(m, scores.max(axis=-1))
+            correction = jnp.exp(m - m_new)
+            p = jnp.exp(scores - m_new[..., None])
+            l = l * correction + p.sum(axis=-1)
+            pv = jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), vb[:, j], preferred_element_type=jnp.float32)
+            return acc * correction[..., None] + pv, m_new, l
+
+        # Made from qi so that the loop's carry varies over devices as qi does.
+        acc = jnp.moveaxis(jnp.zeros_like(qi, jnp.float32), 1, 3)  # (b, kv, g, block, d)
+        init = (acc, acc[..., 0] + _MASKED, acc[..., 0])
+        first = 0 if window is None else jnp.maximum(0, (i * block - window + 1) // block)
+        acc, _, l = jax.lax.fori_loop(first, i + 1, key_block, init)
+        out = acc / l[..., None]  # (b, kv, g, block, d)
+        return jnp.moveaxis(out, 3, 1).reshape(b, block, h, d).astype(q.dtype)
+
+    out = jax.lax.map(query_block, jnp.arange(n))  # (n, b, block, h, d)
+    return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :s]
+
+
+def decode_attention(q, k_cache, v_cache, lengths, window=None):
+    """One query per row against keys [start, length) of its cache.
+
+    q: (batch, heads, head_dim); k_cache, v_cache: (batch, kv_heads, length,
+    head_dim); lengths: (batch,) keys each row has (its new token's position
+    + 1). With a window, a row sees only its last `window` keys.
+    """
+    starts = None if window is None else jnp.maximum(lengths - window, 0)
+    if decode_kernel.applies(q, k_cache):
+        return decode_kernel.decode_attention(q, k_cache, v_cache, lengths, starts)
+    b, h, d = q.shape
+    kv, t = k_cache.shape[1], k_cache.shape[2]
+    qg = q.reshape(b, kv, h // kv, d)
+    scores = jnp.einsum("bkgd,bktd->bkgt", qg, k_cache, preferred_element_type=jnp.float32)
+    positions = jnp.arange(t)
+    valid = positions[None, :] < lengths[:, None]
+    if starts is not None:
+        valid &= positions[None, :] >= starts[:, None]
+    scores = jnp.where(valid[:, None, None], scores * (1.0 / d**0.5), _MASKED)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
+    out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    return out.reshape(b, h, d).astype(q.dtype)
