@@ -1,12 +1,18 @@
-"""Decode speed: tp_zoo at each tp against KerasHub's own single-device Llama.
+"""Generation across context lengths and batch sizes: tp_zoo beside KerasHub's
+own single-device Llama, each figure beside the memory-bandwidth floor.
 
-    python scripts/bench_decode.py --shape llama3_8b --tp 1 2 --batch 1 16
+    python scripts/bench_decode.py --shape llama3_8b --tp 1 [--only per-token|whole-call]
 
-Both models get the same shapes and random weights (built directly on the
-devices, sharded for tp_zoo), the same greedy sampler and the same compiled
-KerasHub generate loop. Per-token time = (t(prompt + 128 new) - t(prompt +
-1 new)) / 127, each the best of --repeats runs after a warm-up, so prefill
-and compilation cancel out. The table comes last.
+Both models get the same shapes and random weights and the greedy sampler.
+
+- per-token rows: ms per new token = (t(prompt + N new) - t(prompt + 1 new))
+  / (N - 1), each t the best of --repeats calls after a warm-up, so prefill
+  and compilation cancel out. Floor = (weight bytes + batch x (prompt + N) x
+  KV bytes per token) / --bandwidth, per device.
+- whole-call rows: seconds of one generate() call (best of --repeats), for
+  long prompts, a ragged batch and the prefill rate.
+
+The table comes last.
 """
 
 import argparse
@@ -17,63 +23,135 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import LlamaCausalLM  # noqa: E402
-from bench_common import header  # noqa: E402
-from bench_common import hf_config  # noqa: E402
 from bench_common import add_model_arguments  # noqa: E402
 from bench_common import each_model  # noqa: E402
+from bench_common import header  # noqa: E402
+from bench_common import hf_config  # noqa: E402
 from bench_common import jax  # noqa: E402
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tp_zoo.layers import attention_ops  # noqa: E402
+from tp_zoo.layers import decode_kernel  # noqa: E402
 
-def time_generate(lm, batch, prompt, new, repeats):
-    """Best wall time of lm.generate over `repeats` runs, after one warm-up."""
-    length = prompt + new
+# (batch, prompt, new tokens, also run KerasHub)
+PER_TOKEN = [
+    (1, 128, 128, True), (16, 128, 128, True), (16, 1024, 64, True), (16, 2048, 128, True),
+    (16, 4096, 64, False), (1, 4096, 64, False),
+]
+# (name, prompt lengths, new tokens per row)
+WHOLE_CALL = [
+    ("prefill 1 x 32768 (+1)", [32768], 1),
+    ("1 x 32768 +32", [32768], 32),
+    ("1 x 16384 +32", [16384], 32),
+    ("8 x 8192 +32", [8192] * 8, 32),
+    ("4000 alone +64", [4000], 64),
+    ("16 and 4000 +64", [16, 4000], 64),
+]
+TINY_SCALE = 16  # --shape tiny: contexts / 16, so a CPU smoke run is quick
+
+
+def batch_of(lengths, width):
     rs = np.random.RandomState(0)
-    ids = np.zeros((batch, length), "int32")
-    ids[:, :prompt] = rs.randint(3, 1000, (batch, prompt))
+    ids = np.zeros((len(lengths), width), "int32")
     mask = np.zeros_like(ids)
-    mask[:, :prompt] = 1
-    inputs = {"token_ids": ids, "padding_mask": mask}
-    generate = (lambda: lm.generate(inputs, stop_token_ids=None)) if not isinstance(lm, LlamaCausalLM) else (
-        lambda: lm.generate(inputs, max_length=length, stop_token_ids=None))
-    jax.block_until_ready(generate())
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rs.randint(3, 1000, length)
+        mask[row, :length] = 1
+    return {"token_ids": ids, "padding_mask": mask}
+
+
+def best_time(call, repeats):
+    jax.block_until_ready(call())
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(generate())
+        jax.block_until_ready(call())
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def per_token_ms(lm, batch, prompt, new, repeats):
-    t_long = time_generate(lm, batch, prompt, new, repeats)
-    t_one = time_generate(lm, batch, prompt, 1, repeats)
-    return 1000 * (t_long - t_one) / (new - 1)
+def generate_call(lm, lengths, new):
+    """A generate() of `new` tokens per row: tp_zoo's max_new_tokens, or
+    KerasHub's max_length (its rows all end at one length)."""
+    if isinstance(lm, LlamaCausalLM):
+        inputs = batch_of(lengths, max(lengths))
+        return lambda: lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
+    inputs = batch_of(lengths, max(lengths) + new)
+    return lambda: lm.generate(inputs, max_length=max(lengths) + new, stop_token_ids=None)
+
+
+def model_bytes(lm):
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in lm.weights)
+
+
+def kv_bytes_per_token(config, itemsize):
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * itemsize
+
+
+def copy_bandwidth():
+    """Bytes read + written per second by a device copy of 2 GiB."""
+    x = jnp.ones((2**28,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    seconds = best_time(lambda: copy(x), 5)
+    return 2 * x.nbytes / seconds
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16])
-    parser.add_argument("--prompt", type=int, default=128)
-    parser.add_argument("--new", type=int, default=128)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
+    parser.add_argument("--only", choices=["per-token", "whole-call"])
+    parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     args = parser.parse_args()
+    decode_kernel.ENABLED = not args.no_decode_kernel
     config = hf_config(args.shape)
-    rows = []
+    config["max_position_embeddings"] = 40960
+    scale = TINY_SCALE if args.shape == "tiny" else 1
+    itemsize = np.dtype(args.dtype).itemsize
+    measured_bw = copy_bandwidth()
+    print(f"copy bandwidth: {measured_bw / 1e12:.2f} TB/s", flush=True)
+    per_token, whole = [], []
     for name, tp, lm in each_model(config, args.tp, args.dtype, args.skip_keras_hub):
         lm.compile(sampler="greedy")
-        for batch in args.batch:
-            ms = per_token_ms(lm, batch, args.prompt, args.new, args.repeats)
-            rows.append((name, tp, batch, ms, batch * 1000 / ms))
-            print(f"{name} tp={tp} batch={batch}: {ms:.3f} ms/token", flush=True)
+        ours = isinstance(lm, LlamaCausalLM)
+        weights = model_bytes(lm) / tp
+        kv = kv_bytes_per_token(config, itemsize) / min(tp, config["num_key_value_heads"])
+        if args.only != "whole-call":
+            for batch, prompt, new, keras_hub_too in PER_TOKEN:
+                if not (ours or keras_hub_too):
+                    continue
+                prompt //= scale
+                t_long = best_time(generate_call(lm, [prompt] * batch, new), args.repeats)
+                t_one = best_time(generate_call(lm, [prompt] * batch, 1), args.repeats)
+                ms = 1000 * (t_long - t_one) / (new - 1)
+                floor = 1000 * (weights + batch * (prompt + new) * kv) / args.bandwidth
+                per_token.append((name, tp, batch, prompt, new, ms, floor))
+                print(f"{name} tp={tp} batch {batch} prompt {prompt} +{new}: {ms:.3f} ms/token "
+                      f"(floor {floor:.3f}, {ms / floor:.2f}x)", flush=True)
+        if args.only != "per-token" and ours:
+            for case, lengths, new in WHOLE_CALL:
+                lengths = [max(1, n // scale) for n in lengths]
+                seconds = best_time(generate_call(lm, lengths, new), args.repeats)
+                whole.append((name, tp, case, seconds, sum(lengths) / seconds))
+                print(f"{name} tp={tp} {case}: {seconds:.3f} s", flush=True)
+
+    where = f"shape {args.shape}, {args.dtype}, greedy, decode kernel {'on' if decode_kernel.ENABLED else 'off'}"
     print()
-    print(header(f"decode, shape {args.shape}, {args.dtype}, prompt {args.prompt}, {args.new} new tokens, greedy"))
-    print(f"{'model':<24}{'tp':>4}{'batch':>7}{'ms/token':>11}{'tokens/s':>11}")
-    for name, tp, batch, ms, tps in rows:
-        print(f"{name:<24}{tp:>4}{batch:>7}{ms:>11.3f}{tps:>11.1f}")
+    print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
+                 f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))
+    if per_token:
+        print(f"{'model':<24}{'tp':>4}{'batch':>7}{'prompt':>8}{'new':>6}{'ms/token':>11}{'floor':>9}{'ratio':>8}")
+        for name, tp, batch, prompt, new, ms, floor in per_token:
+            print(f"{name:<24}{tp:>4}{batch:>7}{prompt:>8}{new:>6}{ms:>11.3f}{floor:>9.3f}{ms / floor:>8.2f}")
+    if whole:
+        print(f"{'model':<24}{'tp':>4}  {'case':<26}{'seconds':>10}{'prompt tokens/s':>17}")
+        for name, tp, case, seconds, rate in whole:
+            print(f"{name:<24}{tp:>4}  {case:<26}{seconds:>10.3f}{rate:>17,.0f}")
 
 
 if __name__ == "__main__":
