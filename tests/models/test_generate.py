@@ -136,3 +136,161 @@ def test_bad_inputs_are_clear_errors(llama_dir, inputs, kwargs, match):
     lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
     with pytest.raises(ValueError, match=match):
         lm.generate(inputs, stop_token_ids=None, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def llama_with_reference(tmp_path_factory):
+    """(checkpoint dir, transformers model) of the GQA Llama."""
+    model = ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"])
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    path = tmp_path_factory.mktemp("llama_ragged")
+    ckpts.save(model, path)
+    return path, model
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_ragged_batch_steps_once_per_new_token(llama_with_reference, tp, monkeypatch):
+    """Prompts of 2 and 50 tokens, 9 new tokens each: each row equals
+    transformers' greedy run of that prompt alone, and the compiled loop runs
+    8 decode steps (the first token comes from the prefill), not 48 + 9."""
+    from tp_zoo.models import generation
+
+    path, model = llama_with_reference
+    prompts = [[7, 3], list(np.random.RandomState(3).randint(1, 100, 50))]
+    new = 9
+    steps = []
+    decode_step = generation.decode_step
+
+    def counted(lm, tokens, positions, caches):
+        jax.debug.callback(lambda: steps.append(1))
+        return decode_step(lm, tokens, positions, caches)
+
+    monkeypatch.setattr(generation, "decode_step", counted)
+    lm = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
+    lm.compile(sampler="greedy")
+    ids = np.zeros((2, 50), "int32")
+    mask = np.zeros_like(ids)
+    for row, prompt in enumerate(prompts):
+        ids[row, : len(prompt)] = prompt
+        mask[row, : len(prompt)] = 1
+    out = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=new, stop_token_ids=None,
+                      strip_prompt=True)
+    assert len(steps) == new - 1
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts):
+            expected = model.generate(torch.tensor([prompt]), max_new_tokens=new, do_sample=False,
+                                      attention_mask=torch.ones((1, len(prompt)), dtype=torch.long))
+            np.testing.assert_array_equal(out["token_ids"][row, :new], expected[0, len(prompt):].numpy())
+    assert out["padding_mask"].sum(axis=1).tolist() == [new, new]
+
+
+def test_decode_step_communication_at_tp2(llama_dir):
+    """The compiled decode step all-reduces twice per layer (attention and MLP
+    outputs) plus once for the embedding, and gathers nothing: the KV cache
+    and the logits stay split."""
+    from tp_zoo.models import generation
+
+    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    layer_count = lm.backbone.num_layers
+    caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
+    step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
+    hlo = step.lower(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches).compile().as_text()
+    all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
+    assert len(all_reduces) == 2 * layer_count + 1, "\n".join(all_reduces)
+    assert "all-gather" not in hlo
+
+
+LONG_WORKER = __import__("pathlib").Path(__file__).with_name("long_prompt_worker.py")
+
+
+def test_long_prompt_host_memory_stays_linear(tmp_path):
+    """2 rows x 12,000 tokens at tp=2 on the CPU devices: the whole process
+    peaks under 3 GiB (dense attention scores alone would be 2 x 4 heads x
+    12,000^2 x 4 bytes = 4.6 GB per layer)."""
+    import subprocess
+    import sys
+
+    model = ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"], max_position_embeddings=12288)
+    ckpts.save(model, tmp_path)
+    result = subprocess.run([sys.executable, str(LONG_WORKER), str(tmp_path), "12000", "4"],
+                            capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "PYTHONPATH": str(LONG_WORKER.parents[2])})
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if " " in line)
+    ids = [int(t) for t in lines["ids"].split()]
+    assert len(ids) == 8 and all(0 <= t < 100 for t in ids)
+    peak = int(lines["peak_bytes"])
+    print(f"\n2 x 12,000-token prompts at tp=2: peak host memory {peak / 2**30:.2f} GiB")
+    assert peak < 3 * 2**30
+
+
+def test_batch_too_large_for_device_memory_is_a_clear_error(llama_dir, monkeypatch):
+    from tp_zoo.models import generation
+
+    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    lm.compile(sampler="greedy")
+    monkeypatch.setattr(generation, "_free_device_bytes", lambda lm: 1000)
+    with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"needs about [\d.]+ GiB per device .* is free"):
+        lm.generate(_batch(40), stop_token_ids=None)
+
+
+def test_out_of_memory_in_xla_becomes_the_same_error(llama_dir, monkeypatch):
+    from tp_zoo.models import generation
+
+    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+    lm.compile(sampler="greedy")
+
+    def exhausted(lm):
+        def program(*args, **kwargs):
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
+        return program
+
+    monkeypatch.setattr(generation, "_program", exhausted)
+    with pytest.raises(tp_zoo.errors.DeviceMemoryError, match="needs about"):
+        lm.generate(_batch(40), stop_token_ids=None)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"max_new_tokens": 0}, "max_new_tokens must be a positive integer"),
+        ({"max_new_tokens": 60}, r"A prompt of 7 tokens \+ max_new_tokens=60 is beyond the model's 64"),
+        ({"max_new_tokens": 4, "max_length": 20}, "not both"),
+    ],
+)
+def test_bad_lengths_are_clear_errors(llama_dir, kwargs, match):
+    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+    lm.compile(sampler="greedy")
+    with pytest.raises(ValueError, match=match):
+        lm.generate(_batch(20), stop_token_ids=None, **kwargs)
+
+
+def test_a_prompt_as_long_as_the_positions_is_refused(llama_dir):
+    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+    ids = np.ones((1, 64), "int32")
+    with pytest.raises(ValueError, match="A prompt of 64 tokens leaves no room"):
+        lm.generate({"token_ids": ids, "padding_mask": ids}, stop_token_ids=None)
+
+
+def test_whole_sequence_samplers_are_refused(llama_dir):
+    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+    lm.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=2))
+    with pytest.raises(ValueError, match="BeamSampler searches over whole sequences"):
+        lm.generate(_batch(20), stop_token_ids=None)
+
+
+def test_decode_step_updates_the_cache_in_place(llama_dir):
+    """Compiled with the caches donated, every cache buffer is aliased to its
+    output (written in place) and the step's temporaries are well under the
+    caches' size: no copy of a layer's cache, let alone of all of them."""
+    from tp_zoo.models import generation
+
+    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    caches = [block.attention.empty_cache(3, 4096) for block in lm.backbone.transformer_layers]
+    per_device = sum(x.addressable_shards[0].data.nbytes for cache in caches for x in cache)
+    step = jax.jit(lambda t, p, c: generation.decode_step(lm, t, p, c), donate_argnums=(2,))
+    memory = step.lower(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches).compile()
+    memory = memory.memory_analysis()
+    assert memory.alias_size_in_bytes == per_device
+    assert memory.temp_size_in_bytes < per_device / 2, (memory.temp_size_in_bytes, per_device)
