@@ -46,7 +46,7 @@ def _generate(args):
     console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
     lm.compile(sampler=_sampler(args))
     start = time.perf_counter()
-    text = lm.generate(args.prompt, max_length=args.max_length)
+    text = lm.generate(args.prompt, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
     seconds = time.perf_counter() - start
     prompt_tokens = len(lm.tokenizer.encode(args.prompt))
     new_tokens = max(0, len(lm.tokenizer.encode(text)) - prompt_tokens)
@@ -106,6 +106,7 @@ def main(argv=None):
     gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
+    gen.add_argument("--max-new-tokens", type=int, default=None, help="new tokens (default 64)")
     gen.add_argument("--top-k", type=int, default=None)
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--temperature", type=float, default=None)

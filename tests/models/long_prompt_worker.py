@@ -1,12 +1,12 @@
 """Run by test_generate in a fresh process: load CHECKPOINT at tp=2, generate
 from 2 rows of PROMPT tokens, print the ids and the process's peak resident
-memory in bytes (ru_maxrss, imports included).
+memory in bytes (VmHWM, imports included; not ru_maxrss, which after exec
+still holds the forking parent's size).
 
     python long_prompt_worker.py CHECKPOINT PROMPT NEW
 """
 
 import os
-import resource
 import sys
 
 os.environ["KERAS_BACKEND"] = "jax"
@@ -26,7 +26,9 @@ def main(checkpoint, prompt, new):
     out = lm.generate({"token_ids": ids, "padding_mask": np.ones_like(ids)}, max_new_tokens=new,
                       stop_token_ids=None, strip_prompt=True)
     print("ids", " ".join(map(str, out["token_ids"][:, :new].ravel())))
-    print("peak_bytes", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    with open("/proc/self/status") as status:
+        peak_kib = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
+    print("peak_bytes", peak_kib * 1024)
 
 
 if __name__ == "__main__":
