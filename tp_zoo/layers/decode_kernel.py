@@ -25,6 +25,7 @@ BLOCK = 64
 _MIN_ROWS = 16
 # Enough programs to fill an H100/H200 (132 SMs) about twice over.
 _TARGET_PROGRAMS = 264
+_NUM_WARPS = 4
 _MASKED = -1e30
 
 # Set to False to compare with the XLA decode attention (as a benchmark does).
@@ -81,7 +82,6 @@ def _kernel(lengths_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
     l_ref[...] = l
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
 def decode_attention(q, k_cache, v_cache, lengths, starts=None, interpret=False):
     """q: (batch, heads, head_dim); caches (batch, kv_heads, length, head_dim);
     lengths, starts: (batch,) int, keys [start, length) are visible."""
@@ -121,7 +121,7 @@ def decode_attention(q, k_cache, v_cache, lengths, starts=None, interpret=False)
             pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
         ],
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=2),
         interpret=interpret,
         name="tp_zoo_decode_attention",
     )(lengths, starts, qg, k_cache, v_cache)
