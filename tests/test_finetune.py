@@ -10,7 +10,7 @@ import pytest
 import tp_zoo
 from tests.helpers import assert_close
 from tp_zoo import demo
-from tp_zoo.checkpoint.training_state import CheckpointMismatchError
+from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.checkpoint.training_state import latest_checkpoint
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.finetune import finetune
@@ -42,6 +42,19 @@ import tp_zoo, json
 from tp_zoo.finetune import finetune
 from tp_zoo.models.llama import LlamaBackbone
 from tp_zoo.models.llama import LlamaCausalLM
+if len(sys.argv) > 5:  # die (SIGKILL) after the first piece of this step's save is written
+    from tp_zoo.checkpoint import training_state
+    write = training_state._write_safetensors
+
+    def dying_write(path, tensors):
+        def first_then_die():
+            for i, item in enumerate(tensors):
+                if i == 1 and f"step_{int(sys.argv[5]):08d}" in str(path):
+                    os.kill(os.getpid(), 9)
+                yield item
+        return write(path, first_then_die())
+
+    training_state._write_safetensors = dying_write
 lm = tp_zoo.from_preset(sys.argv[1], tp=int(sys.argv[4]), progress=False)
 losses = finetune(lm, sys.argv[2], steps=8, batch_size=4, seq_len=16, lr=3e-3, save_every=2, out=sys.argv[3], progress=False)
 print(json.dumps(losses))
@@ -50,11 +63,11 @@ print(json.dumps(losses))
 
 def _run(checkpoint, out, tp, kill_at=None):
     env = {**os.environ, "KERAS_BACKEND": "jax"}
-    env.pop("TP_ZOO_TEST_KILL_DURING_SAVE", None)
+    args = [str(checkpoint / "model"), str(checkpoint / "data.txt"), str(out), str(tp)]
     if kill_at is not None:
-        env["TP_ZOO_TEST_KILL_DURING_SAVE"] = str(kill_at)
+        args.append(str(kill_at))
     return subprocess.run(
-        [sys.executable, "-c", _RUN, str(checkpoint / "model"), str(checkpoint / "data.txt"), str(out), str(tp)],
+        [sys.executable, "-c", _RUN, *args],
         env=env, capture_output=True, text=True, timeout=600,
     )
 

@@ -58,7 +58,7 @@ def test_interrupted_export_leaves_no_file(gpt2_dir, tmp_path, monkeypatch):
 
 def test_slices_of_fused_qkv_head_split():
     """Heads 2..3 of the key part of a GPT-2 c_attn weight (in=8, 3 x 4 heads x 2)."""
-    entry = LayoutEntry({"variable": "k", "tensor": "t", "transform": "conv1d_to_heads", "split": 1, "part": [1, 1, 3]})
+    entry = LayoutEntry({"variable": "k", "tensor": "t", "transform": "conv1d_to_heads", "part": [1, 1, 3]})
     variable_shape = (8, 4, 2)
     assert entry.tensor_shape(variable_shape) == (8, 24)
     slices, block = entry.tensor_slices((8, 24), variable_shape, [None, (2, 4), None])
@@ -66,14 +66,11 @@ def test_slices_of_fused_qkv_head_split():
     assert block == (8, 4)
 
 
-def test_slices_of_transposed_row_parallel_and_offset():
-    entry = LayoutEntry({"variable": "o", "tensor": "t", "transform": "heads_to_linear", "split": 0})
+def test_slices_of_transposed_row_parallel():
+    entry = LayoutEntry({"variable": "o", "tensor": "t", "transform": "heads_to_linear"})
     # torch Linear (out=6, heads*hd=4*2) -> variable (4, 2, 6); device holds heads 1..2.
     slices, block = entry.tensor_slices((6, 8), (4, 2, 6), [(1, 2), None, None])
     assert slices == (slice(0, 6), slice(2, 4)) and block == (2, 6)
-    positions = LayoutEntry({"variable": "p", "tensor": "t", "row_offset": 2})
-    assert positions.tensor_shape((16, 4)) == (18, 4)
-    assert positions.tensor_slices((18, 4), (16, 4), [None, None])[0] == (slice(2, 18), slice(0, 4))
 
 
 def test_rope_settings_read_old_and_new_config_keys():

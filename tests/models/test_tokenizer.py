@@ -37,7 +37,7 @@ def bpe(tmp_path_factory):
 
 
 def test_tokenizer_json_matches_transformers(bpe):
-    ours = CheckpointTokenizer.from_directory(bpe, {"bos_token_id": 0, "eos_token_id": 1}, "llama")
+    ours = CheckpointTokenizer.from_directory(bpe, {"bos_token_id": 0, "eos_token_id": 1}, adds_bos=True)
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe / "tokenizer.json"))
     for text in TEXTS:
         ids = ours.encode(text)
@@ -52,7 +52,7 @@ def test_vocab_and_merges_match_transformers(bpe, tmp_path, family, bos):
     directory.mkdir()
     for name in ("vocab.json", "merges.txt"):
         (directory / name).write_bytes((bpe / name).read_bytes())
-    ours = CheckpointTokenizer.from_directory(directory, {"bos_token_id": 1, "eos_token_id": 1}, family)
+    ours = CheckpointTokenizer.from_directory(directory, {"bos_token_id": 1, "eos_token_id": 1}, adds_bos=bos)
     ref = transformers.GPT2TokenizerFast.from_pretrained(str(directory))
     for text in TEXTS:
         expected = ref(text)["input_ids"]
@@ -67,7 +67,7 @@ def test_tokenizer_config_decides_bos(bpe, tmp_path):
     for name in ("vocab.json", "merges.txt"):
         (directory / name).write_bytes((bpe / name).read_bytes())
     (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
-    ours = CheckpointTokenizer.from_directory(directory, {"bos_token_id": 1}, "opt")
+    ours = CheckpointTokenizer.from_directory(directory, {"bos_token_id": 1}, adds_bos=True)
     assert ours.encode("Four") == transformers.GPT2TokenizerFast.from_pretrained(str(directory))("Four")["input_ids"]
 
 
@@ -76,7 +76,7 @@ def test_sentencepiece_model(tmp_path):
         sentence_iterator=iter(demo_text().splitlines()), model_prefix=str(tmp_path / "tokenizer"),
         vocab_size=200, bos_id=1, eos_id=2, unk_id=0, pad_id=-1,
     )
-    ours = CheckpointTokenizer.from_directory(tmp_path, {"bos_token_id": 1, "eos_token_id": 2}, "llama")
+    ours = CheckpointTokenizer.from_directory(tmp_path, {"bos_token_id": 1, "eos_token_id": 2}, adds_bos=True)
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
     assert ours.encode(TEXTS[0]) == [1] + sp.encode(TEXTS[0])
     assert ours.decode(ours.encode(TEXTS[0])) == TEXTS[0]
@@ -84,4 +84,4 @@ def test_sentencepiece_model(tmp_path):
 
 
 def test_no_tokenizer_files(tmp_path):
-    assert CheckpointTokenizer.from_directory(tmp_path, {}, "llama") is None
+    assert CheckpointTokenizer.from_directory(tmp_path, {}, adds_bos=True) is None

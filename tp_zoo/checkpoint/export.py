@@ -17,7 +17,8 @@ import numpy as np
 
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.tensor_files import DTYPES
-from tp_zoo.models.hf_config import family_of
+from tp_zoo.layers.base import true_value
+from tp_zoo.models import family_of
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -34,7 +35,7 @@ def _to_tensor(entry, value):
 def hf_tensors(causal_lm):
     """Yields (tensor name, numpy array) in the Hugging Face layout, one at a time."""
     config = causal_lm.hf_config
-    layout = Layout(family_of(config))
+    layout = Layout(family_of(config).layout)
     fused = {}
     lora_layers = [l for l in causal_lm._flatten_layers() if getattr(l, "lora_enabled", False)]
     if any(np.any(np.asarray(l.lora_kernel_b.numpy())) for l in lora_layers):
@@ -49,12 +50,7 @@ def hf_tensors(causal_lm):
         entry, name = layout.find(variable.path)
         if entry is None:
             raise ValueError(f"The layout map has no entry for variable {variable.path}.")
-        value = np.asarray(variable.numpy())
-        if entry.vocab_axis is not None:
-            value = np.take(value, np.arange(config["vocab_size"]), axis=entry.vocab_axis)
-        tensor = _to_tensor(entry, value)
-        if entry.row_offset:
-            tensor = np.concatenate([np.zeros((entry.row_offset,) + tensor.shape[1:], tensor.dtype), tensor])
+        tensor = _to_tensor(entry, true_value(variable))
         if entry.part is None:
             yield name, tensor
             continue

@@ -8,9 +8,11 @@ from tp_zoo.checkpoint.loader import StreamingLoader
 from tp_zoo.checkpoint.source import checkpoint_directory
 from tp_zoo.checkpoint.source import open_tensors
 from tp_zoo.checkpoint.source import read_config
+from tp_zoo.errors import WrongFamilyError
 from tp_zoo.layers import weights_from
-from tp_zoo.models import causal_lm_class
-from tp_zoo.models.hf_config import family_of
+from tp_zoo.models import families
+from tp_zoo.models import family_of
+from tp_zoo.models.family import set_preset_loader
 from tp_zoo.models.tokenizer import CheckpointTokenizer
 
 
@@ -40,22 +42,37 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         the `keras.distribution.ModelParallel` it was built under (None for a
         single device), and its fit/predict/generate run under it.
     """
+    return _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress)
+
+
+def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True):
+    """from_preset, refusing a checkpoint whose family's classes are not
+    (subclasses of) `expected_class` (a CausalLM or Backbone class, or None)."""
     distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
     if tp * dp == 1 and devices is None:
         distribution = None  # one device: a plain single-device model
     directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
     config = read_config(directory)
     family = family_of(config)
+    cls = family.causal_lm
+    if expected_class is not None and not issubclass(cls, expected_class) and not issubclass(
+        cls.backbone_cls, expected_class
+    ):
+        raise WrongFamilyError(
+            f"{preset} is a {family.name} checkpoint (model_type={config.get('model_type')!r}); "
+            f"{expected_class.__name__} loads {_family_named(expected_class)} checkpoints. Use "
+            f"{cls.__name__}.from_preset or tp_zoo.from_preset."
+        )
     tensors = open_tensors(directory, allow_pickle=allow_pickle)
     try:
-        layout = Layout(family)
-        cls = causal_lm_class(config)
-        loader = StreamingLoader(tensors, layout, config["vocab_size"], progress=progress,
+        layout = Layout(family.layout)
+        loader = StreamingLoader(tensors, layout, progress=progress,
                                  description=f"loading {directory.name} (tp={tp})")
         scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
         with loader, scope, weights_from(loader):
             backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
-            causal_lm = cls(backbone=backbone, tokenizer=CheckpointTokenizer.from_directory(directory, config, family))
+            tokenizer = CheckpointTokenizer.from_directory(directory, config, family.adds_bos)
+            causal_lm = cls(backbone=backbone, tokenizer=tokenizer)
         loader.warn_unused()
     finally:
         tensors.close()
@@ -67,3 +84,13 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
     causal_lm.checkpoint_directory = directory
     causal_lm.hf_config = config
     return causal_lm
+
+
+def _family_named(expected_class):
+    for family in families():
+        if issubclass(family.causal_lm, expected_class) or issubclass(family.causal_lm.backbone_cls, expected_class):
+            return family.name
+    return "no"
+
+
+set_preset_loader(lambda preset, expected_class, **kwargs: _load(preset, expected_class, **kwargs))

@@ -4,12 +4,14 @@ A family's layout map (presets/layouts/<family>.json) lists entries of
     variable   Keras variable path ("{i}" stands for the layer number)
     tensor     checkpoint tensor name (same "{i}")
     transform  how the tensor's dims become the variable's (TRANSFORMS)
-    split      the variable dim split over the tensor-parallel devices, or null
     part       [axis, index, count]: the variable is block `index` of `count`
                equal blocks of the tensor along `axis` (fused q/k/v)
-    row_offset rows to skip at the start of the tensor (OPT positions)
-    vocab_axis the variable dim that is the vocab, padded up to a multiple of tp
     optional   the tensor may be absent (then the variable is not loaded from it)
+
+It says only where tensors go and how they are transformed: how a variable
+is split over the devices, or padded up to a multiple of tp, is the layer's
+to declare (`ShardedLayer.add_sharded_weight`), and the loader reads it from
+the variable being made.
 
 A transform is a transpose (or not) followed by a reshape of the tensor
 into the variable, where `groups` says which variable dims each tensor dim
@@ -51,10 +53,7 @@ class LayoutEntry:
         self.transform = spec.get("transform", "identity")
         if self.transform not in TRANSFORMS:
             raise ValueError(f"Layout entry for {self.variable}: unknown transform {self.transform!r}.")
-        self.split = spec.get("split")
         self.part = spec.get("part")
-        self.row_offset = spec.get("row_offset", 0)
-        self.vocab_axis = spec.get("vocab_axis")
         self.optional = spec.get("optional", False)
         self._pattern = re.compile("^" + re.escape(self.variable).replace(r"\{i\}", r"(?P<i>\d+)") + "$")
 
@@ -78,7 +77,6 @@ class LayoutEntry:
         shape = [math.prod(variable_shape[d] for d in g) for g in self.groups(len(variable_shape))]
         if self.transposed:
             shape = shape[::-1]
-        shape[0] += self.row_offset
         if self.part is not None:
             axis, _, count = self.part
             shape[axis] *= count
@@ -111,8 +109,6 @@ class LayoutEntry:
             if self.part is not None and self.part[0] == axis:
                 block = size // self.part[2]
                 lo, hi = self.part[1] * block, (self.part[1] + 1) * block
-            if axis == 0 and self.row_offset:
-                lo += self.row_offset
             if ranges[axis] is not None:
                 lo, hi = lo + ranges[axis][0], lo + ranges[axis][1]
             slices.append(slice(lo, hi))

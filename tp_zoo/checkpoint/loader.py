@@ -24,18 +24,15 @@ from rich.progress import TextColumn
 from rich.progress import TimeRemainingColumn
 from rich.progress import TransferSpeedColumn
 
-
-class CheckpointMismatchError(ValueError):
-    pass
+from tp_zoo.errors import CheckpointMismatchError
 
 
 class StreamingLoader:
     """The weight source for `weights_from`: layout map + tensor files -> shards."""
 
-    def __init__(self, tensors, layout, vocab_size, progress=True, description="loading"):
+    def __init__(self, tensors, layout, progress=True, description="loading"):
         self.tensors = tensors
         self.layout = layout
-        self.vocab_size = vocab_size
         self.used = set()
         self.bytes_read = 0
         self._progress = Progress(
@@ -60,7 +57,7 @@ class StreamingLoader:
         self._progress.stop()
 
     # --- the weights_from protocol ---------------------------------------------
-    def __call__(self, path, shape, dtype, sharding):
+    def __call__(self, path, shape, true_shape, dtype, sharding):
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -73,9 +70,6 @@ class StreamingLoader:
             raise CheckpointMismatchError(
                 f"Checkpoint tensor {tensor} (for variable {path}) is missing from the checkpoint."
             )
-        true_shape = list(shape)
-        if entry.vocab_axis is not None:
-            true_shape[entry.vocab_axis] = self.vocab_size
         expected = entry.tensor_shape(true_shape)
         found = self.tensors.shape(name)
         if tuple(found) != tuple(expected):
@@ -83,23 +77,11 @@ class StreamingLoader:
                 f"Checkpoint tensor {name} has shape {tuple(found)}, expected shape "
                 f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
             )
-        self._check_split(entry, path, sharding)
         value = self._place(entry, name, tuple(shape), true_shape, dtype, sharding)
         if name not in self.used:
             self.used.add(name)
             self._progress.advance(self._task, self.tensors.nbytes(name))
         return value
-
-    def _check_split(self, entry, path, sharding):
-        if sharding is None:
-            return
-        split = [d for d, axis in enumerate(sharding.spec) if axis is not None]
-        # A layer may keep a declared split whole (kv heads fewer than tp).
-        if split and split != [entry.split]:
-            raise CheckpointMismatchError(
-                f"The {self.layout.family} layout map splits {path} on dim {entry.split}, "
-                f"but the layer splits it on dim {split[0]}."
-            )
 
     def _place(self, entry, name, shape, true_shape, dtype, sharding):
         if sharding is None:

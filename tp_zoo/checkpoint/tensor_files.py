@@ -15,6 +15,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from tp_zoo.errors import CorruptCheckpointError
+
 DTYPES = {
     "F64": np.float64,
     "F32": np.float32,
@@ -29,10 +31,6 @@ DTYPES = {
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-
-
-class CorruptCheckpointError(ValueError):
-    pass
 
 
 class SafetensorsFile:

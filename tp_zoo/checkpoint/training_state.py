@@ -20,16 +20,11 @@ import numpy as np
 
 from tp_zoo.checkpoint.export import _write_safetensors
 from tp_zoo.checkpoint.tensor_files import SafetensorsFile
+from tp_zoo.errors import CheckpointMismatchError
 
 _NAME = re.compile(r"^step_(\d{8})$")
-# Fault injection for tests: die (SIGKILL) half-way through saving this step.
-_KILL_DURING_SAVE = "TP_ZOO_TEST_KILL_DURING_SAVE"
 # Vocab padding differs between tp values by less than this many rows.
 _MAX_PADDING = 64
-
-
-class CheckpointMismatchError(ValueError):
-    pass
 
 
 def _state(causal_lm):
@@ -50,12 +45,15 @@ def _barrier(name):
 
 
 def save_training_state(causal_lm, directory, step, keep=2):
-    """Saves to directory/step_{step:08d}; returns that path.
+    """Saves to directory/step_{step:08d}; returns that path. The `keep`
+    newest checkpoints stay (None: all), older ones are deleted.
 
     With several processes (sharing `directory`), each writes its own
     shard-N.safetensors and pieces-N.json; process 0 writes the manifest and
     renames the folder once all have finished.
     """
+    if keep is not None and (not isinstance(keep, int) or keep < 1):
+        raise ValueError(f"keep must be a positive number of checkpoints or None (all), got {keep!r}.")
     directory = Path(directory)
     final = directory / f"step_{step:08d}"
     tmp = directory / f".step_{step:08d}.tmp"
@@ -75,15 +73,8 @@ def save_training_state(causal_lm, directory, step, keep=2):
                 continue
             index = [list(s.indices(n)[:2]) for s, n in zip(shard.index, value.shape)]
             pieces.append((f"{key}@{'_'.join(f'{a}-{b}' for a, b in index)}", shard, key, index))
-    kill = os.environ.get(_KILL_DURING_SAVE) == str(step)
-
-    def tensors():
-        for i, (name, shard, _, _) in enumerate(pieces):
-            if kill and i == len(pieces) // 2:
-                os.kill(os.getpid(), 9)
-            yield name, np.asarray(shard.data)
-
-    _write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors())
+    tensors = ((name, np.asarray(shard.data)) for name, shard, _, _ in pieces)
+    _write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors)
     mine = {name: {"key": key, "index": index, "file": f"shard-{process:05d}.safetensors"}
             for name, _, key, index in pieces}
     (tmp / f"pieces-{process:05d}.json").write_text(json.dumps(mine))
@@ -97,7 +88,8 @@ def save_training_state(causal_lm, directory, step, keep=2):
         with open(tmp / "manifest.json", "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        for old in sorted(p for p in directory.iterdir() if _NAME.match(p.name))[:-keep]:
+        done = sorted(p for p in directory.iterdir() if _NAME.match(p.name))
+        for old in done[: -keep if keep else 0]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier(f"tp_zoo save {step} done")
     return final

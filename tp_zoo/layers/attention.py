@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from tp_zoo import parallel
+from tp_zoo.errors import ShardingError
 from tp_zoo.layers import attention_ops as ops
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import valid_tp_values
@@ -32,7 +33,7 @@ def _check_heads(name, num_heads, num_kv_heads, tp):
             f"{name}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}."
         )
     if not works(tp):
-        raise ValueError(
+        raise ShardingError(
             f"{name}: {num_heads} query heads and {num_kv_heads} key/value heads "
             f"cannot be split over tp={tp}. tp values that would work: "
             f"{[t for t in valid_tp_values(num_heads) if works(t)]}."

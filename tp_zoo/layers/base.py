@@ -4,9 +4,11 @@ import contextlib
 import contextvars
 
 import keras
+import numpy as np
 from keras.src.backend.common.name_scope import current_path
 
 from tp_zoo import parallel
+from tp_zoo.errors import ShardingError
 
 _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 
@@ -15,9 +17,11 @@ _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 def weights_from(source):
     """Variables made in this scope take their values from `source`.
 
-    `source(path, shape, dtype, sharding)` returns the variable's value as a
-    global array already placed on the devices (`sharding` is None when no
-    mesh is active), or None to fall back to the layer's initializer. This
+    `source(path, shape, true_shape, dtype, sharding)` returns the variable's
+    value as a global array of `shape` already placed on the devices
+    (`sharding` is None when no mesh is active; `true_shape` is the part of
+    `shape` that is not tp padding), or None to fall back to the layer's
+    initializer. This
     is how checkpoints stream into shards: no variable is first filled at
     random and then overwritten.
     """
@@ -35,10 +39,48 @@ def valid_tp_values(*sizes):
 
 def check_divisible(layer_name, what, size, tp):
     if size % tp:
-        raise ValueError(
+        raise ShardingError(
             f"{layer_name}: {what} = {size} is not divisible by tp={tp}. "
             f"tp values that would work: {valid_tp_values(size)}."
         )
+
+
+def true_shape(variable):
+    """The shape a variable stands for: its own, less any padding up to a
+    multiple of tp (see `ShardedLayer.add_sharded_weight`)."""
+    return getattr(variable, "_tp_zoo_true_shape", tuple(variable.shape))
+
+
+def true_value(variable):
+    """The variable's value as a numpy array, padding cut off."""
+    return np.asarray(variable.numpy())[tuple(slice(0, n) for n in true_shape(variable))]
+
+
+def padded_value(variable, value):
+    """`value` (of the variable's true shape) padded with zeros to its shape."""
+    value = np.asarray(value)
+    wanted = true_shape(variable)
+    if value.shape != wanted:
+        raise ValueError(f"{variable.path} takes a value of shape {wanted}; got one of shape {value.shape}.")
+    padding = [(0, n - t) for n, t in zip(variable.shape, wanted)]
+    return np.pad(value, padding) if any(p for _, p in padding) else value
+
+
+def get_weights(variables):
+    """Keras' get_weights, with every variable at its true shape (so the same
+    at every tp)."""
+    return [true_value(v) for v in variables]
+
+
+def set_weights(variables, values):
+    """Keras' set_weights from true-shape values; a wrong count or shape names
+    the variable and both shapes."""
+    values = list(values)
+    if len(values) != len(variables):
+        raise ValueError(f"Expected {len(variables)} weight arrays, got {len(values)}.")
+    padded = [padded_value(v, w) for v, w in zip(variables, values)]  # check all before assigning any
+    for variable, value in zip(variables, padded):
+        variable.assign(value)
 
 
 class ShardedLayer(keras.layers.Layer):
@@ -57,13 +99,18 @@ class ShardedLayer(keras.layers.Layer):
     def tp(self):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
-    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True):
+    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, true_shape=None):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
-        tensor-parallel devices) or None (whole on every device).
+        tensor-parallel devices) or None (whole on every device). Where
+        `shape` pads a dim up to a multiple of tp (a vocab that tp does not
+        divide), `true_shape` is the shape the variable stands for: the
+        checkpoint source, get_weights/set_weights, saving and export see
+        only that part.
         """
         shape = tuple(int(s) for s in shape)
+        true_shape = shape if true_shape is None else tuple(int(s) for s in true_shape)
         dtype = self.variable_dtype
         keras_layout = sharding = None
         if self.mesh_info is not None:
@@ -73,8 +120,8 @@ class ShardedLayer(keras.layers.Layer):
             value = None
             source = _weight_source.get()
             if source is not None:
-                value = source(f"{current_path()}/{name}", shape, dtype, sharding)
-            return keras.Variable(
+                value = source(f"{current_path()}/{name}", shape, true_shape, dtype, sharding)
+            variable = keras.Variable(
                 initializer=keras.initializers.get(initializer)
                 if value is None
                 else value,
@@ -84,6 +131,28 @@ class ShardedLayer(keras.layers.Layer):
                 name=name,
                 layout=keras_layout,
             )
+        variable._tp_zoo_true_shape = true_shape
+        return variable
+
+    # --- weights at their true shapes, whatever the tp ------------------------
+    def get_weights(self):
+        return get_weights(self.weights)
+
+    def set_weights(self, weights):
+        set_weights(self.weights, weights)
+
+    def _own_variables(self):
+        return self._trainable_variables + self._non_trainable_variables
+
+    def save_own_variables(self, store):
+        for i, variable in enumerate(self._own_variables()):
+            store[str(i)] = true_value(variable)
+
+    def load_own_variables(self, store):
+        own = self._own_variables()
+        if len(store.keys()) != len(own):
+            raise ValueError(f"{self.name}: the saved file has {len(store.keys())} variables, the layer {len(own)}.")
+        set_weights(own, [store[str(i)] for i in range(len(own))])
 
     def run_sharded(self, fn, in_layouts, out_layouts, *args, key=None):
         """`parallel.run_sharded` over this layer's mesh; eager calls reuse one

@@ -13,7 +13,6 @@ looked up, their logits are cut off, and saving, `get_weights` and
 
 import jax.numpy as jnp
 import keras
-import numpy as np
 
 from tp_zoo import parallel
 from tp_zoo.layers.base import ShardedLayer
@@ -26,47 +25,7 @@ def _padded(size, tp):
     return -(-size // tp) * tp
 
 
-def _pad_rows(value, rows, axis):
-    value = np.asarray(value)
-    pad = [(0, 0)] * value.ndim
-    pad[axis] = (0, rows - value.shape[axis])
-    return np.pad(value, pad)
-
-
-class _PaddedVocabWeights:
-    """Hides the vocab padding of `self._vocab_variables` from saving and get/set."""
-
-    def _unpadded(self, variable):
-        value = np.asarray(variable.numpy())
-        if not any(variable is v for v in self._vocab_variables):
-            return value
-        axis = variable.shape.index(self.padded_vocab_size)
-        return np.take(value, np.arange(self.vocab_size), axis=axis)
-
-    def _padded_value(self, variable, value):
-        if not any(variable is v for v in self._vocab_variables):
-            return value
-        return _pad_rows(value, self.padded_vocab_size, variable.shape.index(self.padded_vocab_size))
-
-    def get_weights(self):
-        return [self._unpadded(v) for v in self.weights]
-
-    def set_weights(self, weights):
-        super().set_weights([self._padded_value(v, w) for v, w in zip(self.weights, weights)])
-
-    def _own_variables(self):
-        return self._trainable_variables + self._non_trainable_variables
-
-    def save_own_variables(self, store):
-        for i, v in enumerate(self._own_variables()):
-            store[str(i)] = self._unpadded(v)
-
-    def load_own_variables(self, store):
-        for i, v in enumerate(self._own_variables()):
-            v.assign(self._padded_value(v, store[str(i)]))
-
-
-class VocabParallelEmbedding(_PaddedVocabWeights, ShardedLayer):
+class VocabParallelEmbedding(ShardedLayer):
     """Token embedding with its table split on the vocab dim."""
 
     def __init__(self, input_dim, output_dim, embeddings_initializer="uniform", **kwargs):
@@ -83,8 +42,8 @@ class VocabParallelEmbedding(_PaddedVocabWeights, ShardedLayer):
             (self.padded_vocab_size, self.output_dim),
             (M, None),
             self.embeddings_initializer,
+            true_shape=(self.vocab_size, self.output_dim),
         )
-        self._vocab_variables = [self.embeddings]
 
     @staticmethod
     def local_lookup(table, ids):
@@ -117,7 +76,7 @@ class VocabParallelEmbedding(_PaddedVocabWeights, ShardedLayer):
         }
 
 
-class VocabParallelLMHead(_PaddedVocabWeights, ShardedLayer):
+class VocabParallelLMHead(ShardedLayer):
     """hidden -> logits over the vocab, split on the vocab dim.
 
     Tied: multiplies by the table of `tied_embedding` (a
@@ -147,15 +106,14 @@ class VocabParallelLMHead(_PaddedVocabWeights, ShardedLayer):
         if self.tied_embedding is not None:
             if not self.tied_embedding.built:
                 self.tied_embedding.build()
-            self._vocab_variables = [self.tied_embedding.embeddings]
         else:
             self.kernel = self.add_sharded_weight(
                 "kernel",
                 (input_shape[-1], self.padded_vocab_size),
                 (None, M),
                 self.kernel_initializer,
+                true_shape=(input_shape[-1], self.vocab_size),
             )
-            self._vocab_variables = [self.kernel]
 
     def _kernel(self):
         if self.tied_embedding is not None:

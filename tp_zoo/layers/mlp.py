@@ -10,6 +10,16 @@ from tp_zoo.layers.linear import RowParallelDense
 B = parallel.BATCH
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
+def gelu_tanh(x):
+    """GELU with the tanh approximation (GPT-2's "gelu_new")."""
+    return keras.activations.gelu(x, approximate=True)
+
+
+# Activation names a config may give beyond Keras' own.
+_ACTIVATIONS = {"gelu_tanh": gelu_tanh}
+
+
 class ParallelMLP(ShardedLayer):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) when `gated` (SwiGLU).
 
@@ -33,12 +43,11 @@ class ParallelMLP(ShardedLayer):
         self.activation = activation
         self.gated = gated
         common = dict(use_bias=use_bias, kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        act = _ACTIVATIONS.get(activation, activation)
         self.gate = None
         if gated:
-            self.gate = ColumnParallelDense(intermediate_dim, activation=activation, name="gate", **common)
-        self.up = ColumnParallelDense(
-            intermediate_dim, activation=None if gated else activation, name="up", **common
-        )
+            self.gate = ColumnParallelDense(intermediate_dim, activation=act, name="gate", **common)
+        self.up = ColumnParallelDense(intermediate_dim, activation=None if gated else act, name="up", **common)
         self.down = RowParallelDense(hidden_dim, name="down", **common)
 
     def _projections(self):

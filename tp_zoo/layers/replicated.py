@@ -11,7 +11,8 @@ from tp_zoo.layers.base import ShardedLayer
 
 
 class LayerNorm(ShardedLayer):
-    """Layer normalization over the last dim (variables `gamma`, `beta`)."""
+    """Layer normalization over the last dim (variables `gamma`, `beta`),
+    computed in float32 and returned in the input dtype."""
 
     def __init__(self, epsilon=1e-5, use_bias=True, **kwargs):
         super().__init__(**kwargs)
@@ -24,17 +25,23 @@ class LayerNorm(ShardedLayer):
         self.beta = self.add_sharded_weight("beta", dim, (None,), "zeros") if self.use_bias else None
 
     def call(self, x):
-        mean = jnp.mean(x, axis=-1, keepdims=True)
-        var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
-        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * self.gamma.value
-        return y + self.beta.value if self.use_bias else y
+        # In float32, rounded once at the end, as torch's layer_norm and Keras'
+        # LayerNormalization do: 16-bit statistics lose visible accuracy.
+        x32 = x.astype("float32")
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * self.gamma.value.astype("float32")
+        if self.use_bias:
+            y = y + self.beta.value.astype("float32")
+        return y.astype(x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon, "use_bias": self.use_bias}
 
 
 class RMSNorm(ShardedLayer):
-    """Root-mean-square normalization (variable `scale`), in float32 like Llama."""
+    """Root-mean-square normalization (variable `scale`), as Llama's: in
+    float32, cast back to the input dtype, then scaled (in that dtype)."""
 
     def __init__(self, epsilon=1e-6, **kwargs):
         super().__init__(**kwargs)
@@ -53,17 +60,20 @@ class RMSNorm(ShardedLayer):
 
 
 class PositionEmbedding(ShardedLayer):
-    """Learned absolute positions: a (sequence_length, dim) table (`embeddings`)."""
+    """Learned absolute positions: a (offset + sequence_length, dim) table
+    (`embeddings`) whose row offset + p is position p (OPT's table starts at
+    offset 2)."""
 
-    def __init__(self, sequence_length, output_dim, initializer="glorot_uniform", **kwargs):
+    def __init__(self, sequence_length, output_dim, offset=0, initializer="glorot_uniform", **kwargs):
         super().__init__(**kwargs)
         self.sequence_length = sequence_length
         self.output_dim = output_dim
+        self.offset = offset
         self.initializer = initializer
 
     def build(self, input_shape=None):
         self.embeddings = self.add_sharded_weight(
-            "embeddings", (self.sequence_length, self.output_dim), (None, None), self.initializer
+            "embeddings", (self.offset + self.sequence_length, self.output_dim), (None, None), self.initializer
         )
 
     def call(self, x, positions=None):
@@ -71,10 +81,16 @@ class PositionEmbedding(ShardedLayer):
         `x` (batch, seq, ...); positions past the table take its last row."""
         if positions is None:
             positions = jnp.arange(x.shape[1])[None]
-        return jnp.take(self.embeddings.value, positions, axis=0, mode="clip")
+        return jnp.take(self.embeddings.value, positions + self.offset, axis=0, mode="clip")
 
     def compute_output_shape(self, input_shape):
         return (1, input_shape[1], self.output_dim)
 
     def get_config(self):
-        return {**super().get_config(), "sequence_length": self.sequence_length, "output_dim": self.output_dim}
+        return {
+            **super().get_config(),
+            "sequence_length": self.sequence_length,
+            "output_dim": self.output_dim,
+            "offset": self.offset,
+            "initializer": self.initializer,
+        }

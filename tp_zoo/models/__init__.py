@@ -1,13 +1,25 @@
-"""Model families; each a backbone and a causal LM built from tp_zoo.layers."""
+"""Model families; each a backbone and a causal LM built from tp_zoo.layers.
 
-from tp_zoo.models.gpt2 import GPT2CausalLM
-from tp_zoo.models.hf_config import family_of
-from tp_zoo.models.llama import LlamaCausalLM
-from tp_zoo.models.opt import OPTCausalLM
+Every subpackage here is a family and registers itself (see `family.py`):
+adding one is a folder with its file, plus its presets data.
+"""
 
-CAUSAL_LMS = {"opt": OPTCausalLM, "gpt2": GPT2CausalLM, "llama": LlamaCausalLM}
+import importlib
+import pkgutil
 
+from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.backbone import DecoderConfig
+from tp_zoo.models.causal_lm import DecoderCausalLM
+from tp_zoo.models.family import families
+from tp_zoo.models.family import family_of
 
-def causal_lm_class(config):
-    """The CausalLM class of the family a Hugging Face config belongs to."""
-    return CAUSAL_LMS[family_of(config)]
+for _module in pkgutil.iter_modules(__path__):
+    if _module.ispkg:
+        importlib.import_module(f"{__name__}.{_module.name}")
+
+from tp_zoo.models.gpt2 import GPT2Backbone  # noqa: E402
+from tp_zoo.models.gpt2 import GPT2CausalLM  # noqa: E402
+from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
+from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
+from tp_zoo.models.opt import OPTBackbone  # noqa: E402
+from tp_zoo.models.opt import OPTCausalLM  # noqa: E402

@@ -1,34 +1,11 @@
 """Reading Hugging Face `config.json` files of every transformers generation."""
 
-FAMILIES = {
-    "opt": "opt",
-    "gpt2": "gpt2",
-    "llama": "llama",
-    "mistral": "llama",
-    "qwen2": "llama",
-}
-
-
-class UnsupportedConfigError(ValueError):
-    pass
-
+from tp_zoo.errors import UnsupportedConfigError
 
 def refuse(config, what):
     raise UnsupportedConfigError(
         f"{config.get('model_type', 'this')} checkpoint with {what} is not supported by tp_zoo."
     )
-
-
-def family_of(config):
-    model_type = config.get("model_type")
-    if model_type not in FAMILIES:
-        architectures = config.get("architectures") or ["unknown"]
-        raise UnsupportedConfigError(
-            f"Unsupported architecture: model_type={model_type!r} "
-            f"({', '.join(architectures)}). tp_zoo supports model types: "
-            f"{', '.join(sorted(FAMILIES))}."
-        )
-    return FAMILIES[model_type]
 
 
 def rope_settings(config):

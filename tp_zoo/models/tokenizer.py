@@ -5,14 +5,12 @@ pre-tokenizer and post-processor included, so Llama's BOS comes from the
 file); vocab.json + merges.txt become a byte-level BPE of the same library;
 tokenizer.model is read by `sentencepiece`. Whether a BOS token starts each
 prompt follows tokenizer_config.json's `add_bos_token` when present, else
-the family's convention (OPT starts with `</s>`, Llama with `<s>`, GPT-2
-with nothing).
+the family's convention (`Family.adds_bos`: OPT starts with `</s>`, Llama
+with `<s>`, GPT-2 with nothing).
 """
 
 import json
 from pathlib import Path
-
-_FAMILY_ADDS_BOS = {"opt": True, "gpt2": False, "llama": True}
 
 
 def _as_list(value):
@@ -61,15 +59,16 @@ class CheckpointTokenizer:
         )
 
     @classmethod
-    def from_directory(cls, directory, config, family):
-        """The tokenizer of a checkpoint directory, or None if it has none."""
+    def from_directory(cls, directory, config, adds_bos):
+        """The tokenizer of a checkpoint directory, or None if it has none;
+        `adds_bos`: the family's convention when tokenizer_config.json is silent."""
         directory = Path(directory)
         settings = {}
         if (directory / "tokenizer_config.json").exists():
             settings = json.loads((directory / "tokenizer_config.json").read_text())
         bos_id = config.get("bos_token_id")
         eos_ids = _as_list(config.get("eos_token_id"))
-        add_bos = settings.get("add_bos_token", _FAMILY_ADDS_BOS.get(family, False))
+        add_bos = settings.get("add_bos_token", adds_bos)
         if (directory / "tokenizer.json").exists():
             from tokenizers import Tokenizer
 

@@ -6,22 +6,19 @@ LM head tied to the token table. The checkpoint fuses q, k, v into one
 Conv1D (`c_attn`, stored input-major); the layout map splits it per head.
 """
 
-import functools
-
 import keras
 
-from tp_zoo.models.decoder import DecoderBackbone
-from tp_zoo.models.decoder import DecoderCausalLM
+from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.causal_lm import DecoderCausalLM
+from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
 
-_ACTIVATIONS = {
-    "gelu_new": functools.partial(keras.activations.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(keras.activations.gelu, approximate=True),
-    "gelu": functools.partial(keras.activations.gelu, approximate=False),
-    "relu": "relu",
-}
+# Hugging Face activation names -> tp_zoo's.
+_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
 
 
+
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class GPT2Backbone(DecoderBackbone):
     @classmethod
     def from_hf_config(cls, config, dtype=None):
@@ -51,5 +48,9 @@ class GPT2Backbone(DecoderBackbone):
         )
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class GPT2CausalLM(DecoderCausalLM):
     backbone_cls = GPT2Backbone
+
+
+FAMILY = Family(name="gpt2", model_types=("gpt2",), causal_lm=GPT2CausalLM, adds_bos=False, layout="gpt2").register()

@@ -7,12 +7,16 @@ Qwen2's on q/k/v, and an LM head tied or not. Mistral adds a sliding
 attention window.
 """
 
-from tp_zoo.models.decoder import DecoderBackbone
-from tp_zoo.models.decoder import DecoderCausalLM
+import keras
+
+from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.causal_lm import DecoderCausalLM
+from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
 from tp_zoo.models.hf_config import rope_settings
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class LlamaBackbone(DecoderBackbone):
     @classmethod
     def from_hf_config(cls, config, dtype=None):
@@ -48,5 +52,9 @@ class LlamaBackbone(DecoderBackbone):
         )
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class LlamaCausalLM(DecoderCausalLM):
     backbone_cls = LlamaBackbone
+
+
+FAMILY = Family(name="llama", model_types=("llama", "mistral", "qwen2"), causal_lm=LlamaCausalLM, adds_bos=True, layout="llama").register()

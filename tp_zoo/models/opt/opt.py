@@ -1,6 +1,6 @@
 """OPT (Zhang et al., 2022): a GPT-3-style decoder.
 
-Learned absolute positions (the checkpoint's table starts at offset 2),
+Learned absolute positions (the checkpoint's table starts at row 2),
 LayerNorm before each block, or after it in the post-norm variant
 (`do_layer_norm_before=False`, OPT-350m), a ReLU MLP, biases everywhere,
 and an LM head tied to the token table. When `word_embed_proj_dim` differs
@@ -8,11 +8,15 @@ from `hidden_size`, the tokens live in the narrower width and
 `project_in` / `project_out` bridge it.
 """
 
-from tp_zoo.models.decoder import DecoderBackbone
-from tp_zoo.models.decoder import DecoderCausalLM
+import keras
+
+from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.causal_lm import DecoderCausalLM
+from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class OPTBackbone(DecoderBackbone):
     @classmethod
     def from_hf_config(cls, config, dtype=None):
@@ -32,6 +36,7 @@ class OPTBackbone(DecoderBackbone):
             embedding_dim=config.get("word_embed_proj_dim") or hidden,
             max_sequence_length=config["max_position_embeddings"],
             learned_positions=True,
+            position_offset=2,  # OPT's position table starts at row 2
             norm="layer",
             norm_epsilon=1e-5,
             pre_norm=pre_norm,
@@ -45,5 +50,9 @@ class OPTBackbone(DecoderBackbone):
         )
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class OPTCausalLM(DecoderCausalLM):
     backbone_cls = OPTBackbone
+
+
+FAMILY = Family(name="opt", model_types=("opt",), causal_lm=OPTCausalLM, adds_bos=True, layout="opt").register()

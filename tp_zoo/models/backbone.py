@@ -1,0 +1,216 @@
+"""The decoder-only transformer every family is an instance of.
+
+A family says which norm, which positions, which MLP and which biases (a
+`DecoderConfig`); the shared layers do the rest.
+"""
+
+import dataclasses
+
+import keras
+import keras_hub
+
+from tp_zoo.layers import ColumnParallelDense
+from tp_zoo.layers import DecoderBlock
+from tp_zoo.layers import PositionEmbedding
+from tp_zoo.layers import RotaryEmbedding
+from tp_zoo.layers import VocabParallelEmbedding
+from tp_zoo.layers.base import get_weights
+from tp_zoo.layers.base import set_weights
+from tp_zoo.layers.decoder_block import make_norm
+from tp_zoo.models.family import load_preset
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """What makes one decoder differ from another.
+
+    Sizes: vocab_size, hidden_dim, num_layers, num_heads, intermediate_dim;
+    num_kv_heads (GQA/MQA; default num_heads); head_dim (default hidden_dim
+    // num_heads); embedding_dim, the token table's width when it differs
+    from hidden_dim (OPT's word_embed_proj_dim, bridged by `project_in` /
+    `project_out`); max_sequence_length, the longest sequence.
+    Positions: learned (a table, its rows starting at position_offset) or
+    rotary (rope_theta, rope_scaling).
+    Norms: norm ("layer" or "rms"), norm_epsilon, pre_norm (else after each
+    residual sum), final_norm.
+    MLP: activation ("relu", "gelu", "gelu_tanh", "silu"), gated_mlp
+    (SwiGLU), mlp_bias. Attention: qkv_bias, output_bias, sliding_window
+    (Mistral). tie_embeddings: the LM head reuses the token table.
+    """
+
+    vocab_size: int
+    hidden_dim: int
+    num_layers: int
+    num_heads: int
+    intermediate_dim: int
+    num_kv_heads: int = None
+    head_dim: int = None
+    embedding_dim: int = None
+    max_sequence_length: int = 2048
+    learned_positions: bool = False
+    position_offset: int = 0
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None
+    norm: str = "layer"
+    norm_epsilon: float = 1e-5
+    pre_norm: bool = True
+    final_norm: bool = True
+    activation: str = "relu"
+    gated_mlp: bool = False
+    mlp_bias: bool = True
+    qkv_bias: bool = True
+    output_bias: bool = True
+    sliding_window: int = None
+    tie_embeddings: bool = True
+
+    def __post_init__(self):
+        defaults = dict(
+            num_kv_heads=self.num_kv_heads or self.num_heads,
+            head_dim=self.head_dim or self.hidden_dim // self.num_heads,
+            embedding_dim=self.embedding_dim or self.hidden_dim,
+        )
+        for name, value in defaults.items():
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def names(cls):
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+
+@keras.saving.register_keras_serializable(package="tp_zoo")
+class DecoderBackbone(keras_hub.models.Backbone):
+    """token ids -> hidden states, sharded over the active mesh.
+
+    Takes the fields of `DecoderConfig` as keyword arguments (plus Keras'
+    `dtype`, `name`, ...); each is also an attribute (`backbone.num_heads`).
+
+    Example:
+    ```python
+    with tp_zoo.distribution(tp=2).scope():
+        backbone = tp_zoo.models.LlamaBackbone(
+            vocab_size=1000, hidden_dim=64, num_layers=2, num_heads=4,
+            intermediate_dim=128, norm="rms", activation="silu", gated_mlp=True)
+    hidden = backbone({"token_ids": ids, "padding_mask": mask})
+    ```
+    """
+
+    def __init__(self, dtype=None, **kwargs):
+        options = {k: kwargs.pop(k) for k in DecoderConfig.names() if k in kwargs}
+        config = DecoderConfig(**options)
+        policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+
+        # === Layers ===
+        self.token_embedding = VocabParallelEmbedding(
+            config.vocab_size, config.embedding_dim, name="token_embedding", dtype=policy
+        )
+        self.project_in = self.project_out = None
+        if config.embedding_dim != config.hidden_dim:
+            self.project_in = ColumnParallelDense(
+                config.hidden_dim, use_bias=False, gather_output=True, name="project_in", dtype=policy
+            )
+            self.project_out = ColumnParallelDense(
+                config.embedding_dim, use_bias=False, gather_output=True, name="project_out", dtype=policy
+            )
+        self.position_embedding = None
+        rotary = None
+        if config.learned_positions:
+            self.position_embedding = PositionEmbedding(
+                config.max_sequence_length, config.hidden_dim, offset=config.position_offset,
+                name="position_embedding", dtype=policy,
+            )
+        else:
+            rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
+        attention = dict(
+            num_heads=config.num_heads,
+            num_kv_heads=config.num_kv_heads,
+            head_dim=config.head_dim,
+            hidden_dim=config.hidden_dim,
+            rotary=rotary,
+            use_qkv_bias=config.qkv_bias,
+            use_output_bias=config.output_bias,
+            sliding_window=config.sliding_window,
+        )
+        mlp = dict(
+            hidden_dim=config.hidden_dim,
+            intermediate_dim=config.intermediate_dim,
+            activation=config.activation,
+            gated=config.gated_mlp,
+            use_bias=config.mlp_bias,
+        )
+        self.transformer_layers = [
+            DecoderBlock(
+                attention, mlp, norm=config.norm, norm_epsilon=config.norm_epsilon, pre_norm=config.pre_norm,
+                name=f"transformer_layer_{i}", dtype=policy,
+            )
+            for i in range(config.num_layers)
+        ]
+        self.output_norm = None
+        if config.final_norm:
+            self.output_norm = make_norm(config.norm, config.norm_epsilon, "final_norm", policy)
+
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embed(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        x = self.finish(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=x,
+            dtype=dtype,
+            **kwargs,
+        )
+
+        # === Config ===
+        self.decoder_config = config
+        for name in DecoderConfig.names():
+            if name != "final_norm":
+                setattr(self, name, getattr(config, name))
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """The backbone of `tp_zoo.from_preset(preset, **kwargs)`, refusing a
+        checkpoint of another family."""
+        return load_preset(preset, cls, **kwargs).backbone
+
+    def enable_lora(self, rank, target_layer_names=None):
+        """KerasHub's LoRA (default targets: the query and value projections);
+        the rank is checked before anything is frozen."""
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
+        super().enable_lora(rank, target_layer_names)
+
+    def merge_lora(self):
+        """Folds every LoRA adapter into its base kernel (see enable_lora)."""
+        for layer in self._flatten_layers(include_self=False):
+            if getattr(layer, "lora_enabled", False):
+                layer.merge_lora()
+
+    def embed(self, token_ids, positions=None):
+        """Token (and learned position) embeddings of ids at `positions`
+        ((batch, seq) ints; default 0..seq-1)."""
+        x = self.token_embedding(token_ids)
+        if self.project_in is not None:
+            x = self.project_in(x)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(x, positions)
+        return x
+
+    def finish(self, x):
+        """Final norm (and OPT's projection back to the embedding width)."""
+        if self.output_norm is not None:
+            x = self.output_norm(x)
+        if self.project_out is not None:
+            x = self.project_out(x)
+        return x
+
+    def get_weights(self):
+        """Every variable at its true shape: the same arrays at every tp."""
+        return get_weights(self.weights)
+
+    def set_weights(self, weights):
+        set_weights(self.weights, weights)
+
+    def get_config(self):
+        return {**super().get_config(), **dataclasses.asdict(self.decoder_config)}

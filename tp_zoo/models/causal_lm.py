@@ -1,0 +1,146 @@
+"""The causal LM every family is an instance of: a `DecoderBackbone` with a
+vocab-parallel LM head, KerasHub's training and generation entry points run
+under the model's own distribution."""
+
+import functools
+
+import jax
+import keras
+import keras_hub
+import numpy as np
+
+from tp_zoo.layers import VocabParallelLMHead
+from tp_zoo.layers.base import get_weights
+from tp_zoo.layers.base import set_weights
+from tp_zoo.losses import VocabParallelCrossEntropy
+from tp_zoo.models import generation
+from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.family import load_preset
+
+
+def _under_own_distribution(method):
+    """Runs a Keras entry point under the distribution the model was built
+    with (so fit() shards batches over "batch"), unless one is active."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if self.distribution is None or keras.distribution.distribution() is not None:
+            return method(self, *args, **kwargs)
+        with self.distribution.scope():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _checks_batch(method):
+    """Refuses, with a clear error, what jitted code would fail on obscurely:
+    label arrays outside the vocab, batches that dp does not divide."""
+
+    @functools.wraps(method)
+    def wrapper(self, x=None, y=None, *args, **kwargs):
+        dp = self.data_parallel_degree
+        rows = kwargs.get("batch_size")
+        if rows is None and isinstance(x, dict) and hasattr(x.get("token_ids"), "shape"):
+            rows = x["token_ids"].shape[0] if method.__name__.endswith("_on_batch") else None
+        if dp > 1 and rows is not None and rows % dp:
+            raise ValueError(f"A batch of {rows} is not divisible by dp={dp}.")
+        if isinstance(y, (np.ndarray, jax.Array)) and np.issubdtype(y.dtype, np.integer) and y.size:
+            ignored = getattr(getattr(self, "loss", None), "ignore_class", None)
+            labels = np.asarray(y)
+            bad = labels[((labels < 0) | (labels >= self.backbone.vocab_size)) & (labels != ignored)]
+            if bad.size:
+                raise ValueError(
+                    f"Labels outside the vocab [0, {self.backbone.vocab_size}): {sorted(set(bad.tolist()))[:5]}."
+                )
+        return method(self, x, y, *args, **kwargs)
+
+    return wrapper
+
+
+@keras.saving.register_keras_serializable(package="tp_zoo")
+class DecoderCausalLM(keras_hub.models.CausalLM):
+    """A `DecoderBackbone` with a vocab-parallel LM head.
+
+    Calling it on `{"token_ids", "padding_mask"}` returns logits over the
+    vocab, split over the tensor-parallel devices. `compile()` defaults to
+    `tp_zoo.losses.VocabParallelCrossEntropy`, so the logits are never
+    gathered in training.
+    """
+
+    backbone_cls = DecoderBackbone
+
+    def __init__(self, backbone, preprocessor=None, tokenizer=None, **kwargs):
+        # === Layers ===
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        # A `CheckpointTokenizer` (or None): lets generate() take strings.
+        self.tokenizer = tokenizer
+        # The distribution the model was built under (None: one device).
+        self.distribution = keras.distribution.distribution()
+        self.lm_head = VocabParallelLMHead(
+            backbone.vocab_size,
+            tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,
+            name="lm_head",
+            dtype=backbone.dtype_policy,
+        )
+        # === Functional model ===
+        inputs = backbone.input
+        outputs = self.lm_head(backbone(inputs))
+        super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    @classmethod
+    def from_preset(cls, preset, **kwargs):
+        """As `tp_zoo.from_preset` (same arguments), refusing a checkpoint of
+        another family:
+
+        ```python
+        lm = tp_zoo.models.OPTCausalLM.from_preset("opt_125m", tp=2)
+        ```
+        """
+        return load_preset(preset, cls, **kwargs)
+
+    def get_weights(self):
+        """Every variable at its true shape: the same arrays at every tp."""
+        return get_weights(self.weights)
+
+    def set_weights(self, weights):
+        set_weights(self.weights, weights)
+
+    @property
+    def data_parallel_degree(self):
+        """The size of the "batch" axis of the model's mesh (1 without one)."""
+        if self.distribution is None:
+            return 1
+        mesh = self.distribution.device_mesh
+        return dict(zip(mesh.axis_names, mesh.shape)).get("batch", 1)
+
+    @_under_own_distribution
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
+        """KerasHub's compile, with `VocabParallelCrossEntropy` as the default loss.
+
+        An optimizer made outside the model's distribution (its step counter
+        and learning rate on one device) is remade from its config inside it,
+        so that all training state lives on the mesh.
+        """
+        if loss == "auto":
+            loss = VocabParallelCrossEntropy()
+        # KerasHub's enable_lora freezes the backbone; the LM head lives here.
+        if getattr(self.backbone, "_lora_enabled_layers", None):
+            self.lm_head.trainable = False
+        if isinstance(optimizer, keras.optimizers.Optimizer) and not optimizer.built:
+            optimizer = optimizer.__class__.from_config(optimizer.get_config())
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
+
+    fit = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.fit))
+    evaluate = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.evaluate))
+    predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
+    train_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.train_on_batch))
+    test_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.test_on_batch))
+    predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
+
+    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
+        """Generates from prompts, sharded; see `tp_zoo.models.generation.generate`."""
+        return generation.generate(
+            self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
+        )
