@@ -58,13 +58,6 @@ def test_three_adamw_steps_match_one_device(reference, tp, dp):
     print(f"\n{name} tp={tp} dp={dp}: loss max|diff| {loss_diff:.2e}, weights max|diff| {weight_diff:.2e}")
 
 
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_ft")
-    ckpts.save(ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"]), path)
-    return path
-
-
 def test_optimizer_state_is_sharded_like_its_parameter(llama_path):
     lm, _ = _train(llama_path, 100, 4, 1)
     by_path = {v.path: v for v in lm.trainable_variables}

@@ -61,22 +61,15 @@ def test_greedy_matches_transformers(family, tp):
     print(f"\n{name} tp={tp}: {NEW_TOKENS} greedy tokens x {len(PROMPTS)} prompts identical to transformers")
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_gen")
-    ckpts.save(ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"]), path)
-    return path
-
-
-def test_seeded_sampler_same_ids_at_every_tp(llama_dir):
+def test_seeded_sampler_same_ids_at_every_tp(llama_path):
     results = []
     for tp in (1, 2, 4):
-        lm = tp_zoo.from_preset(llama_dir, tp=tp, dtype="float32", progress=False)
+        lm = tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", progress=False)
         lm.compile(sampler=keras_hub.samplers.TopKSampler(k=8, seed=1234))
         results.append(np.asarray(lm.generate(_batch(40), stop_token_ids=None)["token_ids"]))
     np.testing.assert_array_equal(results[0], results[1])
     np.testing.assert_array_equal(results[0], results[2])
-    assert not np.array_equal(results[0][:, 7:], _greedy(llama_dir)[:, 7:])  # it did sample
+    assert not np.array_equal(results[0][:, 7:], _greedy(llama_path)[:, 7:])  # it did sample
 
 
 def _greedy(path):
@@ -85,8 +78,8 @@ def _greedy(path):
     return np.asarray(lm.generate(_batch(40), stop_token_ids=None)["token_ids"])
 
 
-def test_one_compilation_per_batch_and_length(llama_dir):
-    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+def test_one_compilation_per_batch_and_length(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     lm.generate(_batch(30), stop_token_ids=None)
     compiles = []
@@ -101,8 +94,8 @@ def test_one_compilation_per_batch_and_length(llama_dir):
     assert compiles == []
 
 
-def test_stop_token_and_strip_prompt(llama_dir):
-    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+def test_stop_token_and_strip_prompt(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     full = np.asarray(lm.generate(_batch(40), stop_token_ids=None)["token_ids"])
     stop = int(full[0, len(PROMPTS[0]) + 2])  # the third token row 0 generates
@@ -132,31 +125,20 @@ def test_stop_token_and_strip_prompt(llama_dir):
         ([], {}, "non-empty list"),
     ],
 )
-def test_bad_inputs_are_clear_errors(llama_dir, inputs, kwargs, match):
-    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+def test_bad_inputs_are_clear_errors(llama_path, inputs, kwargs, match):
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     with pytest.raises(ValueError, match=match):
         lm.generate(inputs, stop_token_ids=None, **kwargs)
 
 
-@pytest.fixture(scope="module")
-def llama_with_reference(tmp_path_factory):
-    """(checkpoint dir, transformers model) of the GQA Llama."""
-    model = ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"])
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = 0
-    path = tmp_path_factory.mktemp("llama_ragged")
-    ckpts.save(model, path)
-    return path, model
-
-
 @pytest.mark.parametrize("tp", [1, 2, 4])
-def test_ragged_batch_steps_once_per_new_token(llama_with_reference, tp, monkeypatch):
+def test_ragged_batch_steps_once_per_new_token(llama_path, tp, monkeypatch):
     """Prompts of 2 and 50 tokens, 9 new tokens each: each row equals
     transformers' greedy run of that prompt alone, and the compiled loop runs
     8 decode steps (the first token comes from the prefill), not 48 + 9."""
     from tp_zoo.models import generation
 
-    path, model = llama_with_reference
+    path, model = llama_path, ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"])
     prompts = [[7, 3], list(np.random.RandomState(3).randint(1, 100, 50))]
     new = 9
     steps = []
@@ -185,13 +167,13 @@ def test_ragged_batch_steps_once_per_new_token(llama_with_reference, tp, monkeyp
     assert out["padding_mask"].sum(axis=1).tolist() == [new, new]
 
 
-def test_decode_step_communication_at_tp2(llama_dir):
+def test_decode_step_communication_at_tp2(llama_path):
     """The compiled decode step all-reduces twice per layer (attention and MLP
     outputs) plus once for the embedding, and gathers nothing: the KV cache
     and the logits stay split."""
     from tp_zoo.models import generation
 
-    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     layer_count = lm.backbone.num_layers
     caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
     step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
@@ -225,20 +207,20 @@ def test_long_prompt_host_memory_stays_linear(tmp_path):
     assert peak < 3 * 2**30
 
 
-def test_batch_too_large_for_device_memory_is_a_clear_error(llama_dir, monkeypatch):
+def test_batch_too_large_for_device_memory_is_a_clear_error(llama_path, monkeypatch):
     from tp_zoo.models import generation
 
-    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     monkeypatch.setattr(generation, "_free_device_bytes", lambda lm: 1000)
     with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"needs about [\d.]+ GiB per device .* is free"):
         lm.generate(_batch(40), stop_token_ids=None)
 
 
-def test_out_of_memory_in_xla_becomes_the_same_error(llama_dir, monkeypatch):
+def test_out_of_memory_in_xla_becomes_the_same_error(llama_path, monkeypatch):
     from tp_zoo.models import generation
 
-    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
 
     def exhausted(lm):
@@ -259,34 +241,34 @@ def test_out_of_memory_in_xla_becomes_the_same_error(llama_dir, monkeypatch):
         ({"max_new_tokens": 4, "max_length": 20}, "not both"),
     ],
 )
-def test_bad_lengths_are_clear_errors(llama_dir, kwargs, match):
-    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+def test_bad_lengths_are_clear_errors(llama_path, kwargs, match):
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     with pytest.raises(ValueError, match=match):
         lm.generate(_batch(20), stop_token_ids=None, **kwargs)
 
 
-def test_a_prompt_as_long_as_the_positions_is_refused(llama_dir):
-    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+def test_a_prompt_as_long_as_the_positions_is_refused(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     ids = np.ones((1, 64), "int32")
     with pytest.raises(ValueError, match="A prompt of 64 tokens leaves no room"):
         lm.generate({"token_ids": ids, "padding_mask": ids}, stop_token_ids=None)
 
 
-def test_whole_sequence_samplers_are_refused(llama_dir):
-    lm = tp_zoo.from_preset(llama_dir, tp=1, dtype="float32", progress=False)
+def test_whole_sequence_samplers_are_refused(llama_path):
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     lm.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=2))
     with pytest.raises(ValueError, match="BeamSampler searches over whole sequences"):
         lm.generate(_batch(20), stop_token_ids=None)
 
 
-def test_decode_step_updates_the_cache_in_place(llama_dir):
+def test_decode_step_updates_the_cache_in_place(llama_path):
     """Compiled with the caches donated, every cache buffer is aliased to its
     output (written in place) and the step's temporaries are well under the
     caches' size: no copy of a layer's cache, let alone of all of them."""
     from tp_zoo.models import generation
 
-    lm = tp_zoo.from_preset(llama_dir, tp=2, dtype="float32", progress=False)
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     caches = [block.attention.empty_cache(3, 4096) for block in lm.backbone.transformer_layers]
     per_device = sum(x.addressable_shards[0].data.nbytes for cache in caches for x in cache)
     step = jax.jit(lambda t, p, c: generation.decode_step(lm, t, p, c), donate_argnums=(2,))

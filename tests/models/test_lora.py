@@ -8,17 +8,9 @@ import transformers
 
 import tp_zoo
 from tests.helpers import assert_close
-from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import export_to_hf
 
 TARGETS = ["query", "value", "output", "down"]  # column- and row-parallel kernels
-
-
-@pytest.fixture(scope="module")
-def llama_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama_lora")
-    ckpts.save(ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"]), path)
-    return path
 
 
 def _batch():

@@ -15,7 +15,6 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
-from tests.models import checkpoints as ckpts
 
 WORKER = Path(__file__).with_name("multiprocess_worker.py")
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,18 +26,18 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _launch(checkpoint, out, mode):
+def _launch(llama_path, out, mode):
     port = str(_free_port())
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}
     return [
-        subprocess.Popen([sys.executable, str(WORKER), str(p), port, str(checkpoint), str(out), mode],
+        subprocess.Popen([sys.executable, str(WORKER), str(p), port, str(llama_path), str(out), mode],
                          env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for p in (0, 1)
     ]
 
 
-def _run(checkpoint, out, mode):
-    procs = _launch(checkpoint, out, mode)
+def _run(llama_path, out, mode):
+    procs = _launch(llama_path, out, mode)
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-3000:]
@@ -46,22 +45,15 @@ def _run(checkpoint, out, mode):
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mp_llama")
-    ckpts.save(ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"]), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def single_process(checkpoint):
+def single_process(llama_path):
     """The same work in this one process, tp=4 over 4 simulated devices."""
     from tests.parallel import multiprocess_worker_reference as ref
 
-    return ref.run(checkpoint)
+    return ref.run(llama_path)
 
 
-def test_tp4_spanning_two_processes(checkpoint, single_process, tmp_path):
-    results = _run(checkpoint, tmp_path, "tp4")
+def test_tp4_spanning_two_processes(llama_path, single_process, tmp_path):
+    results = _run(llama_path, tmp_path, "tp4")
     for r in results:
         assert_close(single_process["logits"], r["logits"], "logits")
         assert r["greedy"] == single_process["greedy"]
@@ -75,14 +67,14 @@ def test_tp4_spanning_two_processes(checkpoint, single_process, tmp_path):
           f"of {results[0]['load_stats']['checkpoint_bytes']}; loss max|diff| {diff:.2e}")
 
 
-def test_dp2_tp2_with_tp_inside_each_process(checkpoint, single_process, tmp_path):
-    results = _run(checkpoint, tmp_path, "dp2_tp2")
+def test_dp2_tp2_with_tp_inside_each_process(llama_path, single_process, tmp_path):
+    results = _run(llama_path, tmp_path, "dp2_tp2")
     for r in results:
         assert_close(single_process["losses"], r["losses"], "dp2 x tp2 losses")
 
 
-def test_a_dead_process_makes_the_other_fail_in_bounded_time(checkpoint, tmp_path):
-    procs = _launch(checkpoint, tmp_path, "die")
+def test_a_dead_process_makes_the_other_fail_in_bounded_time(llama_path, tmp_path):
+    procs = _launch(llama_path, tmp_path, "die")
     start = time.monotonic()
     for p in procs:
         p.communicate(timeout=240)  # never hangs: the test would fail on the timeout

@@ -1,6 +1,11 @@
 """`tp_zoo.from_preset`: a Hugging Face checkpoint as a sharded KerasHub CausalLM."""
 
 import contextlib
+import json
+from pathlib import Path
+
+import keras
+import keras_hub
 
 from tp_zoo import parallel
 from tp_zoo.checkpoint.layout import Layout
@@ -10,6 +15,7 @@ from tp_zoo.checkpoint.source import open_tensors
 from tp_zoo.checkpoint.source import read_config
 from tp_zoo.errors import WrongFamilyError
 from tp_zoo.layers import weights_from
+from tp_zoo.models import DecoderCausalLM
 from tp_zoo.models import families
 from tp_zoo.models import family_of
 from tp_zoo.models.family import set_preset_loader
@@ -26,8 +32,8 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
 
     Args:
         preset: a name from `tp_zoo.list_presets()`, a local directory with a
-            Hugging Face checkpoint (config.json + safetensors), or
-            "hf://org/name". Downloads go through `huggingface_hub` (its cache,
+            Hugging Face checkpoint (config.json + safetensors) or a KerasHub
+            preset (`lm.save_to_preset(dir)`), or "hf://org/name". Downloads go through `huggingface_hub` (its cache,
             HF_HUB_OFFLINE and tokens apply) and fetch only the files needed.
         tp, dp, devices: the mesh, as for `tp_zoo.distribution`.
         dtype: variable and compute dtype (or a Keras dtype policy name such as
@@ -51,6 +57,8 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
     distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
     if tp * dp == 1 and devices is None:
         distribution = None  # one device: a plain single-device model
+    if _is_keras_hub_preset(preset):
+        return _load_keras_hub_preset(preset, expected_class, distribution, dtype)
     directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
     config = read_config(directory)
     family = family_of(config)
@@ -83,6 +91,31 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
                             "checkpoint_bytes": sum(tensors.nbytes(n) for n in tensors.names())}
     causal_lm.checkpoint_directory = directory
     causal_lm.hf_config = config
+    return causal_lm
+
+
+def _is_keras_hub_preset(preset):
+    return (Path(preset) / "metadata.json").is_file() and (Path(preset) / "task.json").is_file()
+
+
+def _load_keras_hub_preset(preset, expected_class, distribution, dtype):
+    """A directory written by `save_to_preset`: KerasHub's own loader, run
+    under the requested distribution (the layers shard as they are made)."""
+    task = json.loads((Path(preset) / "task.json").read_text())
+    cls = keras.saving.get_registered_object(task.get("registered_name"))
+    if cls is None or not issubclass(cls, DecoderCausalLM):
+        raise WrongFamilyError(f"{preset} holds a {task.get('class_name')}, not a tp_zoo model.")
+    if expected_class is not None and not issubclass(cls, expected_class) and not issubclass(
+        cls.backbone_cls, expected_class
+    ):
+        raise WrongFamilyError(
+            f"{preset} holds a {cls.__name__}; {expected_class.__name__} loads "
+            f"{_family_named(expected_class)} checkpoints. Use {cls.__name__}.from_preset or tp_zoo.from_preset."
+        )
+    scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
+    with scope:
+        causal_lm = keras_hub.models.CausalLM.from_preset(str(preset), **({"dtype": dtype} if dtype else {}))
+    causal_lm.distribution = distribution
     return causal_lm
 
 

@@ -11,6 +11,7 @@ never gathered.
 
 import jax
 import jax.numpy as jnp
+import keras
 
 from tp_zoo import parallel
 from tp_zoo.errors import ShardingError
@@ -19,6 +20,7 @@ from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import valid_tp_values
 from tp_zoo.layers.linear import HeadMergeDense
 from tp_zoo.layers.linear import HeadSplitDense
+from tp_zoo.layers.rotary import RotaryEmbedding
 
 M = parallel.MODEL
 B = parallel.BATCH
@@ -40,6 +42,7 @@ def _check_heads(name, num_heads, num_kv_heads, tp):
         )
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class ParallelAttention(ShardedLayer):
     """Causal self-attention, heads split over devices.
 
@@ -73,6 +76,8 @@ class ParallelAttention(ShardedLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if isinstance(rotary, dict):  # from get_config
+            rotary = RotaryEmbedding(**rotary)
         num_kv_heads = num_kv_heads or num_heads
         _check_heads(self.name, num_heads, num_kv_heads, self.tp)
         self.num_heads = num_heads
@@ -80,11 +85,12 @@ class ParallelAttention(ShardedLayer):
         self.head_dim = head_dim
         self.hidden_dim = hidden_dim
         self.rotary = rotary
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.sliding_window = sliding_window
         self.kv_replicated = num_kv_heads % self.tp != 0
         # Key/value heads each device holds in its cache.
         self.local_kv_heads = 1 if self.kv_replicated else num_kv_heads // self.tp
-        common = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        common = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
         self.query = HeadSplitDense(num_heads, head_dim, use_bias=use_qkv_bias, name="query", **common)
         self.key = HeadSplitDense(
             num_kv_heads, head_dim, use_bias=use_qkv_bias, replicated=self.kv_replicated, name="key", **common
@@ -219,7 +225,9 @@ class ParallelAttention(ShardedLayer):
             "num_kv_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
             "hidden_dim": self.hidden_dim,
+            "rotary": None if self.rotary is None else self.rotary.get_config(),
             "sliding_window": self.sliding_window,
             "use_qkv_bias": self.query.use_bias,
             "use_output_bias": self.output_dense.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }

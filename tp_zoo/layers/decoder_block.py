@@ -1,5 +1,7 @@
 """One transformer decoder block: attention and MLP, each with a residual."""
 
+import keras
+
 from tp_zoo.layers.attention import ParallelAttention
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.mlp import ParallelMLP
@@ -15,6 +17,7 @@ def make_norm(kind, epsilon, name, dtype):
     raise ValueError(f"Unknown norm {kind!r}; expected 'layer' or 'rms'.")
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class DecoderBlock(ShardedLayer):
     """x + attention(norm(x)), then h + mlp(norm(h)) (pre-norm, the default);
     with `pre_norm=False` the norms come after each residual sum instead
@@ -27,6 +30,8 @@ class DecoderBlock(ShardedLayer):
     def __init__(self, attention, mlp, norm="layer", norm_epsilon=1e-5, pre_norm=True, **kwargs):
         super().__init__(**kwargs)
         self.pre_norm = pre_norm
+        self.norm = norm
+        self.norm_epsilon = norm_epsilon
         dtype = self.dtype_policy
         self.attention_norm = make_norm(norm, norm_epsilon, "attention_norm", dtype)
         self.attention = ParallelAttention(**attention, name="attention", dtype=dtype)
@@ -55,3 +60,18 @@ class DecoderBlock(ShardedLayer):
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)
+
+    def get_config(self):
+        attention = self.attention.get_config()
+        mlp = self.mlp.get_config()
+        for nested in (attention, mlp):  # Keras' own keys are the block's
+            for key in ("name", "trainable", "dtype"):
+                nested.pop(key, None)
+        return {
+            **super().get_config(),
+            "attention": attention,
+            "mlp": mlp,
+            "norm": self.norm,
+            "norm_epsilon": self.norm_epsilon,
+            "pre_norm": self.pre_norm,
+        }

@@ -25,6 +25,7 @@ def _padded(size, tp):
     return -(-size // tp) * tp
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class VocabParallelEmbedding(ShardedLayer):
     """Token embedding with its table split on the vocab dim."""
 
@@ -76,6 +77,7 @@ class VocabParallelEmbedding(ShardedLayer):
         }
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class VocabParallelLMHead(ShardedLayer):
     """hidden -> logits over the vocab, split on the vocab dim.
 

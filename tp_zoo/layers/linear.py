@@ -182,6 +182,7 @@ class _ParallelLinear(ShardedLayer):
         return config
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class ColumnParallelDense(_ParallelLinear):
     """Dense layer with its kernel and bias split on the output dim.
 
@@ -215,6 +216,7 @@ class ColumnParallelDense(_ParallelLinear):
         return {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class RowParallelDense(_ParallelLinear):
     """Dense layer with its kernel split on the input dim.
 
@@ -244,6 +246,7 @@ class RowParallelDense(_ParallelLinear):
         return {**super().get_config(), "units": self.units}
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class HeadSplitDense(_ParallelLinear):
     """hidden -> (heads, head_dim), column-parallel over heads.
 
@@ -281,6 +284,7 @@ class HeadSplitDense(_ParallelLinear):
         }
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class HeadMergeDense(_ParallelLinear):
     """(heads, head_dim) -> hidden, row-parallel over heads."""
 

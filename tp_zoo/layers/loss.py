@@ -49,6 +49,7 @@ def vocab_parallel_cross_entropy(labels, logits, ignore_class=None):
     return loss
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class VocabParallelCrossEntropy(keras.losses.Loss):
     """Sparse categorical cross-entropy from logits split on the vocab dim.
 

@@ -20,6 +20,7 @@ def gelu_tanh(x):
 _ACTIVATIONS = {"gelu_tanh": gelu_tanh}
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class ParallelMLP(ShardedLayer):
     """down(act(up(x))), or down(act(gate(x)) * up(x)) when `gated` (SwiGLU).
 
@@ -42,7 +43,8 @@ class ParallelMLP(ShardedLayer):
         self.intermediate_dim = intermediate_dim
         self.activation = activation
         self.gated = gated
-        common = dict(use_bias=use_bias, kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        common = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
         act = _ACTIVATIONS.get(activation, activation)
         self.gate = None
         if gated:
@@ -80,4 +82,5 @@ class ParallelMLP(ShardedLayer):
             "activation": self.activation,
             "gated": self.gated,
             "use_bias": self.down.use_bias,
+            "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }

@@ -6,10 +6,12 @@ that checkpoints stream into them like into the sharded layers.
 
 import jax
 import jax.numpy as jnp
+import keras
 
 from tp_zoo.layers.base import ShardedLayer
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class LayerNorm(ShardedLayer):
     """Layer normalization over the last dim (variables `gamma`, `beta`),
     computed in float32 and returned in the input dtype."""
@@ -39,6 +41,7 @@ class LayerNorm(ShardedLayer):
         return {**super().get_config(), "epsilon": self.epsilon, "use_bias": self.use_bias}
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class RMSNorm(ShardedLayer):
     """Root-mean-square normalization (variable `scale`), as Llama's: in
     float32, cast back to the input dtype, then scaled (in that dtype)."""
@@ -59,6 +62,7 @@ class RMSNorm(ShardedLayer):
         return {**super().get_config(), "epsilon": self.epsilon}
 
 
+@keras.saving.register_keras_serializable(package="tp_zoo")
 class PositionEmbedding(ShardedLayer):
     """Learned absolute positions: a (offset + sequence_length, dim) table
     (`embeddings`) whose row offset + p is position p (OPT's table starts at

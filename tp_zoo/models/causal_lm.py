@@ -131,6 +131,13 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
             optimizer = optimizer.__class__.from_config(optimizer.get_config())
         super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, sampler=sampler, **kwargs)
 
+    def compile_from_config(self, config):
+        """Recompiles a model loaded from a .keras file (Keras skips models
+        whose compile() is overridden; ours takes Keras' arguments)."""
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
     fit = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.fit))
     evaluate = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.evaluate))
     predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
