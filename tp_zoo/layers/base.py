@@ -83,7 +83,18 @@ def set_weights(variables, values):
         variable.assign(value)
 
 
-class ShardedLayer(keras.layers.Layer):
+class TrueShapeWeights:
+    """get_weights/set_weights of a layer or model at its variables' true
+    shapes: the same arrays at every tp."""
+
+    def get_weights(self):
+        return get_weights(self.weights)
+
+    def set_weights(self, weights):
+        set_weights(self.weights, weights)
+
+
+class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
     """A Keras layer that shards its variables over the active mesh.
 
     The mesh is that of the Keras distribution active when the layer is
@@ -134,13 +145,7 @@ class ShardedLayer(keras.layers.Layer):
         variable._tp_zoo_true_shape = true_shape
         return variable
 
-    # --- weights at their true shapes, whatever the tp ------------------------
-    def get_weights(self):
-        return get_weights(self.weights)
-
-    def set_weights(self, weights):
-        set_weights(self.weights, weights)
-
+    # --- saving at true shapes, whatever the tp -------------------------------
     def _own_variables(self):
         return self._trainable_variables + self._non_trainable_variables
 

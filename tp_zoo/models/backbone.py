@@ -14,8 +14,7 @@ from tp_zoo.layers import DecoderBlock
 from tp_zoo.layers import PositionEmbedding
 from tp_zoo.layers import RotaryEmbedding
 from tp_zoo.layers import VocabParallelEmbedding
-from tp_zoo.layers.base import get_weights
-from tp_zoo.layers.base import set_weights
+from tp_zoo.layers.base import TrueShapeWeights
 from tp_zoo.layers.decoder_block import make_norm
 from tp_zoo.models.family import load_preset
 
@@ -78,7 +77,7 @@ class DecoderConfig:
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
-class DecoderBackbone(keras_hub.models.Backbone):
+class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
     """token ids -> hidden states, sharded over the active mesh.
 
     Takes the fields of `DecoderConfig` as keyword arguments (plus Keras'
@@ -204,13 +203,6 @@ class DecoderBackbone(keras_hub.models.Backbone):
         if self.project_out is not None:
             x = self.project_out(x)
         return x
-
-    def get_weights(self):
-        """Every variable at its true shape: the same arrays at every tp."""
-        return get_weights(self.weights)
-
-    def set_weights(self, weights):
-        set_weights(self.weights, weights)
 
     def get_config(self):
         return {**super().get_config(), **dataclasses.asdict(self.decoder_config)}

@@ -10,12 +10,13 @@ import keras_hub
 import numpy as np
 
 from tp_zoo.layers import VocabParallelLMHead
-from tp_zoo.layers.base import get_weights
-from tp_zoo.layers.base import set_weights
+from tp_zoo.layers.base import TrueShapeWeights
 from tp_zoo.losses import VocabParallelCrossEntropy
 from tp_zoo.models import generation
 from tp_zoo.models.backbone import DecoderBackbone
 from tp_zoo.models.family import load_preset
+from tp_zoo.models.preprocessor import CausalLMPreprocessor
+from tp_zoo.models.preprocessor import preprocesses_text
 
 
 def _under_own_distribution(method):
@@ -58,7 +59,7 @@ def _checks_batch(method):
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
-class DecoderCausalLM(keras_hub.models.CausalLM):
+class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
     """A `DecoderBackbone` with a vocab-parallel LM head.
 
     Calling it on `{"token_ids", "padding_mask"}` returns logits over the
@@ -72,8 +73,15 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
     def __init__(self, backbone, preprocessor=None, tokenizer=None, **kwargs):
         # === Layers ===
         self.backbone = backbone
+        # A `CheckpointTokenizer` (or None): lets generate() take strings. A
+        # model Keras restores gets it back through its preprocessor.
+        if tokenizer is None and isinstance(preprocessor, CausalLMPreprocessor):
+            tokenizer = preprocessor.tokenizer
+        # KerasHub's preprocessor, made from the tokenizer: lets fit() and
+        # evaluate() take strings.
+        if preprocessor is None and tokenizer is not None:
+            preprocessor = CausalLMPreprocessor(tokenizer, sequence_length=min(1024, backbone.max_sequence_length))
         self.preprocessor = preprocessor
-        # A `CheckpointTokenizer` (or None): lets generate() take strings.
         self.tokenizer = tokenizer
         # The distribution the model was built under (None: one device).
         self.distribution = keras.distribution.distribution()
@@ -98,13 +106,6 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         ```
         """
         return load_preset(preset, cls, **kwargs)
-
-    def get_weights(self):
-        """Every variable at its true shape: the same arrays at every tp."""
-        return get_weights(self.weights)
-
-    def set_weights(self, weights):
-        set_weights(self.weights, weights)
 
     @property
     def data_parallel_degree(self):
@@ -138,12 +139,14 @@ class DecoderCausalLM(keras_hub.models.CausalLM):
         if self.built:
             self.optimizer.build(self.trainable_variables)
 
-    fit = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.fit))
-    evaluate = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.evaluate))
-    predict = _under_own_distribution(keras_hub.models.CausalLM.predict)
-    train_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.train_on_batch))
-    test_on_batch = _under_own_distribution(_checks_batch(keras_hub.models.CausalLM.test_on_batch))
-    predict_on_batch = _under_own_distribution(keras_hub.models.CausalLM.predict_on_batch)
+    # Strings are preprocessed first (eagerly: the tokenizer is Python), then
+    # checked and run like ids.
+    fit = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.fit)))
+    evaluate = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.evaluate)))
+    predict = _under_own_distribution(preprocesses_text(keras_hub.models.CausalLM.predict))
+    train_on_batch = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.train_on_batch)))
+    test_on_batch = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.test_on_batch)))
+    predict_on_batch = _under_own_distribution(preprocesses_text(keras_hub.models.CausalLM.predict_on_batch))
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
         """Generates from prompts, sharded; see `tp_zoo.models.generation.generate`."""
