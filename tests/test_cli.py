@@ -1,8 +1,16 @@
-"""The tp-zoo command: demo, presets, generate, and its errors."""
+"""The tp-zoo command: demo, presets, generate, its errors, and a quiet start."""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
 from tp_zoo import cli
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def test_demo_fine_tunes_and_generates(tmp_path, capsys):
@@ -29,3 +37,20 @@ def test_tp_beyond_devices_says_how_many(tmp_path, capsys):
     assert cli.main(["generate", str(tmp_path), "--tp", "16", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "only 8 are available" in err and "xla_force_host_platform_device_count=16" in err
+
+
+def test_start_up_prints_no_tensorflow_logs():
+    # A fresh process, since TensorFlow logs only when first imported; without
+    # TF_CPP_MIN_LOG_LEVEL (conftest sets it), as a user's shell would be.
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from tp_zoo.cli import main; sys.exit(main(['presets']))"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    assert "opt_125m" in run.stdout
+    for noise in ("absl::InitializeLog", "oneDNN", "cuda drivers", "TensorFlow binary is optimized"):
+        assert noise not in run.stderr, run.stderr
+    # No absl/glog-format line ("I0000 00:00:1795599008.895946   13230 port.cc:153] ...") at all.
+    assert not re.search(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] ", run.stderr, re.M), run.stderr

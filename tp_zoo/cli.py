@@ -11,7 +11,6 @@ def _simulate_cpu_devices(count=8):
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def _demo(args):
@@ -92,6 +91,9 @@ def _presets(args):
 
 def main(argv=None):
     _simulate_cpu_devices()
+    # Only tp_zoo's output: XLA's C++ logging reads this when jax starts its
+    # backends (TensorFlow's start-up lines are dropped in tp_zoo/__init__.py).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="offline demo on a small sharded model")
