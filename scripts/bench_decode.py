@@ -106,6 +106,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
     parser.add_argument("--only", choices=["per-token", "whole-call"])
+    parser.add_argument("--rows", type=int, nargs="+", help="run only these per-token rows (0-based)")
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
@@ -122,8 +123,8 @@ def main():
         weights = model_bytes(lm) / tp
         kv = kv_bytes_per_token(config, itemsize) / min(tp, config["num_key_value_heads"])
         if args.only != "whole-call":
-            for batch, prompt, new, keras_hub_too in PER_TOKEN:
-                if not (ours or keras_hub_too):
+            for row, (batch, prompt, new, keras_hub_too) in enumerate(PER_TOKEN):
+                if not (ours or keras_hub_too) or (args.rows and row not in args.rows):
                     continue
                 prompt //= scale
                 t_long = best_time(generate_call(lm, [prompt] * batch, new), args.repeats)
