@@ -12,6 +12,7 @@ from tp_zoo.models.backbone import DecoderConfig
 from tp_zoo.models.causal_lm import DecoderCausalLM
 from tp_zoo.models.family import families
 from tp_zoo.models.family import family_of
+from tp_zoo.models.preprocessor import CausalLMPreprocessor
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.ispkg:

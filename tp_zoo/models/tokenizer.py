@@ -62,7 +62,13 @@ class CheckpointTokenizer:
     def from_directory(cls, directory, config, adds_bos):
         """The tokenizer of a checkpoint directory, or None if it has none;
         `adds_bos`: the family's convention when tokenizer_config.json is silent."""
-        directory = Path(directory)
+        tokenizer = cls._read_directory(Path(directory), config, adds_bos)
+        if tokenizer is not None:
+            tokenizer._remember_source(Path(directory), config, adds_bos)
+        return tokenizer
+
+    @classmethod
+    def _read_directory(cls, directory, config, adds_bos):
         settings = {}
         if (directory / "tokenizer_config.json").exists():
             settings = json.loads((directory / "tokenizer_config.json").read_text())
@@ -90,3 +96,47 @@ class CheckpointTokenizer:
             sp = sentencepiece.SentencePieceProcessor(model_file=str(directory / "tokenizer.model"))
             return cls(sp.encode, sp.decode, sp.get_piece_size(), bos_id, eos_ids, add_bos)
         return None
+
+    # --- saving: a saved model carries the tokenizer's files as Keras assets -------
+    # (tp_zoo.models.preprocessor). The files' bytes are kept, not their paths:
+    # the checkpoint directory, or the folder Keras unpacks a .keras file into,
+    # may be gone by the next save.
+    FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "tokenizer.model")
+    files = None  # {file name: bytes} of the files it was read from
+    source = None  # the rest of what from_directory was given
+
+    def _remember_source(self, directory, config, adds_bos):
+        self.files = {name: (directory / name).read_bytes() for name in self.FILES if (directory / name).exists()}
+        self.source = {
+            "config": {key: config.get(key) for key in ("bos_token_id", "eos_token_id")},
+            "adds_bos": adds_bos,
+        }
+
+    def get_config(self):
+        if self.source is None:
+            raise ValueError("This tokenizer was not read from a checkpoint's files, so it cannot be saved.")
+        return dict(self.source)
+
+    @classmethod
+    def from_config(cls, source):
+        """The tokenizer `source` (a `get_config()`) describes, its files not
+        read yet: Keras builds a restored model, which holds this very object,
+        before it restores the model's assets (`read_files`)."""
+        config = source["config"]
+        tokenizer = cls(_files_not_read, _files_not_read, None, config.get("bos_token_id"),
+                        _as_list(config.get("eos_token_id")))
+        tokenizer.source = dict(source)
+        return tokenizer
+
+    def write_files(self, directory):
+        for name, data in self.files.items():
+            (Path(directory) / name).write_bytes(data)
+
+    def read_files(self, directory):
+        """Reads the files `write_files` wrote into this object, in place (the
+        model and its preprocessor share it)."""
+        vars(self).update(vars(CheckpointTokenizer.from_directory(directory, **self.source)))
+
+
+def _files_not_read(*args):
+    raise RuntimeError("This tokenizer's files have not been read yet; Keras reads them with the model's assets.")
