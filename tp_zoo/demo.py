@@ -73,8 +73,7 @@ def write_checkpoint(directory, text, vocab_size=1024):
 
     config = {**CONFIG, "vocab_size": tokenizer.get_vocab_size()}
     keras.utils.set_random_seed(0)
-    lm = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype="float32"))
-    lm.hf_config = config
+    lm = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype="float32"), hf_config=config)
     export_to_hf(lm, directory)
     (directory / "tokenizer_config.json").write_text(json.dumps({"add_bos_token": False}))
     return directory

@@ -162,3 +162,17 @@ def test_every_layer_config_round_trips(make):
     assert config["registered_name"].startswith("tp_zoo>")
     again = keras.saving.deserialize_keras_object(config)
     assert type(again) is type(layer) and again.get_config() == layer.get_config()
+
+
+def test_a_reloaded_model_exports_to_hugging_face(saved, tmp_path):
+    """The Hugging Face config travels in the .keras file, so a reloaded
+    model exports a checkpoint that loads back with the same logits."""
+    from tp_zoo.checkpoint.export import export_to_hf
+
+    path, ref = saved["opt_post_ln_proj"]
+    x, real = _inputs("opt_post_ln_proj")
+    reloaded = keras.saving.load_model(path / "model.keras")
+    assert reloaded.hf_config["model_type"] == "opt"
+    export_to_hf(reloaded, tmp_path / "exported")
+    again = tp_zoo.from_preset(tmp_path / "exported", tp=2, dtype="float32", progress=False)
+    np.testing.assert_array_equal(np.asarray(again(x)), ref)

@@ -35,6 +35,8 @@ def _to_tensor(entry, value):
 def hf_tensors(causal_lm):
     """Yields (tensor name, numpy array) in the Hugging Face layout, one at a time."""
     config = causal_lm.hf_config
+    if config is None:
+        raise ValueError("This model has no Hugging Face config (it was not loaded from one): nothing to export to.")
     layout = Layout(family_of(config).layout)
     fused = {}
     lora_layers = [l for l in causal_lm._flatten_layers() if getattr(l, "lora_enabled", False)]

@@ -80,7 +80,7 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
         with loader, scope, weights_from(loader):
             backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
             tokenizer = CheckpointTokenizer.from_directory(directory, config, family.adds_bos)
-            causal_lm = cls(backbone=backbone, tokenizer=tokenizer)
+            causal_lm = cls(backbone=backbone, tokenizer=tokenizer, hf_config=config)
         loader.warn_unused()
     finally:
         tensors.close()
@@ -90,7 +90,6 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
     causal_lm.load_stats = {"bytes_read": loader.bytes_read,
                             "checkpoint_bytes": sum(tensors.nbytes(n) for n in tensors.names())}
     causal_lm.checkpoint_directory = directory
-    causal_lm.hf_config = config
     return causal_lm
 
 

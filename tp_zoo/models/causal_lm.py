@@ -70,9 +70,11 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
 
     backbone_cls = DecoderBackbone
 
-    def __init__(self, backbone, preprocessor=None, tokenizer=None, **kwargs):
+    def __init__(self, backbone, preprocessor=None, tokenizer=None, hf_config=None, **kwargs):
         # === Layers ===
         self.backbone = backbone
+        # The Hugging Face config.json it was loaded from (export writes it back).
+        self.hf_config = hf_config
         # A `CheckpointTokenizer` (or None): lets generate() take strings. A
         # model Keras restores gets it back through its preprocessor.
         if tokenizer is None and isinstance(preprocessor, CausalLMPreprocessor):
@@ -95,6 +97,9 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         inputs = backbone.input
         outputs = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+
+    def get_config(self):
+        return {**super().get_config(), "hf_config": self.hf_config}
 
     @classmethod
     def from_preset(cls, preset, **kwargs):

@@ -301,7 +301,7 @@ def _check_ids(lm, prompts):
 def _checkpoint_stop_ids(lm):
     if lm.tokenizer is not None and lm.tokenizer.eos_ids:
         return lm.tokenizer.eos_ids
-    eos = getattr(lm, "hf_config", {}).get("eos_token_id")
+    eos = (lm.hf_config or {}).get("eos_token_id")
     if eos is None:
         return None
     return tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
