@@ -133,8 +133,7 @@ class ParallelAttention(ShardedLayer):
         kernel, bias = projection.effective(weights)
         if self.kv_replicated:
             head = parallel.model_index() // (self.tp // self.num_kv_heads)
-            kernel = jax.lax.dynamic_slice_in_dim(kernel, head, 1, axis=1)
-            bias = None if bias is None else jax.lax.dynamic_slice_in_dim(bias, head, 1, axis=0)
+            kernel, bias = projection.take_head(kernel, bias, head)
         return projection.apply(kernel, bias, x)
 
     def _local_qkv(self, weights, x, positions):

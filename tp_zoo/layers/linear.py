@@ -11,10 +11,12 @@ shape (hidden, heads, head_dim) and (heads, head_dim, hidden), split on the
 heads axis, as attention needs them.
 """
 
+import jax
 import jax.numpy as jnp
 import keras
 
 from tp_zoo import parallel
+from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import check_divisible
 
@@ -44,9 +46,16 @@ class _ParallelLinear(ShardedLayer):
         use_bias=True,
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
+        quantized=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if quantized is not None:
+            q8.check_mode(quantized, self.name)
+        # None, or the quantization mode ("int8"): the kernel is then int8
+        # with a float32 per-output-channel `kernel_scale` (see quantize()).
+        self.quantized = quantized
+        q8.use_own_quantize(self)
         self.activation = keras.activations.get(activation)
         self.use_bias = use_bias
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -61,14 +70,68 @@ class _ParallelLinear(ShardedLayer):
 
     def build(self, input_shape):
         in_dim = input_shape[-1] if len(self.in_trailing) == 1 else input_shape[-2:]
-        self.kernel = self.add_sharded_weight(
-            "kernel", self.kernel_shape(in_dim), self.kernel_layout, self.kernel_initializer
-        )
+        shape = self.kernel_shape(in_dim)
+        if self.quantized:  # made quantized (a saved quantized model): values come from the file
+            self.kernel = self._add_quantized_weight("kernel", "zeros", shape, self.kernel_layout, "int8")
+        else:
+            self.kernel = self.add_sharded_weight("kernel", shape, self.kernel_layout, self.kernel_initializer)
         self.bias = None
         if self.use_bias:
             self.bias = self.add_sharded_weight(
                 "bias", self.bias_shape, self.bias_layout, self.bias_initializer
             )
+        if self.quantized:
+            self.kernel_scale = self._add_quantized_weight(
+                "kernel_scale", "ones", self.scale_shape(shape), self.scale_layout, "float32"
+            )
+
+    # --- weight-only int8 -----------------------------------------------------
+    @property
+    def scale_layout(self):
+        """The scale's layout: that of the kernel's output dims."""
+        return tuple(self.kernel_layout[len(self.in_trailing) :])
+
+    def scale_shape(self, kernel_shape):
+        return tuple(kernel_shape[len(self.in_trailing) :])
+
+    def _add_quantized_weight(self, name, initializer, shape, layout, dtype):
+        """A non-trainable variable of `dtype` (int8 values or their float32
+        scale), split as `layout` says; `initializer` may be a global array."""
+        keras_layout = None if self.mesh_info is None else parallel.variable_layout(self.mesh_info, layout)
+        with keras.name_scope(self.name, caller=self):
+            variable = keras.Variable(
+                initializer=initializer, shape=tuple(shape), dtype=dtype, trainable=False, name=name,
+                layout=keras_layout,
+            )
+        variable._tp_zoo_true_shape = tuple(int(s) for s in shape)
+        return variable
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Replaces the float kernel by int8 values of the same shape and
+        layout and a float32 per-output-channel `kernel_scale` (max |w| over
+        the whole reduction dims / 127, the same at every tp). Checks
+        everything before changing anything."""
+        q8.check_mode(mode, self.name)
+        if config is not None:
+            raise ValueError(f"{self.name}: a quantization config is not supported; call quantize({mode!r}).")
+        if not self.built:
+            raise ValueError(f"{self.name}: cannot quantize a layer that isn't built yet.")
+        if self.quantized:
+            raise ValueError(f"{self.name}: the layer is already quantized ({self.quantized}).")
+        if self.lora_enabled:
+            raise ValueError(f"{self.name}: cannot quantize a layer with LoRA enabled; merge or quantize first.")
+        values, scale = q8.quantize_int8(self.kernel.value, len(self.in_trailing))
+        shape = tuple(self.kernel.shape)
+        kernel = self._add_quantized_weight("kernel", values, shape, self.kernel_layout, "int8")
+        kernel_scale = self._add_quantized_weight(
+            "kernel_scale", scale, self.scale_shape(shape), self.scale_layout, "float32"
+        )
+        self._tracker.unlock()
+        self._untrack_variable(self.kernel)
+        self.kernel, self.kernel_scale = kernel, kernel_scale
+        self._tracker.lock()
+        self.quantized = mode
+        self._sharded_programs = {}
 
     # --- LoRA ---------------------------------------------------------------
     lora_enabled = False
@@ -108,10 +171,16 @@ class _ParallelLinear(ShardedLayer):
     def merge_lora(self):
         """Folds the LoRA update into the kernel and zeroes B (adapters stay, now inert)."""
         weights, layouts = self.weights_and_layouts()
-        merged = self.run_sharded(
-            lambda w: self.effective(w)[0], (layouts,), self.kernel_layout, weights, key="merge_lora"
-        )
-        self.kernel.assign(merged)
+        if self.quantized:  # the merged kernel is quantized again (new scales)
+            merged = self.run_sharded(self._merged_float, (layouts,), self.kernel_layout, weights, key="merge_q")
+            values, scale = q8.quantize_int8(merged, len(self.in_trailing))
+            self.kernel.assign(values)
+            self.kernel_scale.assign(scale)
+        else:
+            merged = self.run_sharded(
+                lambda w: self.effective(w)[0], (layouts,), self.kernel_layout, weights, key="merge_lora"
+            )
+            self.kernel.assign(merged)
         self.lora_kernel_b.assign(jnp.zeros_like(self.lora_kernel_b.value))
 
     # --- computation --------------------------------------------------------
@@ -122,6 +191,9 @@ class _ParallelLinear(ShardedLayer):
         if self.use_bias:
             values.append(self.bias.value)
             layouts.append(self.bias_layout)
+        if self.quantized:
+            values.append(self.kernel_scale.value)
+            layouts.append(self.scale_layout)
         if self.lora_enabled:
             values += [self.lora_kernel_a.value, self.lora_kernel_b.value]
             layouts += [self.lora_kernel_a_layout, self.lora_kernel_b_layout]
@@ -135,17 +207,33 @@ class _ParallelLinear(ShardedLayer):
     def lora_kernel_b_layout(self):
         return (None,) + self.kernel_layout[len(self.in_trailing) :]
 
+    def _lora_update(self, weights):
+        a, b = weights[-2:]
+        return jnp.tensordot(a, b, axes=1) * (self.lora_alpha / self.lora_rank)
+
+    def _merged_float(self, weights):
+        """A quantized kernel dequantized in float32, LoRA update added."""
+        kernel = q8.dequantize(weights[0], weights[2 if self.use_bias else 1])
+        return kernel + self._lora_update(weights).astype(jnp.float32) if self.lora_enabled else kernel
+
     def effective(self, weights):
-        """(kernel, bias or None) from local weights, the LoRA update folded in."""
+        """(kernel, bias or None) from local weights, the LoRA update folded
+        in. A quantized kernel is a `QuantizedKernel` (int8 values, scale),
+        or, under LoRA, dequantized with the update added (compute dtype)."""
         kernel = weights[0]
+        bias = weights[1] if self.use_bias else None
+        if self.quantized:
+            if not self.lora_enabled:
+                return q8.QuantizedKernel(kernel, weights[2 if self.use_bias else 1]), bias
+            return self._merged_float(weights).astype(self.compute_dtype), bias
         if self.lora_enabled:
-            a, b = weights[-2:]
-            update = jnp.tensordot(a, b, axes=1) * (self.lora_alpha / self.lora_rank)
-            kernel = kernel + update.astype(kernel.dtype)
-        return kernel, (weights[1] if self.use_bias else None)
+            kernel = kernel + self._lora_update(weights).astype(kernel.dtype)
+        return kernel, bias
 
     def apply(self, kernel, bias, x):
         """The layer's math on local shards (inside a sharded region)."""
+        if isinstance(kernel, q8.QuantizedKernel):
+            return self._apply_quantized(kernel, bias, x)
         if bias is None and not (self.reduces and self.tp > 1):
             y = jnp.einsum(self.equation, x, kernel)
         else:
@@ -159,6 +247,19 @@ class _ParallelLinear(ShardedLayer):
             if bias is not None:
                 y = y + bias.astype(jnp.float32)
             y = y.astype(x.dtype)
+        return self.activation(y) if self.activation is not None else y
+
+    def _apply_quantized(self, kernel, bias, x):
+        """int8 weights, x.dtype activations: the int8 values (exact in bf16)
+        multiplied in x's dtype, accumulated in float32, summed over devices,
+        then scaled per output channel and biased in float32, rounded once."""
+        y = jnp.einsum(self.equation, x, kernel.values.astype(x.dtype), preferred_element_type=jnp.float32)
+        if self.reduces:
+            y = parallel.all_reduce(y)
+        y = y * kernel.scale.astype(jnp.float32)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)
+        y = y.astype(x.dtype)
         return self.activation(y) if self.activation is not None else y
 
     def local_apply(self, weights, x):
@@ -187,6 +288,8 @@ class _ParallelLinear(ShardedLayer):
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
         )
+        if self.quantized:
+            config["quantized"] = self.quantized
         return config
 
 
@@ -282,6 +385,17 @@ class HeadSplitDense(_ParallelLinear):
 
     def kernel_shape(self, in_dim):
         return (in_dim, self.num_heads, self.head_dim)
+
+    @staticmethod
+    def take_head(kernel, bias, head):
+        """The one head `head` of a local kernel (float or `QuantizedKernel`)
+        and bias (or None): what a device keeps of replicated kv heads."""
+        cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, head, 1, axis=axis)
+        if isinstance(kernel, q8.QuantizedKernel):
+            kernel = q8.QuantizedKernel(cut(kernel.values, 1), cut(kernel.scale, 0))
+        else:
+            kernel = cut(kernel, 1)
+        return kernel, (None if bias is None else cut(bias, 0))
 
     def get_config(self):
         return {

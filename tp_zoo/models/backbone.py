@@ -15,6 +15,7 @@ from tp_zoo.layers import PositionEmbedding
 from tp_zoo.layers import RotaryEmbedding
 from tp_zoo.layers import VocabParallelEmbedding
 from tp_zoo.layers.base import TrueShapeWeights
+from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.decoder_block import make_norm
 from tp_zoo.models.family import load_preset
 
@@ -93,8 +94,10 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
     ```
     """
 
-    def __init__(self, dtype=None, **kwargs):
+    def __init__(self, dtype=None, quantized=None, **kwargs):
         options = {k: kwargs.pop(k) for k in DecoderConfig.names() if k in kwargs}
+        if quantized is not None:
+            q8.check_mode(quantized)
         config = DecoderConfig(**options)
         policy = keras.dtype_policies.get(dtype) if dtype is not None else None
 
@@ -147,6 +150,13 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         if config.final_norm:
             self.output_norm = make_norm(config.norm, config.norm_epsilon, "final_norm", policy)
 
+        # A quantized model's config (a .keras file): its projections are
+        # built with int8 kernels, which the saved weights then fill.
+        self.quantized = quantized
+        if quantized is not None:
+            for projection in self.quantizable_layers():
+                projection.quantized = quantized
+
         # === Functional model ===
         token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
         padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
@@ -160,6 +170,8 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
             dtype=dtype,
             **kwargs,
         )
+
+        q8.use_own_quantize(self)
 
         # === Config ===
         self.decoder_config = config
@@ -179,6 +191,50 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
         super().enable_lora(rank, target_layer_names)
+
+    def quantizable_layers(self):
+        """The projections `quantize` converts: every attention and MLP
+        kernel (not norms, embeddings, OPT's projections or the LM head)."""
+        return [
+            p for block in self.transformer_layers
+            for p in block.attention._projections() + block.mlp._projections()
+        ]
+
+    def check_quantize(self, mode, config=None, owner=None):
+        """The checks of `quantize`, all before anything changes (`owner`:
+        the causal LM holding this backbone, whose optimizer counts too)."""
+        q8.check_mode(mode, f"{self.name}.quantize")
+        if config is not None:
+            raise ValueError(f"A quantization config is not supported; call quantize({mode!r}).")
+        if self.quantized is not None:
+            raise ValueError(f"{self.name} is already quantized ({self.quantized}); load the float model to quantize again.")
+        for model in (self, owner):
+            optimizer = getattr(model, "optimizer", None)
+            if optimizer is not None and optimizer.built:
+                raise ValueError(
+                    "Cannot quantize a model whose training has started (its optimizer state is built): "
+                    "quantize before fit(), or compile() again with a new optimizer first."
+                )
+        lora = [p.name for p in self.quantizable_layers() if p.lora_enabled]
+        if lora:
+            raise ValueError(f"Cannot quantize layers with LoRA enabled ({lora[:3]}...); merge_lora() first "
+                             "and quantize a model without adapters, or enable LoRA after quantize.")
+
+    def quantize(self, mode=None, type_check=True, config=None, **kwargs):
+        """Weight-only int8 (Keras' `quantize("int8")`): every attention and
+        MLP kernel becomes int8 with float32 per-output-channel scales, split
+        as the float kernel was; the values and scales are the same at any
+        tp. Norms, embeddings and the LM head stay float."""
+        if kwargs.pop("filters", None) is not None or kwargs:
+            raise ValueError(f"quantize: unsupported arguments {sorted(kwargs) or ['filters']}.")
+        self.check_quantize(mode, config)
+        for projection in self.quantizable_layers():
+            projection.quantize(mode)
+        self.quantized = mode
+        for layer in self._flatten_layers(include_self=False):
+            if hasattr(layer, "_sharded_programs"):
+                layer._sharded_programs = {}
+        self.train_function = self.test_function = self.predict_function = None
 
     def merge_lora(self):
         """Folds every LoRA adapter into its base kernel (see enable_lora)."""
@@ -205,4 +261,7 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         return x
 
     def get_config(self):
-        return {**super().get_config(), **dataclasses.asdict(self.decoder_config)}
+        config = {**super().get_config(), **dataclasses.asdict(self.decoder_config)}
+        if self.quantized is not None:
+            config["quantized"] = self.quantized
+        return config

@@ -97,6 +97,7 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         inputs = backbone.input
         outputs = self.lm_head(backbone(inputs))
         super().__init__(inputs=inputs, outputs=outputs, **kwargs)
+        self.__dict__.pop("quantize", None)  # Keras' wrapper: our quantize() checks and says more
 
     def get_config(self):
         return {**super().get_config(), "hf_config": self.hf_config}
@@ -152,6 +153,16 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
     train_on_batch = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.train_on_batch)))
     test_on_batch = _under_own_distribution(preprocesses_text(_checks_batch(keras_hub.models.CausalLM.test_on_batch)))
     predict_on_batch = _under_own_distribution(preprocesses_text(keras_hub.models.CausalLM.predict_on_batch))
+
+    def quantize(self, mode=None, type_check=True, config=None, **kwargs):
+        """Weight-only int8 of the backbone's attention and MLP kernels (see
+        `DecoderBackbone.quantize`); the LM head stays float. Refused, with
+        the model unchanged, for an unsupported mode, a model already
+        quantized, or one whose training has started."""
+        self.backbone.check_quantize(mode, config, owner=self)
+        self.backbone.quantize(mode, config=config, **kwargs)
+        self.train_function = self.test_function = self.predict_function = None
+        self.generate_function = None
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
         """Generates from prompts, sharded; see `tp_zoo.models.generation.generate`."""

@@ -1,0 +1,59 @@
+"""Weight-only int8: per-output-channel absmax quantization of kernels.
+
+A kernel of shape (*in_dims, *out_dims) becomes int8 values of the same
+shape and layout plus a float32 scale of shape out_dims, split like the
+kernel's output dims. The scale is the max |w| over the whole reduction
+(input) dims / 127, computed on the global array (XLA adds the collective
+where the reduction dim is split), so the int8 values and scales are the
+same at every tp. The layer computes einsum(x, int8.astype(x.dtype)) in
+float32, times the scale (after the all-reduce of a row-parallel layer:
+the scale is per output channel, the same on every device), plus the bias.
+"""
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+SUPPORTED_MODES = ("int8",)
+
+
+def check_mode(mode, what="quantize"):
+    """ValueError for a mode tp_zoo does not implement, naming those it does."""
+    if mode not in SUPPORTED_MODES:
+        raise ValueError(
+            f"{what}: unsupported quantization mode {mode!r}; tp_zoo supports "
+            f"{', '.join(repr(m) for m in SUPPORTED_MODES)} (weight-only, per-output-channel scales)."
+        )
+
+
+def use_own_quantize(obj):
+    """Drops the wrapper Keras puts around an instance's `quantize` (its
+    config resolution and checks answer unknown modes with Keras' messages
+    and pass a config object), so that the class's own method runs."""
+    obj.__dict__.pop("quantize", None)
+
+
+class QuantizedKernel(NamedTuple):
+    """An int8 kernel (local shard) and its float32 per-output-channel scale."""
+
+    values: jax.Array
+    scale: jax.Array
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def quantize_int8(kernel, n_in):
+    """(int8 values, float32 scale) of `kernel`, reducing over its first
+    `n_in` dims: scale = max |w| / 127 (1 where a channel is all zeros),
+    values = round(w / scale) clipped to [-127, 127]."""
+    w = kernel.astype(jnp.float32)
+    amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+    return values, scale
+
+
+def dequantize(values, scale, dtype=jnp.float32):
+    """values * scale (broadcast on the output dims) in `dtype`."""
+    return (values.astype(jnp.float32) * scale).astype(dtype)
