@@ -25,6 +25,10 @@ def test_demo_fine_tunes_and_generates(tmp_path, capsys):
                      "--max-length", "20", "--top-k", "4", "--seed", "3"]) == 0
     out = capsys.readouterr().out
     assert out.count("We hold these truths") == 1 and "new tokens in" in out
+    # And its int8 form, quantized while loading.
+    assert cli.main(["generate", str(tmp_path / "demo"), "--tp", "2", "--prompt", "We hold these truths",
+                     "--max-new-tokens", "8", "--quantize", "int8"]) == 0
+    assert "We hold these truths" in capsys.readouterr().out
 
 
 def test_presets_lists_names(capsys):

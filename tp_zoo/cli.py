@@ -41,7 +41,7 @@ def _generate(args):
 
     console = Console()
     start = time.perf_counter()
-    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype)
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype, quantize=args.quantize)
     console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
     lm.compile(sampler=_sampler(args))
     start = time.perf_counter()
@@ -63,7 +63,7 @@ def _finetune(args):
     from tp_zoo.finetune import finetune
 
     console = Console()
-    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype)
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
     losses = finetune(lm, args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, lora_rank=args.lora_rank, save_every=args.save_every, out=args.out,
                       stride=args.stride)
@@ -114,6 +114,7 @@ def main(argv=None):
     gen.add_argument("--temperature", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    gen.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8, quantized while loading")
     gen.set_defaults(run=_generate)
     ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
     ft.add_argument("preset", metavar="PRESET_OR_DIR")
@@ -129,6 +130,7 @@ def main(argv=None):
     ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
     ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")
     ft.add_argument("--dtype", default=None)
+    ft.add_argument("--quantize", choices=["int8"], default=None, help="int8 frozen base (train LoRA adapters)")
     ft.set_defaults(run=_finetune)
     args = parser.parse_args(argv)
     try:

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.tensor_files import DTYPES
 from tp_zoo.layers.base import true_value
+from tp_zoo.layers.quantize import dequantize
 from tp_zoo.models import family_of
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
@@ -46,13 +48,26 @@ def hf_tensors(causal_lm):
             "backbone.merge_lora() before exporting (or save them alone with "
             "backbone.save_lora_weights)."
         )
+    # int8 kernels are written dequantized (values x scales) in the layer's dtype.
+    quantized = {id(l.kernel): l for l in causal_lm._flatten_layers() if getattr(l, "kernel_scale", None) is not None}
+    if quantized:
+        warnings.warn(
+            f"{len(quantized)} int8 kernels are exported dequantized (int8 values x their scales), "
+            "as float tensors: the Hugging Face layout has no int8 form here.",
+            stacklevel=2,
+        )
+    scales = {id(l.kernel_scale) for l in quantized.values()}
     for variable in causal_lm.weights:
-        if "lora_kernel" in variable.path:
+        if "lora_kernel" in variable.path or id(variable) in scales:
             continue
         entry, name = layout.find(variable.path)
         if entry is None:
             raise ValueError(f"The layout map has no entry for variable {variable.path}.")
-        tensor = _to_tensor(entry, true_value(variable))
+        value = true_value(variable)
+        if id(variable) in quantized:
+            layer = quantized[id(variable)]
+            value = np.asarray(dequantize(value, true_value(layer.kernel_scale), layer.variable_dtype))
+        tensor = _to_tensor(entry, value)
         if entry.part is None:
             yield name, tensor
             continue

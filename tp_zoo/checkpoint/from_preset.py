@@ -15,6 +15,7 @@ from tp_zoo.checkpoint.source import open_tensors
 from tp_zoo.checkpoint.source import read_config
 from tp_zoo.errors import WrongFamilyError
 from tp_zoo.layers import weights_from
+from tp_zoo.layers.quantize import check_mode
 from tp_zoo.models import DecoderCausalLM
 from tp_zoo.models import families
 from tp_zoo.models import family_of
@@ -27,7 +28,7 @@ def _checkpoint_dtype(config):
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
 
-def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True):
+def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True, quantize=None):
     """Loads a checkpoint straight into per-device shards.
 
     Args:
@@ -41,6 +42,9 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         allow_pickle: accept checkpoints that only have pickled PyTorch files.
             Unpickling can run arbitrary code: only for checkpoints you trust.
         progress: show a progress bar of the bytes loaded.
+        quantize: "int8" to quantize the attention and MLP kernels while
+            streaming (as `lm.quantize("int8")` would, without ever holding
+            a float copy of the model): each device gets int8 blocks.
 
     Returns:
         A `keras_hub.models.CausalLM` of the checkpoint's family, every variable
@@ -48,16 +52,21 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         the `keras.distribution.ModelParallel` it was built under (None for a
         single device), and its fit/predict/generate run under it.
     """
-    return _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress)
+    return _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
 
 
-def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True):
+def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True,
+          quantize=None):
     """from_preset, refusing a checkpoint whose family's classes are not
     (subclasses of) `expected_class` (a CausalLM or Backbone class, or None)."""
+    if quantize is not None:
+        check_mode(quantize, "from_preset")
     distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
     if tp * dp == 1 and devices is None:
         distribution = None  # one device: a plain single-device model
     if _is_keras_hub_preset(preset):
+        if quantize is not None:
+            raise ValueError("quantize= applies to Hugging Face checkpoints; call lm.quantize() on a loaded preset.")
         return _load_keras_hub_preset(preset, expected_class, distribution, dtype)
     directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
     config = read_config(directory)
@@ -74,11 +83,12 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
     tensors = open_tensors(directory, allow_pickle=allow_pickle)
     try:
         layout = Layout(family.layout)
-        loader = StreamingLoader(tensors, layout, progress=progress,
-                                 description=f"loading {directory.name} (tp={tp})")
+        dtype = dtype or _checkpoint_dtype(config)
+        loader = StreamingLoader(tensors, layout, progress=progress, description=f"loading {directory.name} (tp={tp})",
+                                 float_dtype=keras.dtype_policies.get(dtype).variable_dtype)
         scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
         with loader, scope, weights_from(loader):
-            backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype or _checkpoint_dtype(config))
+            backbone = cls.backbone_cls.from_hf_config(config, dtype=dtype, quantized=quantize)
             tokenizer = CheckpointTokenizer.from_directory(directory, config, family.adds_bos)
             causal_lm = cls(backbone=backbone, tokenizer=tokenizer, hf_config=config)
         loader.warn_unused()

@@ -63,6 +63,11 @@ class LayoutEntry:
             return None
         return self.tensor.replace("{i}", m.group("i")) if "i" in m.groupdict() else self.tensor
 
+    def variable_rank(self, tensor_rank):
+        """How many dims the variable a tensor of `tensor_rank` dims becomes."""
+        groups = TRANSFORMS[self.transform][1]
+        return tensor_rank if groups is None else sum(len(g) for g in groups)
+
     def groups(self, rank):
         groups = TRANSFORMS[self.transform][1]
         return groups if groups is not None else [[d] for d in range(rank)]

@@ -25,14 +25,19 @@ from rich.progress import TimeRemainingColumn
 from rich.progress import TransferSpeedColumn
 
 from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.layers.quantize import scale_from_absmax
 
 
 class StreamingLoader:
     """The weight source for `weights_from`: layout map + tensor files -> shards."""
 
-    def __init__(self, tensors, layout, progress=True, description="loading"):
+    def __init__(self, tensors, layout, progress=True, description="loading", float_dtype="float32"):
         self.tensors = tensors
         self.layout = layout
+        # The dtype a float kernel would have: int8 kernels are quantized
+        # from it, as `quantize("int8")` on the float model would.
+        self.float_dtype = jnp.dtype(float_dtype)
+        self._scales = {}  # kernel path -> its int8 scale (host), made with the scale variable
         self.used = set()
         self.bytes_read = 0
         self._progress = Progress(
@@ -58,6 +63,8 @@ class StreamingLoader:
 
     # --- the weights_from protocol ---------------------------------------------
     def __call__(self, path, shape, true_shape, dtype, sharding):
+        if path.endswith("/kernel_scale"):
+            return self._int8_scale(path[: -len("_scale")], true_shape, sharding)
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -77,13 +84,41 @@ class StreamingLoader:
                 f"Checkpoint tensor {name} has shape {tuple(found)}, expected shape "
                 f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
             )
-        value = self._place(entry, name, tuple(shape), true_shape, dtype, sharding)
+        scale = self._scales.pop(path) if jnp.dtype(dtype) == jnp.int8 else None
+        value = self._place(entry, name, tuple(shape), true_shape, dtype, sharding, scale)
         if name not in self.used:
             self.used.add(name)
             self._progress.advance(self._task, self.tensors.nbytes(name))
         return value
 
-    def _place(self, entry, name, shape, true_shape, dtype, sharding):
+    def _int8_scale(self, kernel_path, scale_shape, sharding):
+        """The per-output-channel scale of an int8 kernel (made before the
+        kernel): max |w| over the input dims / 127, read from the mapped file
+        in chunks of rows, so no whole tensor is held in host memory."""
+        entry, tensor = self.layout.find(kernel_path)
+        name = self.layout.resolve(tensor, self.tensors.names()) if entry is not None else None
+        if name is None:
+            raise CheckpointMismatchError(f"No checkpoint tensor for the int8 kernel {kernel_path}.")
+        host = self.tensors.array(name)
+        if entry.part is not None:
+            axis, index, count = entry.part
+            block = host.shape[axis] // count
+            host = host[(slice(None),) * axis + (slice(index * block, (index + 1) * block),)]
+        rank = entry.variable_rank(host.ndim)
+        n_in = rank - len(scale_shape)
+        tensor_groups = entry.groups(rank)[::-1] if entry.transposed else entry.groups(rank)
+        rows_are_inputs = tensor_groups[0][0] < n_in  # 2-D tensors: one input axis, one output axis
+        rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
+        maxima = []
+        for start in range(0, host.shape[0], rows):
+            chunk = np.abs(np.asarray(host[start : start + rows]).astype(self.float_dtype).astype(np.float32))
+            maxima.append(chunk.max(axis=0) if rows_are_inputs else chunk.max(axis=1))
+        amax = np.max(maxima, axis=0) if rows_are_inputs else np.concatenate(maxima)
+        scale = np.asarray(_scale_from_absmax(amax)).reshape(scale_shape)
+        self._scales[kernel_path] = scale
+        return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
+
+    def _place(self, entry, name, shape, true_shape, dtype, sharding, scale=None):
         if sharding is None:
             indices = {jax.devices()[0]: tuple(slice(None) for _ in shape)}
         else:
@@ -94,7 +129,15 @@ class StreamingLoader:
             by_block[block].append(device)
         shards = []
         for block, devices in by_block.items():
-            shards += self._read_block(entry, name, block, shape, true_shape, dtype, devices)
+            if scale is None:
+                shards += self._read_block(entry, name, block, shape, true_shape, dtype, devices)
+                continue
+            # int8: read in the float dtype, quantize on the device with the
+            # block's slice of the whole-tensor scale.
+            floats = self._read_block(entry, name, block, shape, true_shape, self.float_dtype, devices)
+            out_block = block[len(shape) - scale.ndim :]
+            block_scale = scale[tuple(slice(a, b) for a, b in out_block)]
+            shards += [_quantize_block(x, jax.device_put(block_scale, x.devices().pop())) for x in floats]
         if sharding is None:
             return shards[0]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
@@ -160,6 +203,15 @@ def _write_chunk(out, chunk, start, transposed):
     if transposed:
         return jax.lax.dynamic_update_slice_in_dim(out, chunk.T, start, axis=1)
     return jax.lax.dynamic_update_slice_in_dim(out, chunk, start, axis=0)
+
+
+_scale_from_absmax = jax.jit(scale_from_absmax)
+
+
+@jax.jit
+def _quantize_block(block, scale):
+    """As `tp_zoo.layers.quantize.quantize_int8`, with a given scale."""
+    return jnp.clip(jnp.round(block.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
 
 
 @functools.lru_cache(maxsize=None)

@@ -110,7 +110,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
     def tp(self):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
-    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, true_shape=None):
+    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, true_shape=None, dtype=None):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
@@ -118,11 +118,12 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         `shape` pads a dim up to a multiple of tp (a vocab that tp does not
         divide), `true_shape` is the shape the variable stands for: the
         checkpoint source, get_weights/set_weights, saving and export see
-        only that part.
+        only that part. `dtype` overrides the layer's variable dtype (int8
+        kernels and their scales).
         """
         shape = tuple(int(s) for s in shape)
         true_shape = shape if true_shape is None else tuple(int(s) for s in true_shape)
-        dtype = self.variable_dtype
+        dtype = dtype or self.variable_dtype
         keras_layout = sharding = None
         if self.mesh_info is not None:
             keras_layout = parallel.variable_layout(self.mesh_info, layout)

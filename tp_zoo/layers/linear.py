@@ -71,7 +71,13 @@ class _ParallelLinear(ShardedLayer):
     def build(self, input_shape):
         in_dim = input_shape[-1] if len(self.in_trailing) == 1 else input_shape[-2:]
         shape = self.kernel_shape(in_dim)
-        if self.quantized:  # made quantized (a saved quantized model): values come from the file
+        if self.quantized:
+            # Made quantized (a saved quantized model, or from_preset(quantize=)):
+            # the values come from the file. The scale is made first, as
+            # quantize() makes it: variable order is what saved files follow.
+            self.kernel_scale = self._add_quantized_weight(
+                "kernel_scale", "ones", self.scale_shape(shape), self.scale_layout, "float32"
+            )
             self.kernel = self._add_quantized_weight("kernel", "zeros", shape, self.kernel_layout, "int8")
         else:
             self.kernel = self.add_sharded_weight("kernel", shape, self.kernel_layout, self.kernel_initializer)
@@ -79,10 +85,6 @@ class _ParallelLinear(ShardedLayer):
         if self.use_bias:
             self.bias = self.add_sharded_weight(
                 "bias", self.bias_shape, self.bias_layout, self.bias_initializer
-            )
-        if self.quantized:
-            self.kernel_scale = self._add_quantized_weight(
-                "kernel_scale", "ones", self.scale_shape(shape), self.scale_layout, "float32"
             )
 
     # --- weight-only int8 -----------------------------------------------------
@@ -96,15 +98,9 @@ class _ParallelLinear(ShardedLayer):
 
     def _add_quantized_weight(self, name, initializer, shape, layout, dtype):
         """A non-trainable variable of `dtype` (int8 values or their float32
-        scale), split as `layout` says; `initializer` may be a global array."""
-        keras_layout = None if self.mesh_info is None else parallel.variable_layout(self.mesh_info, layout)
-        with keras.name_scope(self.name, caller=self):
-            variable = keras.Variable(
-                initializer=initializer, shape=tuple(shape), dtype=dtype, trainable=False, name=name,
-                layout=keras_layout,
-            )
-        variable._tp_zoo_true_shape = tuple(int(s) for s in shape)
-        return variable
+        scale), split as `layout` says; `initializer` may be a global array.
+        A checkpoint source (from_preset(quantize="int8")) fills it instead."""
+        return self.add_sharded_weight(name, shape, layout, initializer, trainable=False, dtype=dtype)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Replaces the float kernel by int8 values of the same shape and
@@ -122,13 +118,13 @@ class _ParallelLinear(ShardedLayer):
             raise ValueError(f"{self.name}: cannot quantize a layer with LoRA enabled; merge or quantize first.")
         values, scale = q8.quantize_int8(self.kernel.value, len(self.in_trailing))
         shape = tuple(self.kernel.shape)
-        kernel = self._add_quantized_weight("kernel", values, shape, self.kernel_layout, "int8")
         kernel_scale = self._add_quantized_weight(
             "kernel_scale", scale, self.scale_shape(shape), self.scale_layout, "float32"
         )
+        kernel = self._add_quantized_weight("kernel", values, shape, self.kernel_layout, "int8")
         self._tracker.unlock()
         self._untrack_variable(self.kernel)
-        self.kernel, self.kernel_scale = kernel, kernel_scale
+        self.kernel_scale, self.kernel = kernel_scale, kernel  # tracked in this order, as build() makes them
         self._tracker.lock()
         self.quantized = mode
         self._sharded_programs = {}

@@ -42,6 +42,12 @@ class QuantizedKernel(NamedTuple):
     scale: jax.Array
 
 
+def scale_from_absmax(amax):
+    """max |w| per channel -> its scale (1 where a channel is all zeros).
+    One definition, so that quantizing while loading rounds the same way."""
+    return jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def quantize_int8(kernel, n_in):
     """(int8 values, float32 scale) of `kernel`, reducing over its first
@@ -49,7 +55,7 @@ def quantize_int8(kernel, n_in):
     values = round(w / scale) clipped to [-127, 127]."""
     w = kernel.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
-    scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
+    scale = scale_from_absmax(amax)
     values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
     return values, scale
 

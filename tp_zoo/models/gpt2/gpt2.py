@@ -21,7 +21,7 @@ _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class GPT2Backbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None):
+    def from_hf_config(cls, config, dtype=None, **options):
         if config.get("scale_attn_by_inverse_layer_idx", False):
             refuse(config, "scale_attn_by_inverse_layer_idx=true")
         if not config.get("scale_attn_weights", True):
@@ -45,6 +45,7 @@ class GPT2Backbone(DecoderBackbone):
             activation=_ACTIVATIONS[activation],
             tie_embeddings=True,
             dtype=dtype,
+            **options,
         )
 
 

@@ -19,7 +19,7 @@ from tp_zoo.models.hf_config import rope_settings
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class LlamaBackbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None):
+    def from_hf_config(cls, config, dtype=None, **options):
         if config.get("hidden_act", "silu") != "silu":
             refuse(config, f"hidden_act={config['hidden_act']!r}")
         model_type = config.get("model_type")
@@ -49,6 +49,7 @@ class LlamaBackbone(DecoderBackbone):
             sliding_window=sliding_window,
             tie_embeddings=config.get("tie_word_embeddings", False),
             dtype=dtype,
+            **options,
         )
 
 

@@ -19,7 +19,7 @@ from tp_zoo.models.hf_config import refuse
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class OPTBackbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None):
+    def from_hf_config(cls, config, dtype=None, **options):
         if config.get("activation_function", "relu") not in ("relu", "gelu"):
             refuse(config, f"activation_function={config['activation_function']!r}")
         if not config.get("layer_norm_elementwise_affine", True):
@@ -47,6 +47,7 @@ class OPTBackbone(DecoderBackbone):
             output_bias=bias,
             tie_embeddings=True,
             dtype=dtype,
+            **options,
         )
 
 

@@ -1,0 +1,63 @@
+"""from_preset(..., quantize="int8") streams int8 blocks that are exactly
+what `lm.quantize("int8")` makes from the float model: every int8 value and
+scale bitwise equal, at tp 1, 2 and 4 (GQA kv heads replicated at 4, GPT-2's
+fused q/k/v, OPT's biases), and the same logits."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+import tp_zoo
+from tests.models import checkpoints as ckpts
+from tp_zoo.checkpoint.export import export_to_hf
+
+
+@pytest.fixture(scope="module")
+def checkpoint_dirs(tmp_path_factory):
+    out = {}
+    for name in ("llama_gqa_llama3_rope", "gpt2", "opt_pre_ln"):
+        path = tmp_path_factory.mktemp(name)
+        ckpts.save(ckpts.build_model(ckpts.CASES[name]), path)
+        out[name] = path
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_rope", "gpt2", "opt_pre_ln"])
+def test_streamed_int8_equals_quantize_after_loading(checkpoint_dirs, name, tp):
+    path = checkpoint_dirs[name]
+    streamed = tp_zoo.from_preset(path, tp=tp, dtype="float32", quantize="int8", progress=False)
+    after = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
+    after.quantize("int8")
+    ours = {v.path: v for v in streamed.weights}
+    int8 = 0
+    for variable in after.weights:
+        mine = ours[variable.path]
+        assert mine.dtype == variable.dtype and mine.shape == variable.shape, variable.path
+        np.testing.assert_array_equal(np.asarray(mine.numpy()), np.asarray(variable.numpy()), err_msg=variable.path)
+        int8 += variable.dtype == "int8"
+    per_layer = 4 + (3 if streamed.backbone.gated_mlp else 2)  # q, k, v, o and the MLP's matrices
+    assert int8 == per_layer * streamed.backbone.num_layers
+    ids, mask = ckpts.batch(ckpts.CASES[name][2]["vocab_size"])
+    x = {"token_ids": ids, "padding_mask": mask}
+    np.testing.assert_array_equal(np.asarray(streamed(x)), np.asarray(after(x)))
+
+
+def test_quantize_argument_errors(checkpoint_dirs):
+    with pytest.raises(ValueError, match="unsupported quantization mode 'int4'; tp_zoo supports 'int8'"):
+        tp_zoo.from_preset(checkpoint_dirs["gpt2"], quantize="int4", progress=False)
+
+
+def test_export_of_a_quantized_model_dequantizes_and_says_so(checkpoint_dirs, tmp_path):
+    lm = tp_zoo.from_preset(checkpoint_dirs["gpt2"], tp=2, dtype="float32", quantize="int8", progress=False)
+    with pytest.warns(UserWarning, match="exported dequantized"):
+        export_to_hf(lm, tmp_path / "out")
+    back = tp_zoo.from_preset(tmp_path / "out", tp=2, dtype="float32", progress=False)
+    ids, mask = ckpts.batch(101)
+    x = {"token_ids": ids, "padding_mask": mask}
+    # The float model made of the dequantized kernels computes what the int8 one does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        diff = np.abs(np.asarray(back(x)) - np.asarray(lm(x))).max()
+    assert diff <= 1e-5 * max(1.0, float(np.abs(np.asarray(lm(x))).max()))
