@@ -116,3 +116,25 @@ def test_bad_input(checkpoint, tmp_path, kwargs, files, match):
     lm = tp_zoo.from_preset(checkpoint / "model", tp=2, dp=2, progress=False)
     with pytest.raises(ValueError, match=match):
         finetune(lm, tmp_path / next(iter(files)), **{**STEPS, **kwargs})
+
+
+def test_lora_on_an_int8_base_resumes_at_another_tp(checkpoint, tmp_path):
+    """An int8 base streamed from the checkpoint, LoRA trained on it for 4
+    steps at tp=2 with checkpoints every 2, resumed at tp=4 for 2 more: the
+    run continues from its checkpoint, and the export (LoRA merged, kernels
+    dequantized) is a float model computing what the merged int8 model does."""
+    import numpy as np
+
+    int8 = tp_zoo.from_preset(checkpoint / "model", tp=2, quantize="int8", progress=False)
+    first = finetune(int8, checkpoint / "data.txt", **{**STEPS, "steps": 4}, lora_rank=4, save_every=2,
+                     out=tmp_path / "run")
+    assert len(first) == 4
+    again = tp_zoo.from_preset(checkpoint / "model", tp=4, quantize="int8", progress=False)
+    more = finetune(again, checkpoint / "data.txt", **{**STEPS, "steps": 6}, lora_rank=4, save_every=2,
+                    out=tmp_path / "run")
+    assert len(more) == 2  # steps 5 and 6 only: resumed from step 4
+    exported = tp_zoo.from_preset(tmp_path / "run" / "model", tp=1, progress=False)
+    assert all(v.dtype != "int8" for v in exported.weights)
+    ids = np.arange(1, 17, dtype="int32")[None]
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    assert_close(np.asarray(again(x)), np.asarray(exported(x)), "export of the merged int8 model")
