@@ -35,10 +35,12 @@ def hf_config(shape):
     }
 
 
-def tp_zoo_model(config, tp, dtype):
-    """tp_zoo's Llama with random weights, made directly sharded on the devices."""
+def tp_zoo_model(config, tp, dtype, quantized=None):
+    """tp_zoo's Llama with random weights, made directly sharded on the
+    devices; with quantized="int8" its kernels are made int8 on the devices
+    (zeros, scales of one: the bytes a decode step reads, never a float copy)."""
     with tp_zoo.distribution(tp=tp).scope():
-        return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype))
+        return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype, quantized=quantized))
 
 
 def keras_hub_model(config, dtype):
@@ -66,11 +68,26 @@ def add_model_arguments(parser):
     parser.add_argument("--skip-keras-hub", action="store_true")
 
 
-def each_model(config, tps, dtype, skip_keras_hub=False):
+def _keras_hub_int8(config, dtype):
+    model = keras_hub_model(config, dtype)
+    model.quantize("int8")
+    return model
+
+
+def each_model(config, tps, dtype, skip_keras_hub=False, quantize=None, quantized_only=False):
     """Yields (name, tp, model): KerasHub's single-device Llama first (unless
-    skipped), then tp_zoo at each tp; each is freed before the next is built."""
-    candidates = [] if skip_keras_hub else [("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, dtype))]
-    candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, dtype))) for tp in tps]
+    skipped), then tp_zoo at each tp; each is freed before the next is built.
+    With quantize="int8", each in its bf16 and its int8 form (only the int8
+    forms with quantized_only, for shapes whose bf16 form does not fit)."""
+    candidates = []
+    if not skip_keras_hub and not quantized_only:
+        candidates.append(("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, dtype)))
+    if quantize and not skip_keras_hub:
+        candidates.append(("KerasHub LlamaCausalLM int8", 1, lambda: _keras_hub_int8(config, dtype)))
+    if not quantized_only:
+        candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, dtype))) for tp in tps]
+    if quantize:
+        candidates += [("tp_zoo int8", tp, (lambda tp=tp: tp_zoo_model(config, tp, dtype, quantize))) for tp in tps]
     for name, tp, build in candidates:
         keras.utils.set_random_seed(0)
         model = build()

@@ -2,6 +2,9 @@
 own single-device Llama, each figure beside the memory-bandwidth floor.
 
     python scripts/bench_decode.py --shape llama3_8b --tp 1 [--only per-token|whole-call]
+    python scripts/bench_decode.py --shape llama3_8b --tp 1 --quantize int8 --only per-token --rows 0 1
+    python scripts/bench_decode.py --shape llama3_70b --tp 1 --quantize int8 --quantized-only --skip-keras-hub \
+        --only per-token --rows 0
 
 Both models get the same shapes and random weights and the greedy sampler.
 
@@ -107,6 +110,8 @@ def main():
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
     parser.add_argument("--only", choices=["per-token", "whole-call"])
     parser.add_argument("--rows", type=int, nargs="+", help="run only these per-token rows (0-based)")
+    parser.add_argument("--quantize", choices=["int8"], help="also each model's int8 form (weight-only for tp_zoo)")
+    parser.add_argument("--quantized-only", action="store_true", help="only the int8 forms (a 70B shape on one GPU)")
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
@@ -117,10 +122,12 @@ def main():
     measured_bw = copy_bandwidth()
     print(f"copy bandwidth: {measured_bw / 1e12:.2f} TB/s", flush=True)
     per_token, whole = [], []
-    for name, tp, lm in each_model(config, args.tp, args.dtype, args.skip_keras_hub):
+    for name, tp, lm in each_model(config, args.tp, args.dtype, args.skip_keras_hub, args.quantize,
+                                      args.quantized_only):
         lm.compile(sampler="greedy")
         ours = isinstance(lm, LlamaCausalLM)
         weights = model_bytes(lm) / tp
+        print(f"{name} tp={tp}: {weights / 2**30:.3f} GiB of weights per device", flush=True)
         kv = kv_bytes_per_token(config, itemsize) / min(tp, config["num_key_value_heads"])
         if args.only != "whole-call":
             for row, (batch, prompt, new, keras_hub_too) in enumerate(PER_TOKEN):
@@ -146,9 +153,9 @@ def main():
     print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
                  f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))
     if per_token:
-        print(f"{'model':<24}{'tp':>4}{'batch':>7}{'prompt':>8}{'new':>6}{'ms/token':>11}{'floor':>9}{'ratio':>8}")
+        print(f"{'model':<28}{'tp':>4}{'batch':>7}{'prompt':>8}{'new':>6}{'ms/token':>11}{'floor':>9}{'ratio':>8}")
         for name, tp, batch, prompt, new, ms, floor in per_token:
-            print(f"{name:<24}{tp:>4}{batch:>7}{prompt:>8}{new:>6}{ms:>11.3f}{floor:>9.3f}{ms / floor:>8.2f}")
+            print(f"{name:<28}{tp:>4}{batch:>7}{prompt:>8}{new:>6}{ms:>11.3f}{floor:>9.3f}{ms / floor:>8.2f}")
     if whole:
         print(f"{'model':<24}{'tp':>4}  {'case':<26}{'seconds':>10}{'prompt tokens/s':>17}")
         for name, tp, case, seconds, rate in whole:
