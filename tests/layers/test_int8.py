@@ -113,7 +113,9 @@ def test_quantized_logits_same_at_every_tp_and_close_to_float(quantized_models):
     projections = backbone.quantizable_layers()
     assert len(projections) == backbone.num_layers * 7  # q, k, v, o, gate, up, down
     assert all(p.kernel.dtype == "int8" for p in projections)
-    assert models[2][0].lm_head.trainable_weights[0].dtype == "float32"  # LM head / embeddings stay float
+    head = models[2][0].lm_head  # untied here: int8 too, a scale per vocab column, split on the vocab
+    assert head.kernel.dtype == "int8" and head.kernel_scale.shape == (backbone.vocab_size,)
+    assert backbone.token_embedding.embeddings.dtype == "float32"  # the token table stays float
 
 
 def test_quantized_at_dp_2_and_in_bfloat16(quantized_models, llama_path):

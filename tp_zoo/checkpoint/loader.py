@@ -64,7 +64,7 @@ class StreamingLoader:
     # --- the weights_from protocol ---------------------------------------------
     def __call__(self, path, shape, true_shape, dtype, sharding):
         if path.endswith("/kernel_scale"):
-            return self._int8_scale(path[: -len("_scale")], true_shape, sharding)
+            return self._int8_scale(path[: -len("_scale")], shape, true_shape, sharding)
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -91,7 +91,7 @@ class StreamingLoader:
             self._progress.advance(self._task, self.tensors.nbytes(name))
         return value
 
-    def _int8_scale(self, kernel_path, scale_shape, sharding):
+    def _int8_scale(self, kernel_path, shape, scale_shape, sharding):
         """The per-output-channel scale of an int8 kernel (made before the
         kernel): max |w| over the input dims / 127, read from the mapped file
         in chunks of rows, so no whole tensor is held in host memory."""
@@ -115,6 +115,8 @@ class StreamingLoader:
             maxima.append(chunk.max(axis=0) if rows_are_inputs else chunk.max(axis=1))
         amax = np.max(maxima, axis=0) if rows_are_inputs else np.concatenate(maxima)
         scale = np.asarray(_scale_from_absmax(amax)).reshape(scale_shape)
+        # Vocab padding (an LM head) gets scale 1: its columns are zeros.
+        scale = np.pad(scale, [(0, n - t) for n, t in zip(shape, scale_shape)], constant_values=1.0)
         self._scales[kernel_path] = scale
         return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
 

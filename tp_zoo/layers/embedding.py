@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import keras
 
 from tp_zoo import parallel
+from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import ShardedLayer
 
 M = parallel.MODEL
@@ -83,7 +84,8 @@ class VocabParallelLMHead(ShardedLayer):
 
     Tied: multiplies by the table of `tied_embedding` (a
     `VocabParallelEmbedding`). Untied: owns a `kernel` of shape
-    (hidden, vocab) split on the vocab dim.
+    (hidden, vocab) split on the vocab dim, which `quantize("int8")` makes
+    int8 with a float32 scale per vocab column (as the linear layers do).
     """
 
     def __init__(
@@ -91,9 +93,14 @@ class VocabParallelLMHead(ShardedLayer):
         vocab_size,
         tied_embedding=None,
         kernel_initializer="glorot_uniform",
+        quantized=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        if quantized is not None:
+            q8.check_mode(quantized, self.name)
+        self.quantized = quantized
+        q8.use_own_quantize(self)
         self.vocab_size = vocab_size
         self.tied_embedding = tied_embedding
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -108,6 +115,8 @@ class VocabParallelLMHead(ShardedLayer):
         if self.tied_embedding is not None:
             if not self.tied_embedding.built:
                 self.tied_embedding.build()
+        elif self.quantized:  # made quantized: the values come from a file (scale first, as quantize() does)
+            self.kernel_scale, self.kernel = self._add_int8_kernel(input_shape[-1], "ones", "zeros")
         else:
             self.kernel = self.add_sharded_weight(
                 "kernel",
@@ -117,6 +126,31 @@ class VocabParallelLMHead(ShardedLayer):
                 true_shape=(input_shape[-1], self.vocab_size),
             )
 
+    def _add_int8_kernel(self, hidden, scale, values):
+        kernel_scale = self.add_sharded_weight(
+            "kernel_scale", (self.padded_vocab_size,), (M,), scale, trainable=False,
+            true_shape=(self.vocab_size,), dtype="float32",
+        )
+        kernel = self.add_sharded_weight(
+            "kernel", (hidden, self.padded_vocab_size), (None, M), values, trainable=False,
+            true_shape=(hidden, self.vocab_size), dtype="int8",
+        )
+        return kernel_scale, kernel
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """int8 kernel with a per-vocab-column float32 scale (untied heads)."""
+        q8.check_mode(mode, self.name)
+        if self.tied_embedding is not None or self.quantized or not self.built or config is not None:
+            raise ValueError(f"{self.name}: only a built, untied, float LM head can be quantized, with no config.")
+        values, scale = q8.quantize_int8(self.kernel.value, 1)
+        kernel_scale, kernel = self._add_int8_kernel(self.kernel.shape[0], scale, values)
+        self._tracker.unlock()
+        self._untrack_variable(self.kernel)
+        self.kernel_scale, self.kernel = kernel_scale, kernel  # tracked in build()'s order
+        self._tracker.lock()
+        self.quantized = mode
+        self._sharded_programs = {}
+
     def _kernel(self):
         if self.tied_embedding is not None:
             return self.tied_embedding.embeddings.value, (M, None), "...d,vd->...v"
@@ -125,14 +159,26 @@ class VocabParallelLMHead(ShardedLayer):
     def call(self, x):
         kernel, kernel_layout, equation = self._kernel()
         layout = (B,) + (None,) * (x.ndim - 2)
-        logits = self.run_sharded(
-            lambda k, h: jnp.einsum(equation, h, k),
-            (kernel_layout, layout + (None,)),
-            layout + (M,),
-            kernel,
-            x,
-            key=equation,
-        )
+        if self.quantized:
+            logits = self.run_sharded(
+                lambda k, s, h: (jnp.einsum(equation, h, k.astype(h.dtype), preferred_element_type=jnp.float32)
+                                 * s).astype(h.dtype),
+                (kernel_layout, (M,), layout + (None,)),
+                layout + (M,),
+                kernel,
+                self.kernel_scale.value,
+                x,
+                key=("int8", equation),
+            )
+        else:
+            logits = self.run_sharded(
+                lambda k, h: jnp.einsum(equation, h, k),
+                (kernel_layout, layout + (None,)),
+                layout + (M,),
+                kernel,
+                x,
+                key=equation,
+            )
         if self.padded_vocab_size != self.vocab_size:
             logits = logits[..., : self.vocab_size]
         return logits
@@ -149,4 +195,5 @@ class VocabParallelLMHead(ShardedLayer):
             **super().get_config(),
             "vocab_size": self.vocab_size,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
+            "quantized": self.quantized,
         }

@@ -92,6 +92,7 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
             tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,
             name="lm_head",
             dtype=backbone.dtype_policy,
+            quantized=None if backbone.tie_embeddings else backbone.quantized,
         )
         # === Functional model ===
         inputs = backbone.input
@@ -156,11 +157,14 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
 
     def quantize(self, mode=None, type_check=True, config=None, **kwargs):
         """Weight-only int8 of the backbone's attention and MLP kernels (see
-        `DecoderBackbone.quantize`); the LM head stays float. Refused, with
-        the model unchanged, for an unsupported mode, a model already
-        quantized, or one whose training has started."""
+        `DecoderBackbone.quantize`) and of an untied LM head (a tied one
+        stays float with the token table). Refused, with the model
+        unchanged, for an unsupported mode, a model already quantized, or
+        one whose training has started."""
         self.backbone.check_quantize(mode, config, owner=self)
         self.backbone.quantize(mode, config=config, **kwargs)
+        if self.lm_head.tied_embedding is None:
+            self.lm_head.quantize(mode)
         self.train_function = self.test_function = self.predict_function = None
         self.generate_function = None
 
