@@ -16,7 +16,6 @@ from importlib import resources
 from pathlib import Path
 
 import keras
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
