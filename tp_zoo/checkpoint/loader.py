@@ -25,6 +25,7 @@ from rich.progress import TimeRemainingColumn
 from rich.progress import TransferSpeedColumn
 
 from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.layers.quantize import int8_values
 from tp_zoo.layers.quantize import scale_from_absmax
 
 
@@ -212,8 +213,7 @@ _scale_from_absmax = jax.jit(scale_from_absmax)
 
 @jax.jit
 def _quantize_block(block, scale):
-    """As `tp_zoo.layers.quantize.quantize_int8`, with a given scale."""
-    return jnp.clip(jnp.round(block.astype(jnp.float32) / scale), -127, 127).astype(jnp.int8)
+    return int8_values(block.astype(jnp.float32), scale)
 
 
 @functools.lru_cache(maxsize=None)

@@ -144,12 +144,7 @@ class VocabParallelLMHead(ShardedLayer):
             raise ValueError(f"{self.name}: only a built, untied, float LM head can be quantized, with no config.")
         values, scale = q8.quantize_int8(self.kernel.value, 1)
         kernel_scale, kernel = self._add_int8_kernel(self.kernel.shape[0], scale, values)
-        self._tracker.unlock()
-        self._untrack_variable(self.kernel)
-        self.kernel_scale, self.kernel = kernel_scale, kernel  # tracked in build()'s order
-        self._tracker.lock()
-        self.quantized = mode
-        self._sharded_programs = {}
+        q8.install(self, kernel_scale, kernel, mode)
 
     def _kernel(self):
         if self.tied_embedding is not None:

@@ -122,12 +122,7 @@ class _ParallelLinear(ShardedLayer):
             "kernel_scale", scale, self.scale_shape(shape), self.scale_layout, "float32"
         )
         kernel = self._add_quantized_weight("kernel", values, shape, self.kernel_layout, "int8")
-        self._tracker.unlock()
-        self._untrack_variable(self.kernel)
-        self.kernel_scale, self.kernel = kernel_scale, kernel  # tracked in this order, as build() makes them
-        self._tracker.lock()
-        self.quantized = mode
-        self._sharded_programs = {}
+        q8.install(self, kernel_scale, kernel, mode)
 
     # --- LoRA ---------------------------------------------------------------
     lora_enabled = False

@@ -56,8 +56,24 @@ def quantize_int8(kernel, n_in):
     w = kernel.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
     scale = scale_from_absmax(amax)
-    values = jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
-    return values, scale
+    return int8_values(w, scale), scale
+
+
+def int8_values(w, scale):
+    """round(w / scale) clipped to [-127, 127], as int8 (w in float32)."""
+    return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+
+
+def install(layer, kernel_scale, kernel, mode):
+    """Puts a quantized (kernel_scale, kernel) in place of `layer.kernel`:
+    tracked in that order, the order build() makes a quantized layer's
+    variables (saved files follow it); drops the layer's compiled programs."""
+    layer._tracker.unlock()
+    layer._untrack_variable(layer.kernel)
+    layer.kernel_scale, layer.kernel = kernel_scale, kernel
+    layer._tracker.lock()
+    layer.quantized = mode
+    layer._sharded_programs = {}
 
 
 def dequantize(values, scale, dtype=jnp.float32):
