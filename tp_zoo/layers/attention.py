@@ -148,12 +148,12 @@ class ParallelAttention(ShardedLayer):
 
     def _local_attention(self, weights, x, padding_mask):
         """Causal attention over `x` alone (training, scoring)."""
-        q, k, v = self._local_qkv(weights, x, jnp.arange(x.shape[1]))
+        positions = jnp.arange(x.shape[1])
+        q, k, v = self._local_qkv(weights, x, positions)
         if ops.fused_applies(q):
             lengths = None if padding_mask is None else jnp.sum(padding_mask.astype("int32"), axis=-1)
             out = ops.fused_attention(q, k, v, lengths, self.sliding_window)
         else:
-            positions = jnp.arange(x.shape[1])
             mask = ops.causal_mask(positions, positions, self.sliding_window)[None]
             if padding_mask is not None:
                 mask = mask & padding_mask[:, None, :].astype(bool)
