@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 
 from tp_zoo.layers import attention_ops  # noqa: E402
 from tp_zoo.layers import decode_kernel  # noqa: E402
+from tp_zoo.layers import int8_matmul_kernel  # noqa: E402
 
 # (batch, prompt, new tokens, also run KerasHub)
 PER_TOKEN = [
@@ -113,8 +114,10 @@ def main():
     parser.add_argument("--quantize", choices=["int8"], help="also each model's int8 form (weight-only for tp_zoo)")
     parser.add_argument("--quantized-only", action="store_true", help="only the int8 forms (a 70B shape on one GPU)")
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
+    parser.add_argument("--no-int8-kernel", action="store_true", help="XLA's int8 products on GPUs too")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
+    int8_matmul_kernel.ENABLED = not args.no_int8_kernel
     config = hf_config(args.shape)
     config["max_position_embeddings"] = 40960
     scale = TINY_SCALE if args.shape == "tiny" else 1
@@ -148,7 +151,9 @@ def main():
                 whole.append((name, tp, case, seconds, sum(lengths) / seconds))
                 print(f"{name} tp={tp} {case}: {seconds:.3f} s", flush=True)
 
-    where = f"shape {args.shape}, {args.dtype}, greedy, decode kernel {'on' if decode_kernel.ENABLED else 'off'}"
+    on = lambda flag: "on" if flag else "off"
+    where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(decode_kernel.ENABLED)}"
+             + (f", int8 kernel {on(int8_matmul_kernel.ENABLED)}" if args.quantize else ""))
     print()
     print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
                  f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))

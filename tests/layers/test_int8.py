@@ -5,12 +5,14 @@ tolerance and stay within 5% of the float model's, generation and .keras
 files work, and bad requests leave the model as it was.
 """
 
+import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
+from tp_zoo.layers import int8_matmul_kernel
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
@@ -26,6 +28,23 @@ LAYERS = {
     "head_split_replicated": (lambda: layers.HeadSplitDense(4, 6, replicated=True), (2, 3, 8), (8, 4, 6), (4, 6)),
     "head_merge": (lambda: layers.HeadMergeDense(8), (2, 3, 4, 6), (4, 6, 8), (8,)),
 }
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 256, 256), (5, 384, 128), (16, 128, 512), (33, 1280, 256)])
+def test_int8_matmul_kernel_exact_on_integer_operands(rows, k, n):
+    """The GPU kernel (run by the Pallas interpreter): integer-valued bf16
+    rows times int8 values, summed in float32, are exact, so it must match
+    numpy bit for bit, whatever its split of the reduction."""
+    rs = np.random.RandomState(rows)
+    x = rs.randint(-8, 9, (rows, k)).astype("float32")
+    values = rs.randint(-127, 128, (k, n)).astype("int8")
+    got = np.asarray(int8_matmul_kernel.int8_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(values), interpret=True))
+    assert got.dtype == np.float32 and got.shape == (rows, n)
+    np.testing.assert_array_equal(got, x.astype("int64") @ values.astype("int64"))
+
+
+def test_int8_matmul_kernel_applies_only_on_gpu_to_few_rows_of_whole_blocks():
+    assert not int8_matmul_kernel.applies(jnp.zeros((1, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.int8))
 
 
 def _quantized_layer(name, tp, kernel, bias):

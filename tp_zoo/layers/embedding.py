@@ -156,8 +156,7 @@ class VocabParallelLMHead(ShardedLayer):
         layout = (B,) + (None,) * (x.ndim - 2)
         if self.quantized:
             logits = self.run_sharded(
-                lambda k, s, h: (jnp.einsum(equation, h, k.astype(h.dtype), preferred_element_type=jnp.float32)
-                                 * s).astype(h.dtype),
+                lambda k, s, h: (q8.int8_product(h, k, 1) * s).astype(h.dtype),
                 (kernel_layout, (M,), layout + (None,)),
                 layout + (M,),
                 kernel,

@@ -5,16 +5,20 @@ shape and layout plus a float32 scale of shape out_dims, split like the
 kernel's output dims. The scale is the max |w| over the whole reduction
 (input) dims / 127, computed on the global array (XLA adds the collective
 where the reduction dim is split), so the int8 values and scales are the
-same at every tp. The layer computes einsum(x, int8.astype(x.dtype)) in
-float32, times the scale (after the all-reduce of a row-parallel layer:
-the scale is per output channel, the same on every device), plus the bias.
+same at every tp. The layer computes x @ int8 values in float32
+(`int8_product`), times the scale (after the all-reduce of a row-parallel
+layer: the scale is per output channel, the same on every device), plus
+the bias.
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from tp_zoo.layers import int8_matmul_kernel
 
 SUPPORTED_MODES = ("int8",)
 
@@ -79,3 +83,19 @@ def install(layer, kernel_scale, kernel, mode):
 def dequantize(values, scale, dtype=jnp.float32):
     """values * scale (broadcast on the output dims) in `dtype`."""
     return (values.astype(jnp.float32) * scale).astype(dtype)
+
+
+def int8_product(x, values, n_in):
+    """x @ values in float32, unscaled: x's trailing `n_in` dims against
+    values' leading `n_in` dims. A few rows on a GPU (decode) go through
+    the Pallas kernel, which reads each int8 byte once; otherwise XLA, the
+    values converted to x's dtype (exact) and accumulated in float32."""
+    in_dims, out_dims = values.shape[:n_in], values.shape[n_in:]
+    lead = x.shape[: x.ndim - n_in]
+    x2 = x.reshape(-1, math.prod(in_dims))
+    w2 = values.reshape(x2.shape[1], math.prod(out_dims))
+    if int8_matmul_kernel.applies(x2, w2):
+        y = int8_matmul_kernel.int8_matmul(x2, w2)
+    else:
+        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32)
+    return y.reshape(lead + out_dims)
