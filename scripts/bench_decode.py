@@ -115,9 +115,14 @@ def main():
     parser.add_argument("--quantized-only", action="store_true", help="only the int8 forms (a 70B shape on one GPU)")
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     parser.add_argument("--no-int8-kernel", action="store_true", help="XLA's int8 products on GPUs too")
+    parser.add_argument("--int8-kernel-settings", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="the int8 kernel's settings (as bench_int8_matmul.py --best-out writes them)")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
     int8_matmul_kernel.ENABLED = not args.no_int8_kernel
+    for setting in args.int8_kernel_settings:
+        key, value = setting.split("=")
+        setattr(int8_matmul_kernel, key, type(getattr(int8_matmul_kernel, key))(value))
     config = hf_config(args.shape)
     config["max_position_embeddings"] = 40960
     scale = TINY_SCALE if args.shape == "tiny" else 1
@@ -153,7 +158,8 @@ def main():
 
     on = lambda flag: "on" if flag else "off"
     where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(decode_kernel.ENABLED)}"
-             + (f", int8 kernel {on(int8_matmul_kernel.ENABLED)}" if args.quantize else ""))
+             + (f", int8 kernel {on(int8_matmul_kernel.ENABLED)} {' '.join(args.int8_kernel_settings)}"
+                if args.quantize else ""))
     print()
     print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
                  f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))

@@ -12,6 +12,7 @@ The table comes last.
 """
 
 import argparse
+import functools
 import itertools
 import sys
 import time
@@ -30,7 +31,16 @@ from tp_zoo.layers import quantize as q8  # noqa: E402
 
 # (K, N) of one Llama-3-8B layer's kernels: q, k, v, o, gate, up, down.
 LAYER = [(4096, 4096), (4096, 1024), (4096, 1024), (4096, 4096), (4096, 14336), (4096, 14336), (14336, 4096)]
-SWEEP = dict(BLOCK_N=(64, 128, 256), BLOCK_K=(64, 128, 256), NUM_WARPS=(4, 8), TARGET_PROGRAMS=(264, 528))
+
+
+def grid(**choices):
+    return [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
+
+
+# Kernel settings to try: (rows they apply to, setting).
+SWEEP = [((1, 16), s) for s in grid(CONVERT=("asm", "astype"), BLOCK_N=(64, 128), BLOCK_K=(128, 256),
+                                    TARGET_PROGRAMS=(66, 132), transposed=(True,))]
+SWEEP += [((1, 16), dict(CONVERT="asm", BLOCK_N=128, BLOCK_K=128, TARGET_PROGRAMS=66))]
 
 
 def best_time(f, *args, repeats=20):
@@ -43,9 +53,13 @@ def best_time(f, *args, repeats=20):
     return best
 
 
+def product_is_t(product):
+    return isinstance(product, functools.partial) and product.keywords.get("transposed")
+
+
 def all_products(product):
     def run(x, kernels):
-        return sum(product(x[:, :w.shape[0]], w).sum() for w in kernels)
+        return [product(x[:, :(w.shape[1] if product_is_t(product) else w.shape[0])], w) for w in kernels]
 
     return jax.jit(run)
 
@@ -54,60 +68,73 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
+    parser.add_argument("--best-out", help="write the fastest setting over 1 and 16 rows (KEY=VALUE ...) here")
     args = parser.parse_args()
     rs = np.random.RandomState(0)
     shapes = LAYER * args.layers
     int8 = [jnp.asarray(rs.randint(-127, 128, s), jnp.int8) for s in shapes]
     bf16 = [w.astype(jnp.bfloat16) for w in int8]
+    int8t = [w.T.copy() for w in int8]
     n_bytes = sum(w.size for w in int8)
-    shipped = {attr: getattr(kernel, attr) for attr in SWEEP}
-    results = []
+    floor = n_bytes / args.bandwidth
+    knobs = sorted({k for _, s in SWEEP for k in s} - {"transposed"})
+    shipped = {attr: getattr(kernel, attr) for attr in knobs}
+    xla = []  # (rows, name, seconds, floor)
+    pallas = {}  # (rows, setting as a tuple) -> seconds
+    check_x = jnp.asarray(rs.standard_normal((16, 4096)), jnp.bfloat16)
+    want = jnp.dot(check_x, int8[4].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     for rows in (1, 16):
         x = jnp.asarray(rs.standard_normal((rows, 14336)), jnp.bfloat16)
-        floor = n_bytes / args.bandwidth
         cases = [
-            ("bf16 kernels (2 bytes each)", all_products(lambda x, w: jnp.dot(x, w)), bf16, 2 * floor),
-            ("XLA: int8 -> bf16, f32 out", all_products(
+            ("XLA bf16 kernels (2 bytes each)", all_products(lambda x, w: jnp.dot(x, w)), bf16, 2 * floor),
+            ("XLA int8 -> bf16, f32 out", all_products(
                 lambda x, w: jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)), int8, floor),
-            ("XLA: int8 -> bf16, bf16 out", all_products(lambda x, w: jnp.dot(x, w.astype(x.dtype))), int8, floor),
         ]
         for name, f, ws, fl in cases:
             t = best_time(f, x, ws)
-            results.append((rows, name, t, fl))
+            xla.append((rows, name, t, fl))
             print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / fl:.2f}x its floor)", flush=True)
-        for values in itertools.product(*SWEEP.values()):
-            for attr, value in zip(SWEEP, values):
-                setattr(kernel, attr, value)
-            name = "Pallas " + " ".join(f"{k.lower()}={v}" for k, v in zip(SWEEP, values))
-            try:
-                t = best_time(all_products(kernel.int8_matmul), x, int8)
-            except Exception as e:  # a config Triton cannot lower: report and go on
-                print(f"rows {rows} {name}: failed ({type(e).__name__}: {str(e)[:200]})", flush=True)
+        for applies_to, setting in SWEEP + [((1, 16), {"CONVERT": "astype", "weights": "bf16"})]:
+            if rows not in applies_to:
                 continue
-            results.append((rows, name, t, floor))
-            print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / floor:.2f}x)", flush=True)
-    # The kernel as shipped must agree with XLA's product.
+            weights = bf16 if setting.get("weights") else int8t if setting.get("transposed") else int8
+            for attr, value in {**shipped, **setting}.items():
+                if attr in ("weights", "transposed"):
+                    continue
+                setattr(kernel, attr, value)
+            try:
+                product = functools.partial(kernel.int8_matmul, transposed=bool(setting.get("transposed")))
+                got = product(check_x[:rows], weights[4])
+                err = float(jnp.max(jnp.abs(got - want[:rows])) / jnp.max(jnp.abs(want[:rows])))
+                assert err < 1e-5, f"wrong products: max |diff| / max |y| = {err:.2e}"
+                t = best_time(all_products(product), x, weights)
+            except Exception as e:  # a setting Triton cannot lower: report and go on
+                print(f"rows {rows} {setting}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
+                continue
+            pallas[rows, tuple(setting.items())] = t
+            print(f"rows {rows} Pallas {setting}: {t * 1e6:.1f} us ({t / floor:.2f}x)", flush=True)
     for attr, value in shipped.items():
         setattr(kernel, attr, value)
-    x = jnp.asarray(rs.standard_normal((16, 4096)), jnp.bfloat16)
-    w = int8[4]
-    got = kernel.int8_matmul(x, w)
-    want = jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)
-    err = float(jnp.max(jnp.abs(got - want)) / jnp.max(jnp.abs(want)))
-    print(f"shipped kernel vs XLA: max |diff| / max |y| = {err:.2e}")
-    assert err < 1e-5, err
-    assert q8.int8_product(x, w, 1).shape == (16, 14336)
+    assert q8.int8_product(check_x, int8[4], 1).shape == (16, 14336)
+    both = {s for (_, s) in pallas if (1, s) in pallas and (16, s) in pallas and not {"weights", "transposed"} & set(dict(s))}
+    best = min(both, key=lambda s: pallas[1, s] + pallas[16, s]) if both else None
+    if best and args.best_out:
+        Path(args.best_out).write_text(" ".join(f"{k}={v}" for k, v in best))
 
     print()
     print(header(f"int8 products of {args.layers} Llama-3-8B layers ({n_bytes / 1e9:.2f} GB int8), "
                  f"floor at {args.bandwidth / 1e12:.2f} TB/s"))
-    print(f"shipped: {shipped}")
-    print(f"{'rows':>5}  {'what':<72}{'us':>9}{'floor':>9}{'ratio':>7}")
+    print(f"shipped: {shipped}; fastest over 1 and 16 rows: {dict(best) if best else None}")
+    print(f"{'rows':>5}  {'what':<80}{'us':>9}{'floor':>9}{'ratio':>7}")
     for rows in (1, 16):
-        mine = sorted((r for r in results if r[0] == rows), key=lambda r: r[2])
-        shown = [r for r in mine if not r[1].startswith("Pallas")] + [r for r in mine if r[1].startswith("Pallas")][:6]
-        for _, name, t, fl in shown:
-            print(f"{rows:>5}  {name:<72}{t * 1e6:>9.1f}{fl * 1e6:>9.1f}{t / fl:>7.2f}")
+        for r, name, t, fl in xla:
+            if r == rows:
+                print(f"{rows:>5}  {name:<80}{t * 1e6:>9.1f}{fl * 1e6:>9.1f}{t / fl:>7.2f}")
+        mine = sorted(((t, s) for (r, s), t in pallas.items() if r == rows))
+        for t, s in mine[:10] + [m for m in mine if "weights" in dict(m[1])]:
+            name = "Pallas " + " ".join(f"{k.lower()}={v}" for k, v in s)
+            fl = floor * (2 if "weights" in dict(s) else 1)
+            print(f"{rows:>5}  {name:<80}{t * 1e6:>9.1f}{fl * 1e6:>9.1f}{t / fl:>7.2f}")
 
 
 if __name__ == "__main__":

@@ -7,8 +7,12 @@ loads the int8 block and converts it in registers, so each weight byte is
 read once. One program handles one (block of `BLOCK_N` output columns,
 split of the reduction dim); the rows are padded to 16, the smallest tile a
 GPU matrix unit takes. Products accumulate in float32; the splits are
-summed outside the kernel, as the decode attention merges its splits: with
-few output columns the splits are what keeps every SM busy.
+summed outside the kernel, as the decode attention merges its splits. The
+splits are only as many as it takes to give every SM a program: each one
+writes a (rows, N) float32 partial, traffic the weights do not pay.
+
+Each weight byte is converted once, so the conversion's instruction cost
+sets the kernel's speed as much as the bytes do: see `_INT8X4_TO_BF16X4`.
 """
 
 import functools
@@ -22,10 +26,11 @@ BLOCK_N = 128
 BLOCK_K = 128
 MAX_ROWS = 64  # more rows than this: compute-bound enough for XLA's GEMM
 _MIN_ROWS = 16
-# Enough programs to fill an H100/H200 (132 SMs) about twice over.
-TARGET_PROGRAMS = 264
+# About one program per SM of an H100/H200 (132 SMs).
+TARGET_PROGRAMS = 66
 NUM_WARPS = 4
-NUM_STAGES = 3
+NUM_STAGES = 4
+CONVERT = "asm"
 
 # Set to False to compare with XLA's int8 product (as a benchmark does).
 ENABLED = True
@@ -38,21 +43,57 @@ def applies(x, values):
     return (
         ENABLED
         and jax.devices()[0].platform == "gpu"
-        and x.dtype in (jnp.bfloat16, jnp.float16)
+        and x.dtype == jnp.bfloat16
         and x.shape[0] <= MAX_ROWS
         and k % BLOCK_K == 0
         and n % BLOCK_N == 0
     )
 
 
-def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
+# int8 -> bf16 four at a time, in 11 instructions on 32-bit registers instead
+# of a float conversion per byte (those run at a sixteenth of the FMA rate
+# and were what bound the kernel): each byte, offset to unsigned, becomes
+# the low mantissa byte of 2**23 (a float32 of 2**23 + 128 + w); subtracting
+# 2**23 + 128 leaves w exactly, and w's float32 has zeros in its low 16 bits,
+# so its high half is w in bf16. Pairs of high halves are packed by prmt.
+_INT8X4_TO_BF16X4 = """{
+.reg .b32 u, f0, f1, f2, f3;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 f0, u, 0x4B000000, 0x7650;
+prmt.b32 f1, u, 0x4B000000, 0x7651;
+prmt.b32 f2, u, 0x4B000000, 0x7652;
+prmt.b32 f3, u, 0x4B000000, 0x7653;
+sub.f32 f0, f0, 0f4B000080;
+sub.f32 f1, f1, 0f4B000080;
+sub.f32 f2, f2, 0f4B000080;
+sub.f32 f3, f3, 0f4B000080;
+prmt.b32 $0, f0, f1, 0x7632;
+prmt.b32 $1, f2, f3, 0x7632;
+}"""
+
+
+def _bf16_from_int8(w, interpret):
+    """The int8 block as bf16 (exact: |values| <= 127)."""
+    if interpret or CONVERT == "astype":  # the interpreter cannot run PTX
+        return w.astype(jnp.bfloat16)
+    [out] = plgpu.elementwise_inline_asm(
+        _INT8X4_TO_BF16X4,
+        args=[w],
+        constraints="=r,=r,r",
+        pack=4,
+        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)],
+    )
+    return out
+
+
+def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split, interpret, transposed):
     split = pl.program_id(1)
 
     def body(j, acc):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
         x = x_ref[:, ks]
-        w = w_ref[ks, :].astype(x.dtype)  # exact: |values| <= 127
-        return acc + plgpu.dot(x, w).astype(jnp.float32)
+        w = _bf16_from_int8(w_ref[:, ks] if transposed else w_ref[ks, :], interpret)
+        return acc + plgpu.dot(x, w, trans_b=transposed).astype(jnp.float32)
 
     first = split * blocks_per_split
     acc = jax.lax.fori_loop(
@@ -61,22 +102,30 @@ def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
     o_ref[...] = acc
 
 
-def int8_matmul(x, values, interpret=False):
-    """x: (rows, K) bf16/f16; values: (K, N) int8 -> (rows, N) float32
+def _splits(n_blocks, k_blocks):
+    """The fewest splits of the reduction (dividing it evenly) that bring
+    the programs up to TARGET_PROGRAMS, or the most there are."""
+    for s in range(1, k_blocks + 1):
+        if k_blocks % s == 0 and n_blocks * s >= TARGET_PROGRAMS:
+            return s
+    return k_blocks
+
+
+def int8_matmul(x, values, interpret=False, transposed=False):
+    """x: (rows, K) bf16; values: (K, N) int8 -> (rows, N) float32
     products x @ values (unscaled)."""
     m, k = x.shape
-    n = values.shape[1]
+    n = values.shape[0 if transposed else 1]
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
     x = jnp.pad(x, ((0, rows - m), (0, 0)))
     n_blocks, k_blocks = n // BLOCK_N, k // BLOCK_K
-    # The most splits up to the target that divide the reduction evenly.
-    splits = max(s for s in range(1, k_blocks + 1) if k_blocks % s == 0 and n_blocks * s <= max(TARGET_PROGRAMS, n_blocks))
+    splits = _splits(n_blocks, k_blocks)
     out = pl.pallas_call(
-        functools.partial(_kernel, blocks_per_split=k_blocks // splits),
+        functools.partial(_kernel, blocks_per_split=k_blocks // splits, interpret=interpret, transposed=transposed),
         grid=(n_blocks, splits),
         in_specs=[
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
-            pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
+            pl.BlockSpec((BLOCK_N, k), lambda i, s: (i, 0)) if transposed else pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
         ],
         out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
