@@ -1,18 +1,21 @@
 """x @ int8 weights for a few rows, as a Pallas GPU (Triton) kernel.
 
 A decode step multiplies a handful of rows by every weight matrix: bound by
-the bytes of the weights. XLA converts an int8 operand to bf16 in a separate
-pass (written out and read back, three times the int8 bytes); this kernel
-loads the int8 block and converts it in registers, so each weight byte is
-read once. One program handles one (block of `BLOCK_N` output columns,
-split of the reduction dim); the rows are padded to 16, the smallest tile a
-GPU matrix unit takes. Products accumulate in float32; the splits are
-summed outside the kernel, as the decode attention merges its splits. The
-splits are only as many as it takes to give every SM a program: each one
-writes a (rows, N) float32 partial, traffic the weights do not pay.
+the bytes of the weights. XLA's product of a bf16 row and an int8 operand
+converted in the same program is slower than its bf16 product on an H200
+(scripts/bench_int8_matmul.py); this kernel loads each int8 block once and
+converts it in registers. One program handles one (block of `BLOCK_N`
+output columns, split of the reduction dim); the rows are padded to 16, the
+smallest tile a GPU matrix unit takes. Products accumulate in float32; the
+splits are summed outside the kernel, as the decode attention merges its
+splits. There are only as many splits as it takes to reach
+`TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial, and
+fewer, longer programs measured faster.
 
-Each weight byte is converted once, so the conversion's instruction cost
-sets the kernel's speed as much as the bytes do: see `_INT8X4_TO_BF16X4`.
+Measured on an H200 (docs/performance-notes.md): about 15% faster than
+bf16 weights per product, not the 2x the bytes allow; the conversion is
+not what bounds it (the PTX below moved it 3-9%), nor the weights' layout
+(K-contiguous blocks moved it about 15%).
 """
 
 import functools
@@ -26,11 +29,12 @@ BLOCK_N = 128
 BLOCK_K = 128
 MAX_ROWS = 64  # more rows than this: compute-bound enough for XLA's GEMM
 _MIN_ROWS = 16
-# About one program per SM of an H100/H200 (132 SMs).
+# The fewest splits that give at least this many programs (half an H200's
+# 132 SMs: with up to twice the programs of that, the fastest setting swept).
 TARGET_PROGRAMS = 66
 NUM_WARPS = 4
 NUM_STAGES = 4
-CONVERT = "asm"
+CONVERT = "asm"  # or "astype": Triton's own conversion (a benchmark compares them)
 
 # Set to False to compare with XLA's int8 product (as a benchmark does).
 ENABLED = True
@@ -50,12 +54,12 @@ def applies(x, values):
     )
 
 
-# int8 -> bf16 four at a time, in 11 instructions on 32-bit registers instead
-# of a float conversion per byte (those run at a sixteenth of the FMA rate
-# and were what bound the kernel): each byte, offset to unsigned, becomes
-# the low mantissa byte of 2**23 (a float32 of 2**23 + 128 + w); subtracting
-# 2**23 + 128 leaves w exactly, and w's float32 has zeros in its low 16 bits,
-# so its high half is w in bf16. Pairs of high halves are packed by prmt.
+# int8 -> bf16 four at a time, 11 instructions on 32-bit registers instead
+# of two float conversions per byte (those issue at a sixteenth of the FMA
+# rate): each byte, offset to unsigned, becomes the low mantissa byte of
+# 2**23 (a float32 of 2**23 + 128 + w); subtracting 2**23 + 128 leaves w
+# exactly, and w's float32 has zeros in its low 16 bits, so its high half
+# is w in bf16. Pairs of high halves are packed by prmt.
 _INT8X4_TO_BF16X4 = """{
 .reg .b32 u, f0, f1, f2, f3;
 xor.b32 u, $2, 0x80808080;
@@ -86,14 +90,14 @@ def _bf16_from_int8(w, interpret):
     return out
 
 
-def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split, interpret, transposed):
+def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split, interpret):
     split = pl.program_id(1)
 
     def body(j, acc):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
         x = x_ref[:, ks]
-        w = _bf16_from_int8(w_ref[:, ks] if transposed else w_ref[ks, :], interpret)
-        return acc + plgpu.dot(x, w, trans_b=transposed).astype(jnp.float32)
+        w = _bf16_from_int8(w_ref[ks, :], interpret)
+        return acc + plgpu.dot(x, w).astype(jnp.float32)
 
     first = split * blocks_per_split
     acc = jax.lax.fori_loop(
@@ -111,21 +115,21 @@ def _splits(n_blocks, k_blocks):
     return k_blocks
 
 
-def int8_matmul(x, values, interpret=False, transposed=False):
+def int8_matmul(x, values, interpret=False):
     """x: (rows, K) bf16; values: (K, N) int8 -> (rows, N) float32
     products x @ values (unscaled)."""
     m, k = x.shape
-    n = values.shape[0 if transposed else 1]
+    n = values.shape[1]
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
     x = jnp.pad(x, ((0, rows - m), (0, 0)))
     n_blocks, k_blocks = n // BLOCK_N, k // BLOCK_K
     splits = _splits(n_blocks, k_blocks)
     out = pl.pallas_call(
-        functools.partial(_kernel, blocks_per_split=k_blocks // splits, interpret=interpret, transposed=transposed),
+        functools.partial(_kernel, blocks_per_split=k_blocks // splits, interpret=interpret),
         grid=(n_blocks, splits),
         in_specs=[
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
-            pl.BlockSpec((BLOCK_N, k), lambda i, s: (i, 0)) if transposed else pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
+            pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
         ],
         out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
         out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
