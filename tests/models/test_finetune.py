@@ -3,6 +3,8 @@
 At tp = 2 and 4 and on a dp=2 x tp=2 mesh, the loss at every step and the
 weights afterwards (compared in the checkpoint's own layout, so padding
 never enters) stay within max |diff| <= 1e-5 * max(1, max |ref|) of tp=1.
+With heads and MLP units padded for tp, the padding stays exactly zero
+(weights and AdamW moments) and training matches a tp that pads nothing.
 """
 
 import jax
@@ -12,6 +14,8 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
+from tests.helpers import is_padded
+from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import hf_tensors
 
@@ -117,3 +121,37 @@ def test_batch_not_divisible_by_dp_is_refused(llama_path):
         lm.train_on_batch({k: v[:3] for k, v in x.items()}, y[:3])
     with pytest.raises(ValueError, match="A batch of 3 is not divisible by dp=2"):
         lm.fit(x, y, batch_size=3, verbose=0)
+
+
+def test_padded_heads_stay_zero_and_train_as_a_tp_that_divides(tmp_path):
+    """Qwen2 14/2 heads at tp=8 (16 heads, MLP 100 -> 104, vocab 100 -> 104)
+    against tp=2 (nothing padded): 3 AdamW steps (weight decay on) give the
+    same losses and weights; every padded entry of the weights and of both
+    AdamW moments is still exactly zero, so the export has the checkpoint's
+    shapes."""
+    import safetensors.numpy
+
+    spec = ckpts.CASES["qwen2_14_heads_gqa2"]
+    ckpts.save(ckpts.build_model(spec), tmp_path)
+    vocab = spec[2]["vocab_size"]
+    ref, ref_losses = _train(tmp_path, vocab, 2, 1)
+    lm, losses = _train(tmp_path, vocab, 8, 1)
+    assert lm.backbone.transformer_layers[0].attention.padded_heads == 16
+    loss_diff = max(assert_close(r, g, f"loss at step {i}") for i, (r, g) in enumerate(zip(ref_losses, losses)))
+    weights, ref_weights = dict(hf_tensors(lm)), dict(hf_tensors(ref))
+    weight_diff = max(assert_close(ref_weights[k], weights[k], k) for k in ref_weights)
+    file = safetensors.numpy.load_file(tmp_path / "model.safetensors")
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in file.items()}
+    padded = {v.path.replace("/", "_"): v for v in lm.trainable_variables if is_padded(v)}
+    assert len(padded) == 6 * 2 + 2  # per layer: q kernel and bias, o, gate, up, down; the token table, LM head
+    moments = 0
+    for variable in padded.values():
+        assert not np.any(padded_entries(variable)), variable.path
+    for state in lm.optimizer.variables:
+        owner = padded.get(state.path.split("/")[-1].rsplit("_", 1)[0])
+        if owner is not None:
+            assert not np.any(padded_entries(owner, state.numpy())), state.path
+            moments += 1
+    assert moments == 2 * len(padded)
+    assert losses[-1] < losses[0]
+    print(f"\nqwen2 14/2 heads, tp=8 (padded) vs tp=2: loss max|diff| {loss_diff:.2e}, weights max|diff| {weight_diff:.2e}")

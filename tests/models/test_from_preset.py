@@ -26,10 +26,10 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
+from tests.helpers import is_padded
 from tests.helpers import max_diff
+from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
-from tp_zoo.layers.base import paddings
-from tp_zoo.layers.base import real_mask
 
 ATOL = 1e-4
 
@@ -208,13 +208,13 @@ def test_padding_is_loaded_as_zeros_and_never_read(checkpoints):
     attention = lm.backbone.transformer_layers[0].attention
     assert (attention.padded_heads, attention.padded_kv_heads, attention.kv_replicated) == (16, 2, True)
     assert lm.backbone.transformer_layers[0].mlp.up.kernel.shape == (56, 104)
-    padded = [v for v in lm.weights if any(p.is_padded for p in paddings(v))]
+    padded = [v for v in lm.weights if is_padded(v)]
     assert {re.sub(r"^transformer_layer_\d+/", "", v.path) for v in padded} >= {
         "attention/query/kernel", "attention/query/bias", "attention/output/kernel",
         "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel", "token_embedding/embeddings",
     }
     for v in padded:
-        assert not np.any(np.asarray(v.numpy())[~np.broadcast_to(real_mask(paddings(v)), v.shape)]), v.path
+        assert not np.any(padded_entries(v)), v.path
     assert lm.load_stats["bytes_read"] == lm.load_stats["checkpoint_bytes"]
 
 
