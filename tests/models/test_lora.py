@@ -105,8 +105,9 @@ def test_bad_rank(llama_path, rank):
 def test_padded_heads_lora_equals_a_tp_that_divides(tmp_path):
     """Qwen2 14/2 heads at tp=4 (16 heads: the output projection's A has
     padded rows) against tp=2, from the same adapters: same losses and
-    adapters after 3 steps, the adapters' padding exactly zero, and the
-    merged export computes in transformers what the model does."""
+    adapters after 3 steps, the adapters' padding exactly zero; the saved
+    adapters load at tp=2, and the merged export computes in transformers
+    what the model does."""
     ckpts.save(ckpts.build_model(ckpts.CASES["qwen2_14_heads_gqa2"]), tmp_path / "hf")
     ref_lm, ref_losses, _ = _lora_train(tmp_path / "hf", 2, steps=0)
     start = get_weights(_adapters(ref_lm))
@@ -122,6 +123,11 @@ def test_padded_heads_lora_equals_a_tp_that_divides(tmp_path):
     assert losses[-1] < losses[0]
     x, _ = _batch()
     expected = np.asarray(lm(x))
+    lm.backbone.save_lora_weights(str(tmp_path / "padded.lora.h5"))  # true shapes: loads at tp=2
+    unpadded = tp_zoo.from_preset(tmp_path / "hf", tp=2, dtype="float32", progress=False)
+    unpadded.backbone.enable_lora(4, target_layer_names=TARGETS)
+    unpadded.backbone.load_lora_weights(str(tmp_path / "padded.lora.h5"))
+    assert_close(expected, np.asarray(unpadded(x)), "adapters saved at tp=4 (padded), loaded at tp=2")
     lm.backbone.merge_lora()
     out = export_to_hf(lm, tmp_path / "merged")
     hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
