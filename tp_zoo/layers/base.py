@@ -217,7 +217,8 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         `true_shape` gives the real size of dims padded at their end (a
         vocab that tp does not divide). The checkpoint source,
         get_weights/set_weights, saving and export see only the real
-        entries; the padding starts at zero whatever the initializer.
+        entries; a trainable variable's padding starts at zero whatever its
+        initializer (int8 values and scales come whole, their padding made).
         `dtype` overrides the layer's variable dtype (int8 kernels and their
         scales).
         """
@@ -250,7 +251,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
                 layout=keras_layout,
             )
         variable._tp_zoo_padding = padding
-        if value is None and any(p.is_padded for p in padding):
+        if value is None and trainable and any(p.is_padded for p in padding):
             variable.assign(variable.value * real_mask(padding).astype(variable.dtype))
         return variable
 
