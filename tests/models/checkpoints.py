@@ -32,7 +32,7 @@ CASES = {
         dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
              num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
              do_layer_norm_before=False),
-        (1, 2, 4),
+        (1, 2, 3, 4),  # tp=3 pads everything: heads 4 -> 6, MLP, vocab, project_in/out
     ),
     "gpt2": (
         "GPT2Config", "GPT2LMHeadModel",

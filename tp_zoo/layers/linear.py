@@ -27,14 +27,20 @@ from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import check_divisible
 from tp_zoo.layers.base import real_mask
+from tp_zoo.layers.base import round_up
 
 M = parallel.MODEL
 B = parallel.BATCH
 
-# Why a row-parallel layer cannot pad its own input dim.
+# Why a layer cannot pad its split dim alone: the layer on the other side of
+# the split activation must pad the same way (the owning block's choice).
 _PAD_UPSTREAM = (
     " (its input arrives split by the layer before it, so any padding is that layer's to add, "
     "as ParallelAttention and ParallelMLP do)"
+)
+_PAD_WITH_CONSUMER = (
+    " (its output stays split for the layer after it, so padding is chosen for both, "
+    "as ParallelAttention and ParallelMLP do; a gathered output pads itself)"
 )
 
 
@@ -325,7 +331,7 @@ class _ParallelLinear(ShardedLayer):
         )
         if self.quantized:
             config["quantized"] = self.quantized
-        if self.padding is not None:
+        if self.padding is not None and not getattr(self, "gather_output", False):  # not tp's own padding
             config["padding"] = list(self.padding)
         return config
 
@@ -350,19 +356,22 @@ class ColumnParallelDense(_ParallelLinear):
         self.units = units
         self.gather_output = gather_output
         self.out_trailing = (None,) if gather_output else (M,)
-        if gather_output and self.padding is not None:
-            raise ValueError(f"{self.name}: a gathered output cannot be padded.")
+        if gather_output:
+            if self.padding is not None:
+                raise ValueError(f"{self.name}: a gathered output pads itself (to a multiple of tp); give no padding.")
+            # Gathered, then cut back to `units`: nothing outside sees this padding.
+            self.padding = AxisPadding.trailing(units, round_up(units, self.tp))
         padded_units = units if self.padding is None else self.padding.size
-        check_divisible(self.name, "units", padded_units, self.tp)
+        check_divisible(self.name, "units", padded_units, self.tp, _PAD_WITH_CONSUMER)
         self.bias_shape = (padded_units,)
-        self.output_trailing_shape = (padded_units,)
+        self.output_trailing_shape = (units if gather_output else padded_units,)
 
     def kernel_shape(self, in_dim):
         return (in_dim, self.bias_shape[0])
 
     def local_apply(self, weights, x):
         y = super().local_apply(weights, x)
-        return parallel.all_gather(y, axis=-1) if self.gather_output else y
+        return parallel.all_gather(y, axis=-1)[..., : self.units] if self.gather_output else y
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
