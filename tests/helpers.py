@@ -5,6 +5,8 @@ import contextlib
 import numpy as np
 
 import tp_zoo
+from tp_zoo.layers.base import paddings
+from tp_zoo.layers.base import real_mask
 
 
 def max_diff(ref, got):
@@ -26,3 +28,14 @@ def mesh_scope(tp, dp=1):
     if tp == 1 and dp == 1:
         return contextlib.nullcontext()
     return tp_zoo.distribution(tp=tp, dp=dp).scope()
+
+
+def padded_entries(variable, value=None):
+    """The entries of `variable` (or of `value`, an array of its shape, such
+    as an optimizer moment of it) at its tp padding."""
+    value = np.asarray(variable.numpy() if value is None else value)
+    return value[~np.broadcast_to(np.asarray(real_mask(paddings(variable))), value.shape)]
+
+
+def is_padded(variable):
+    return any(p.is_padded for p in paddings(variable))

@@ -32,7 +32,7 @@ CASES = {
         dict(vocab_size=128, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
              num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=16,
              do_layer_norm_before=False),
-        (1, 2, 4),
+        (1, 2, 3, 4),  # tp=3 pads everything: heads 4 -> 6, MLP, vocab, project_in/out
     ),
     "gpt2": (
         "GPT2Config", "GPT2LMHeadModel",
@@ -78,14 +78,29 @@ CASES = {
              max_position_embeddings=64),
         (1, 2, 4),
     ),
+    # Head counts (and MLP widths) that some tp values do not divide: the
+    # layers pad them with inert heads (units). tp=3, 5 and 2 divide them.
+    "llama_9_heads_gqa3": (  # SmolLM2-135M's 9/3 heads: 12 at tp 2 and 4, 16 at tp 8
+        "LlamaConfig", "LlamaForCausalLM",
+        dict(vocab_size=100, hidden_size=36, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+             max_position_embeddings=64),
+        (3, 2, 4),
+    ),
+    "gpt2_25_heads_ffn_100": (  # GPT-2 XL's 25 heads: 26, 28, 32 at tp 2, 4, 8; MLP 100 -> 104 at tp 8
+        "GPT2Config", "GPT2LMHeadModel",
+        dict(vocab_size=101, n_embd=50, n_layer=2, n_head=25, n_inner=100, n_positions=64,
+             bos_token_id=0, eos_token_id=0),
+        (5, 2, 4, 8),
+    ),
+    "qwen2_14_heads_gqa2": (  # Qwen2.5-0.5B's 14/2 heads: 16 at tp 4 and 8; gated MLP 100 -> 104 at tp 8
+        "Qwen2Config", "Qwen2ForCausalLM",
+        dict(vocab_size=100, hidden_size=56, intermediate_size=100, num_hidden_layers=2,
+             num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=False,
+             max_position_embeddings=64),
+        (2, 4, 8),
+    ),
 }
-
-# Extra checkpoint for the "heads not divisible by tp" error: 6 heads, tp=4.
-SIX_HEADS = (
-    "LlamaConfig", "LlamaForCausalLM",
-    dict(vocab_size=128, hidden_size=48, intermediate_size=64, num_hidden_layers=2,
-         num_attention_heads=6, num_key_value_heads=6, max_position_embeddings=64),
-)
 
 
 def batch(vocab_size):

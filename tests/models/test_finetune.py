@@ -3,6 +3,8 @@
 At tp = 2 and 4 and on a dp=2 x tp=2 mesh, the loss at every step and the
 weights afterwards (compared in the checkpoint's own layout, so padding
 never enters) stay within max |diff| <= 1e-5 * max(1, max |ref|) of tp=1.
+With heads and MLP units padded for tp, the padding stays exactly zero
+(weights and AdamW moments) and training matches a tp that pads nothing.
 """
 
 import jax
@@ -12,8 +14,12 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
+from tests.helpers import is_padded
+from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import hf_tensors
+from tp_zoo.layers.base import paddings
+from tp_zoo.layers.base import real_part
 
 FAMILIES = ["opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "mistral_sliding_window", "qwen2_bias_untied"]
 MESHES = [(2, 1), (4, 1), (2, 2)]  # (tp, dp)
@@ -117,3 +123,75 @@ def test_batch_not_divisible_by_dp_is_refused(llama_path):
         lm.train_on_batch({k: v[:3] for k, v in x.items()}, y[:3])
     with pytest.raises(ValueError, match="A batch of 3 is not divisible by dp=2"):
         lm.fit(x, y, batch_size=3, verbose=0)
+
+
+@pytest.fixture(scope="module")
+def padded_training(tmp_path_factory):
+    """Qwen2 14/2 heads trained 3 steps at tp=2 (nothing padded) and at tp=8
+    (16 heads, MLP 100 -> 104, vocab 100 -> 104)."""
+    spec = ckpts.CASES["qwen2_14_heads_gqa2"]
+    path = tmp_path_factory.mktemp("qwen2_14_heads_gqa2")
+    ckpts.save(ckpts.build_model(spec), path)
+    vocab = spec[2]["vocab_size"]
+    return path, vocab, _train(path, vocab, 2, 1), _train(path, vocab, 8, 1)
+
+
+def _moment_true_value(owner, moment):
+    """An optimizer moment of `owner` at `owner`'s true shape."""
+    return real_part(moment.numpy(), paddings(owner))
+
+
+def _padded_and_moments(lm):
+    """(padded trainable variables, (owner, AdamW moment) pairs of them)."""
+    padded = {v.path.replace("/", "_"): v for v in lm.trainable_variables if is_padded(v)}
+    moments = [(padded[s.name.rsplit("_", 1)[0]], s) for s in lm.optimizer.variables
+               if s.name.rsplit("_", 1)[0] in padded]
+    return list(padded.values()), moments
+
+
+def test_padded_heads_stay_zero_and_train_as_a_tp_that_divides(padded_training):
+    """3 AdamW steps (weight decay on) at tp=8 give tp=2's losses and
+    weights; every padded entry of the weights and of both AdamW moments is
+    still exactly zero, so the export has the checkpoint's shapes."""
+    import safetensors.numpy
+
+    path, _, (ref, ref_losses), (lm, losses) = padded_training
+    assert lm.backbone.transformer_layers[0].attention.padded_heads == 16
+    loss_diff = max(assert_close(r, g, f"loss at step {i}") for i, (r, g) in enumerate(zip(ref_losses, losses)))
+    weights, ref_weights = dict(hf_tensors(lm)), dict(hf_tensors(ref))
+    weight_diff = max(assert_close(ref_weights[k], weights[k], k) for k in ref_weights)
+    file = safetensors.numpy.load_file(path / "model.safetensors")
+    assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in file.items()}
+    padded, moments = _padded_and_moments(lm)
+    assert len(padded) == 6 * 2 + 2  # per layer: q kernel and bias, o, gate, up, down; the token table, LM head
+    assert len(moments) == 2 * len(padded)
+    for variable in padded:
+        assert not np.any(padded_entries(variable)), variable.path
+    for owner, moment in moments:
+        assert not np.any(padded_entries(owner, moment.numpy())), moment.path
+    assert losses[-1] < losses[0]
+    print(f"\nqwen2 14/2 heads, tp=8 (padded) vs tp=2: loss max|diff| {loss_diff:.2e}, weights max|diff| {weight_diff:.2e}")
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_training_state_saved_padded_restores_at_another_padding(padded_training, tmp_path, tp):
+    """Saved at tp=8 (16 heads), restored at tp=2 (14) and tp=4 (16, MLP
+    unpadded): the same weights and AdamW moments, entry for entry, and the
+    next step's loss is tp=8's."""
+    from tp_zoo.checkpoint.training_state import restore_training_state
+    from tp_zoo.checkpoint.training_state import save_training_state
+
+    path, vocab, _, (lm, _) = padded_training
+    saved = save_training_state(lm, tmp_path, 3)
+    again = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
+    again.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3), weighted_metrics=[])
+    assert restore_training_state(again, saved) == 3
+    for a, b in zip(lm.get_weights(), again.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    theirs = {s.name: s for s in again.optimizer.variables}
+    for owner, moment in _padded_and_moments(lm)[1]:
+        mine = next(v for v in again.trainable_variables if v.path == owner.path)
+        np.testing.assert_array_equal(_moment_true_value(owner, moment), _moment_true_value(mine, theirs[moment.name]))
+    x, y, mask = _batch(vocab)
+    assert_close(float(lm.train_on_batch(x, y, sample_weight=mask)), float(again.train_on_batch(x, y, sample_weight=mask)),
+                 f"loss of the step after restoring at tp={tp}")

@@ -2,8 +2,9 @@
 
 Greedy decoding of 32 new tokens must give exactly transformers' ids
 (`generate(do_sample=False)`, each prompt alone) for every family, at
-tp = 1, 2 and 4, from a right-padded batch of prompts of different lengths;
-a seeded sampler must give the same ids at every tp.
+tp = 1, 2 and 4, from a right-padded batch of prompts of different lengths
+(and at tp values that pad the heads, for 9/3, 25 and 14/2 heads); a seeded
+sampler must give the same ids at every tp.
 """
 
 import jax
@@ -22,8 +23,12 @@ FAMILIES = ["opt_pre_ln", "opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def family(request, tmp_path_factory):
+    return _greedy_reference(request.param, tmp_path_factory)
+
+
+def _greedy_reference(name, tmp_path_factory):
     """(name, checkpoint dir, transformers' greedy continuation of each prompt)."""
-    model = ckpts.build_model(ckpts.CASES[request.param])
+    model = ckpts.build_model(ckpts.CASES[name])
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     expected = []
@@ -32,9 +37,9 @@ def family(request, tmp_path_factory):
             out = model.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
                                  attention_mask=torch.ones((1, len(prompt)), dtype=torch.long))
             expected.append(out[0, len(prompt):].numpy())
-    path = tmp_path_factory.mktemp(request.param)
+    path = tmp_path_factory.mktemp(name)
     ckpts.save(model, path)
-    return request.param, path, expected
+    return name, path, expected
 
 
 def _batch(max_length):
@@ -48,7 +53,21 @@ def _batch(max_length):
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
 def test_greedy_matches_transformers(family, tp):
-    name, path, expected = family
+    _check_greedy(family, tp)
+
+
+# Heads padded for tp: 9/3 -> 12 (a padded kv group), 25 -> 32 with MLP
+# 100 -> 104, 14/2 -> 16 (padded inside each group, kv replicated).
+PADDED = [("llama_9_heads_gqa3", 2), ("gpt2_25_heads_ffn_100", 8), ("qwen2_14_heads_gqa2", 4)]
+
+
+@pytest.mark.parametrize("name,tp", PADDED, ids=[f"{n}-tp{t}" for n, t in PADDED])
+def test_greedy_with_padded_heads_matches_transformers(tmp_path_factory, name, tp):
+    _check_greedy(_greedy_reference(name, tmp_path_factory), tp)
+
+
+def _check_greedy(reference, tp):
+    name, path, expected = reference
     lm = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     max_length = max(map(len, PROMPTS)) + NEW_TOKENS

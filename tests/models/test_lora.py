@@ -1,4 +1,6 @@
-"""LoRA on sharded layers: adapters split with their kernels, equal to tp=1."""
+"""LoRA on sharded layers: adapters split with their kernels, equal to tp=1;
+with heads padded for tp, equal to a tp that pads nothing, the padding of
+every adapter exactly zero."""
 
 import keras
 import numpy as np
@@ -8,7 +10,12 @@ import transformers
 
 import tp_zoo
 from tests.helpers import assert_close
+from tests.helpers import is_padded
+from tests.helpers import padded_entries
+from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import export_to_hf
+from tp_zoo.layers.base import get_weights
+from tp_zoo.layers.base import set_weights
 
 TARGETS = ["query", "value", "output", "down"]  # column- and row-parallel kernels
 
@@ -18,15 +25,22 @@ def _batch():
     return {"token_ids": ids[:, :-1], "padding_mask": np.ones((4, 12), "int32")}, ids[:, 1:]
 
 
-def _lora_train(path, tp, steps=3):
+def _lora_train(path, tp, steps=3, adapters=None):
+    """`adapters`: starting values of the adapters (true shapes; default: the initializers')."""
     lm = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
     keras.utils.set_random_seed(0)
     lm.backbone.enable_lora(4, target_layer_names=TARGETS)
+    if adapters is not None:
+        set_weights(_adapters(lm), adapters)
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2), weighted_metrics=[])
     frozen = {v.path: np.asarray(v.numpy()) for v in lm.weights if "lora" not in v.path}
     x, y = _batch()
     losses = [float(lm.train_on_batch(x, y)) for _ in range(steps)]
     return lm, losses, frozen
+
+
+def _adapters(lm):
+    return [v for v in lm.weights if "lora_kernel" in v.path]
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +100,38 @@ def test_bad_rank(llama_path, rank):
     lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     with pytest.raises(ValueError, match="LoRA rank must be a positive integer"):
         lm.backbone.enable_lora(rank)
+
+
+def test_padded_heads_lora_equals_a_tp_that_divides(tmp_path):
+    """Qwen2 14/2 heads at tp=4 (16 heads: the output projection's A has
+    padded rows) against tp=2, from the same adapters: same losses and
+    adapters after 3 steps, the adapters' padding exactly zero; the saved
+    adapters load at tp=2, and the merged export computes in transformers
+    what the model does."""
+    ckpts.save(ckpts.build_model(ckpts.CASES["qwen2_14_heads_gqa2"]), tmp_path / "hf")
+    ref_lm, ref_losses, _ = _lora_train(tmp_path / "hf", 2, steps=0)
+    start = get_weights(_adapters(ref_lm))
+    ref_lm, ref_losses, _ = _lora_train(tmp_path / "hf", 2, adapters=start)
+    lm, losses, _ = _lora_train(tmp_path / "hf", 4, adapters=start)
+    padded = [v for v in _adapters(lm) if is_padded(v)]
+    assert {v.path.split("/")[-2:][0] for v in padded} == {"query", "output"}
+    for v in padded:
+        assert not np.any(padded_entries(v)), v.path
+    diff = max(assert_close(r, g, "LoRA loss") for r, g in zip(ref_losses, losses))
+    for r, g, v in zip(get_weights(_adapters(ref_lm)), get_weights(_adapters(lm)), _adapters(lm)):
+        diff = max(diff, assert_close(r, g, v.path))
+    assert losses[-1] < losses[0]
+    x, _ = _batch()
+    expected = np.asarray(lm(x))
+    lm.backbone.save_lora_weights(str(tmp_path / "padded.lora.h5"))  # true shapes: loads at tp=2
+    unpadded = tp_zoo.from_preset(tmp_path / "hf", tp=2, dtype="float32", progress=False)
+    unpadded.backbone.enable_lora(4, target_layer_names=TARGETS)
+    unpadded.backbone.load_lora_weights(str(tmp_path / "padded.lora.h5"))
+    assert_close(expected, np.asarray(unpadded(x)), "adapters saved at tp=4 (padded), loaded at tp=2")
+    lm.backbone.merge_lora()
+    out = export_to_hf(lm, tmp_path / "merged")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor(x["token_ids"]).long()).logits.numpy()
+    export_diff = assert_close(ref, expected, "transformers on the merged export", rel=1e-4)
+    print(f"\nLoRA, 14/2 heads: tp=4 (padded) vs tp=2 max |diff| {diff:.2e}; merged export vs transformers {export_diff:.2e}")

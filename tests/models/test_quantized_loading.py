@@ -1,7 +1,8 @@
 """from_preset(..., quantize="int8") streams int8 blocks that are exactly
 what `lm.quantize("int8")` makes from the float model: every int8 value and
 scale bitwise equal, at tp 1, 2 and 4 (GQA kv heads replicated at 4, GPT-2's
-fused q/k/v, OPT's biases), and the same logits."""
+fused q/k/v, OPT's biases) and at tp values that pad the heads and MLP
+(padded channels: int8 zeros), and the same logits."""
 
 import warnings
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import tp_zoo
+from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import export_to_hf
 
@@ -16,7 +18,7 @@ from tp_zoo.checkpoint.export import export_to_hf
 @pytest.fixture(scope="module")
 def checkpoint_dirs(tmp_path_factory):
     out = {}
-    for name in ("llama_gqa_llama3_rope", "gpt2", "opt_pre_ln"):
+    for name in ("llama_gqa_llama3_rope", "gpt2", "opt_pre_ln", "gpt2_25_heads_ffn_100", "qwen2_14_heads_gqa2"):
         path = tmp_path_factory.mktemp(name)
         ckpts.save(ckpts.build_model(ckpts.CASES[name]), path)
         out[name] = path
@@ -26,7 +28,15 @@ def checkpoint_dirs(tmp_path_factory):
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("name", ["llama_gqa_llama3_rope", "gpt2", "opt_pre_ln"])
 def test_streamed_int8_equals_quantize_after_loading(checkpoint_dirs, name, tp):
-    path = checkpoint_dirs[name]
+    _check_streamed_equals_after(checkpoint_dirs[name], name, tp)
+
+
+@pytest.mark.parametrize("name,tp", [("gpt2_25_heads_ffn_100", 8), ("qwen2_14_heads_gqa2", 4)])
+def test_streamed_int8_with_padded_heads_equals_quantize_after_loading(checkpoint_dirs, name, tp):
+    _check_streamed_equals_after(checkpoint_dirs[name], name, tp)
+
+
+def _check_streamed_equals_after(path, name, tp):
     streamed = tp_zoo.from_preset(path, tp=tp, dtype="float32", quantize="int8", progress=False)
     after = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
     after.quantize("int8")
@@ -43,6 +53,9 @@ def test_streamed_int8_equals_quantize_after_loading(checkpoint_dirs, name, tp):
     ids, mask = ckpts.batch(ckpts.CASES[name][2]["vocab_size"])
     x = {"token_ids": ids, "padding_mask": mask}
     np.testing.assert_array_equal(np.asarray(streamed(x)), np.asarray(after(x)))
+    for variable in streamed.weights:
+        if variable.dtype == "int8":
+            assert not np.any(padded_entries(variable)), variable.path
 
 
 def test_quantize_argument_errors(checkpoint_dirs):

@@ -6,6 +6,8 @@ within the float32 tolerance (1e-5 x max(1, max |logit|)) at tp=4 inside a
 tp=4 distribution and on one device outside any.
 """
 
+import contextlib
+
 import keras
 import keras_hub
 import numpy as np
@@ -15,6 +17,7 @@ import tp_zoo
 from tests.helpers import assert_close
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
+from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.mlp import gelu_tanh
 
 FAMILIES = ["opt_pre_ln", "opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "mistral_sliding_window",
@@ -60,12 +63,24 @@ def test_keras_file_reloads_at_any_tp(saved, name):
     print(f"\n{name}: .keras saved at tp=2 -> tp=2 identical, tp=4 max|diff| {d4:.2e}, one device {d1:.2e}")
 
 
-def test_keras_file_at_a_tp_the_heads_do_not_divide_is_refused(tmp_path):
-    ckpts.save(ckpts.build_model(ckpts.SIX_HEADS), tmp_path / "hf")
-    tp_zoo.from_preset(tmp_path / "hf", tp=2, dtype="float32", progress=False).save(tmp_path / "six.keras")
-    with tp_zoo.distribution(tp=4).scope():
-        with pytest.raises(tp_zoo.errors.ShardingError, match=r"6 query heads .* cannot be split over tp=4"):
-            keras.saving.load_model(tmp_path / "six.keras")
+def test_keras_file_of_a_padded_model_reloads_at_any_tp(tmp_path):
+    """Saved at tp=4 (14 query heads padded to 16), the file holds the real
+    heads only: it reloads unpadded at tp=2, padded again at tp=8 (MLP 100
+    padded to 104 too) and on one device."""
+    name = "qwen2_14_heads_gqa2"
+    ckpts.save(ckpts.build_model(ckpts.CASES[name]), tmp_path / "hf")
+    x, real = _inputs(name)
+    lm = tp_zoo.from_preset(tmp_path / "hf", tp=4, dtype="float32", progress=False)
+    ref = np.asarray(lm(x))
+    lm.save(tmp_path / "padded.keras")
+    for tp in (2, 8, 1):
+        with contextlib.ExitStack() as scope:
+            if tp > 1:
+                scope.enter_context(tp_zoo.distribution(tp=tp).scope())
+            again = keras.saving.load_model(tmp_path / "padded.keras")
+        assert again.backbone.transformer_layers[0].attention.padded_heads == (14 if tp < 4 else 16)
+        diff = assert_close(ref[real], np.asarray(again(x))[real], f"saved at tp=4 (padded), loaded at tp={tp}")
+        print(f"\n{name}: .keras saved at tp=4, loaded at tp={tp}: max |diff| {diff:.2e}")
 
 
 def test_save_to_preset_reads_back_at_any_tp(saved, tmp_path):
@@ -142,6 +157,8 @@ def test_set_weights_with_a_wrong_shape_names_the_variable(saved):
         lambda: layers.RowParallelDense(8, use_bias=False),
         lambda: layers.HeadSplitDense(4, 2, replicated=True),
         lambda: layers.HeadMergeDense(8),
+        lambda: layers.HeadSplitDense(6, 2, padding=AxisPadding(3, 4, 2, 2)),
+        lambda: layers.ColumnParallelDense(30, padding=AxisPadding.trailing(30, 32)),
         lambda: layers.VocabParallelEmbedding(10, 4),
         lambda: layers.VocabParallelLMHead(10),
         lambda: layers.ParallelAttention(4, 2, 8, num_kv_heads=2, sliding_window=3,

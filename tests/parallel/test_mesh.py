@@ -11,6 +11,7 @@ import pytest
 import tp_zoo
 from tests.helpers import mesh_scope
 from tp_zoo import layers
+from tp_zoo.layers.attention import padded_heads
 
 
 def test_mesh_axes_and_devices():
@@ -42,28 +43,53 @@ def test_non_jax_backend_is_refused():
     assert "runs on the JAX backend only, but Keras is using 'numpy'" in result.stderr
 
 
-def test_heads_not_divisible_lists_working_tp():
+@pytest.mark.parametrize(
+    "heads,kv_heads,tp,padded_kv,padded_group",
+    [
+        (25, 25, 8, 32, 1),  # GPT-2 XL
+        (12, 12, 8, 16, 1),  # GPT-2
+        (9, 3, 2, 4, 3),  # SmolLM2-135M: a fourth, all-padding kv group (nothing smaller splits)
+        (9, 3, 8, 4, 4),  # kv heads whole on each device, each device's queries inside one group
+        (14, 2, 4, 2, 8),  # Qwen2.5-0.5B: padded inside the 2 groups, kv stays 2 (replicated)
+        (28, 4, 8, 4, 8),  # Qwen2.5-7B
+        (8, 2, 4, 2, 4),  # divisible: unchanged
+    ],
+)
+def test_head_padding_rule(heads, kv_heads, tp, padded_kv, padded_group):
+    assert padded_heads(heads, kv_heads, tp) == (padded_kv, padded_group)
+
+
+def test_heads_tp_does_not_divide_are_padded_with_a_warning():
     with mesh_scope(4):
-        with pytest.raises(ValueError, match=r"6 query heads .* tp=4\. tp values that would work: \[1, 2, 3, 6\]"):
-            layers.ParallelAttention(6, 8, 48)
+        with pytest.warns(UserWarning, match=r"6 query heads padded to 8 and 6 key/value heads to 8 for tp=4: "
+                          r"2 inert heads per layer, about 33% more attention compute and weights\. "
+                          r"tp values that need no padding: \[1, 2, 3, 6\]"):
+            attention = layers.ParallelAttention(6, 8, 48)
+        attention.build((1, 3, 48))
+        keys, _ = attention.empty_cache(1, 5)
+    assert attention.query.kernel.shape == (48, 8, 8)
+    assert keys.shape == (1, 8, 5, 8) and keys.addressable_shards[0].data.shape == (1, 2, 5, 8)
+    assert [w.shape for w in attention.get_weights()[:2]] == [(48, 6, 8), (6, 8)]
 
 
-def test_kv_heads_neither_divisible_nor_replicable():
-    with mesh_scope(2):
-        with pytest.raises(ValueError, match=r"12 query heads and 3 key/value heads .* \[1, 3, 6, 12\]"):
-            layers.ParallelAttention(12, 8, 96, num_kv_heads=3)
-
-
-def test_ffn_width_not_divisible_lists_working_tp():
+def test_a_mlp_width_tp_does_not_divide_is_padded_with_a_warning():
     with mesh_scope(4):
-        with pytest.raises(ValueError, match=r"units = 30 is not divisible by tp=4\. tp values that would work: \[1, 2, 3, 5, 6, 10, 15, 30\]"):
-            layers.ParallelMLP(16, 30)
+        with pytest.warns(UserWarning, match=r"MLP width 30 padded to 32 for tp=4: 2 inert units per layer"):
+            mlp = layers.ParallelMLP(16, 30)
+        mlp.build((2, 16))
+    assert mlp.up.kernel.shape == (16, 32) and mlp.down.kernel.shape == (32, 16)
+    assert [w.shape for w in mlp.get_weights()] == [(16, 30), (30,), (30, 16), (16,)]
+
+
+def test_heads_that_are_not_a_multiple_of_the_kv_heads():
+    with pytest.raises(ValueError, match=r"num_heads=12 is not a multiple of num_kv_heads=5"):
+        layers.ParallelAttention(12, 8, 96, num_kv_heads=5)
 
 
 def test_row_input_not_divisible():
     with mesh_scope(4):
         layer = layers.RowParallelDense(8)
-        with pytest.raises(ValueError, match=r"input dim = 6 is not divisible by tp=4"):
+        with pytest.raises(ValueError, match=r"input dim = 6 is not divisible by tp=4 \(its input arrives split"):
             layer.build((2, 6))
 
 

@@ -7,11 +7,14 @@ hands Keras the finished sharded array. No variable is first initialised at
 random, and no whole copy of a sharded tensor is made in host memory: the
 file is memory-mapped and each device's block is copied over in chunks of
 rows (transposed on the device), so host memory holds one chunk at a time;
-devices that hold the same block share one read.
+devices that hold the same block share one read. Where a variable is padded
+for tp (vocab rows, attention heads, MLP units), only the tensor's real
+rows are read, each contiguous run into its place in a block of zeros.
 """
 
 import collections
 import functools
+import itertools
 import warnings
 
 import jax
@@ -25,6 +28,7 @@ from rich.progress import TimeRemainingColumn
 from rich.progress import TransferSpeedColumn
 
 from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.layers.base import scatter_real
 from tp_zoo.layers.quantize import int8_values
 from tp_zoo.layers.quantize import scale_from_absmax
 
@@ -63,9 +67,9 @@ class StreamingLoader:
         self._progress.stop()
 
     # --- the weights_from protocol ---------------------------------------------
-    def __call__(self, path, shape, true_shape, dtype, sharding):
+    def __call__(self, path, shape, padding, dtype, sharding):
         if path.endswith("/kernel_scale"):
-            return self._int8_scale(path[: -len("_scale")], shape, true_shape, sharding)
+            return self._int8_scale(path[: -len("_scale")], padding, sharding)
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -78,6 +82,7 @@ class StreamingLoader:
             raise CheckpointMismatchError(
                 f"Checkpoint tensor {tensor} (for variable {path}) is missing from the checkpoint."
             )
+        true_shape = tuple(p.true_size for p in padding)
         expected = entry.tensor_shape(true_shape)
         found = self.tensors.shape(name)
         if tuple(found) != tuple(expected):
@@ -86,13 +91,13 @@ class StreamingLoader:
                 f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
             )
         scale = self._scales.pop(path) if jnp.dtype(dtype) == jnp.int8 else None
-        value = self._place(entry, name, tuple(shape), true_shape, dtype, sharding, scale)
+        value = self._place(entry, name, tuple(shape), padding, dtype, sharding, scale)
         if name not in self.used:
             self.used.add(name)
             self._progress.advance(self._task, self.tensors.nbytes(name))
         return value
 
-    def _int8_scale(self, kernel_path, shape, scale_shape, sharding):
+    def _int8_scale(self, kernel_path, padding, sharding):
         """The per-output-channel scale of an int8 kernel (made before the
         kernel): max |w| over the input dims / 127, read from the mapped file
         in chunks of rows, so no whole tensor is held in host memory."""
@@ -105,6 +110,7 @@ class StreamingLoader:
             axis, index, count = entry.part
             block = host.shape[axis] // count
             host = host[(slice(None),) * axis + (slice(index * block, (index + 1) * block),)]
+        scale_shape = tuple(p.true_size for p in padding)
         rank = entry.variable_rank(host.ndim)
         n_in = rank - len(scale_shape)
         tensor_groups = entry.groups(rank)[::-1] if entry.transposed else entry.groups(rank)
@@ -116,12 +122,12 @@ class StreamingLoader:
             maxima.append(chunk.max(axis=0) if rows_are_inputs else chunk.max(axis=1))
         amax = np.max(maxima, axis=0) if rows_are_inputs else np.concatenate(maxima)
         scale = np.asarray(_scale_from_absmax(amax)).reshape(scale_shape)
-        # Vocab padding (an LM head) gets scale 1: its columns are zeros.
-        scale = np.pad(scale, [(0, n - t) for n, t in zip(shape, scale_shape)], constant_values=1.0)
+        # Padded output channels (vocab, heads, MLP units) get scale 1: they are zeros.
+        scale = scatter_real(scale, padding, fill=1.0)
         self._scales[kernel_path] = scale
         return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
 
-    def _place(self, entry, name, shape, true_shape, dtype, sharding, scale=None):
+    def _place(self, entry, name, shape, padding, dtype, sharding, scale=None):
         if sharding is None:
             indices = {jax.devices()[0]: tuple(slice(None) for _ in shape)}
         else:
@@ -133,11 +139,11 @@ class StreamingLoader:
         shards = []
         for block, devices in by_block.items():
             if scale is None:
-                shards += self._read_block(entry, name, block, shape, true_shape, dtype, devices)
+                shards += self._read_block(entry, name, block, padding, dtype, devices)
                 continue
             # int8: read in the float dtype, quantize on the device with the
             # block's slice of the whole-tensor scale.
-            floats = self._read_block(entry, name, block, shape, true_shape, self.float_dtype, devices)
+            floats = self._read_block(entry, name, block, padding, self.float_dtype, devices)
             out_block = block[len(shape) - scale.ndim :]
             block_scale = scale[tuple(slice(a, b) for a, b in out_block)]
             shards += [_quantize_block(x, jax.device_put(block_scale, x.devices().pop())) for x in floats]
@@ -145,25 +151,33 @@ class StreamingLoader:
             return shards[0]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
-    def _read_block(self, entry, name, block, shape, true_shape, dtype, devices):
-        """One block of the variable, read once, placed on each of `devices`."""
-        local_shape = [stop - start for start, stop in block]
-        ranges, pad = [], None
-        for d, (start, stop) in enumerate(block):
-            true_stop = min(stop, true_shape[d])
-            if true_stop < stop:
-                pad = (d, stop - max(true_stop, start))
-                local_shape[d] -= pad[1]
-            full = start == 0 and true_stop == true_shape[d]
-            ranges.append(None if full else (start, max(true_stop, start)))
-        padded_shape = tuple(stop - start for start, stop in block)
-        if min(local_shape) == 0:  # a block of padding rows only
-            return [jnp.zeros(padded_shape, dtype, device=device) for device in devices]
-        slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
-        host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
-        self.bytes_read += host.nbytes  # one read, however many devices hold the block
-        finish = _finisher(tuple(local_shape), padded_shape, pad, jnp.dtype(host.dtype), jnp.dtype(dtype))
-        return [finish(_to_device(host, device, entry.transposed)).block_until_ready() for device in devices]
+    def _read_block(self, entry, name, block, padding, dtype, devices):
+        """One block of the variable, read once, placed on each of `devices`:
+        its real entries read from the tensor in contiguous runs (a product
+        of each dim's runs), zeros at its padding."""
+        block_shape = tuple(stop - start for start, stop in block)
+        true_shape = tuple(p.true_size for p in padding)
+        runs = [p.runs(start, stop) for p, (start, stop) in zip(padding, block)]
+        pieces = list(itertools.product(*runs))
+        whole = len(pieces) == 1 and all(length == n for (_, length, _), n in zip(pieces[0], block_shape))
+        if not whole:
+            out = [jnp.zeros(block_shape, dtype, device=device) for device in devices]
+        for piece in pieces:
+            ranges = [
+                None if (first == 0 and length == t) else (first, first + length)
+                for (_, length, first), t in zip(piece, true_shape)
+            ]
+            slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
+            host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
+            self.bytes_read += host.nbytes  # one read, however many devices hold the block
+            piece_shape = tuple(length for _, length, _ in piece)
+            finish = _finisher(piece_shape, jnp.dtype(host.dtype), jnp.dtype(dtype), in_place=whole)
+            values = [finish(_to_device(host, device, entry.transposed)) for device in devices]
+            if whole:
+                return [x.block_until_ready() for x in values]
+            offsets = tuple(offset for offset, _, _ in piece)
+            out = [_write_piece(o, x, offsets).block_until_ready() for o, x in zip(out, values)]
+        return out
 
     def unused_tensors(self):
         return sorted(
@@ -217,17 +231,13 @@ def _quantize_block(block, scale):
 
 
 @functools.lru_cache(maxsize=None)
-def _finisher(local_shape, padded_shape, pad, source_dtype, dtype):
-    """Reshape to the variable's block, cast, and pad the vocab; in place when
-    the block keeps its size (no cast, no padding)."""
+def _finisher(shape, source_dtype, dtype, in_place):
+    """Reshape to the variable's block (or a run of it) and cast; in place
+    when the block is whole and keeps its dtype."""
+    finish = lambda x: x.reshape(shape).astype(dtype)
+    return jax.jit(finish, donate_argnums=0 if in_place and source_dtype == dtype else ())
 
-    def finish(x):
-        x = x.reshape(local_shape).astype(dtype)
-        if pad is not None:
-            widths = [(0, 0)] * len(local_shape)
-            widths[pad[0]] = (0, pad[1])
-            x = jnp.pad(x, widths)
-        return x
 
-    in_place = pad is None and source_dtype == dtype
-    return jax.jit(finish, donate_argnums=0 if in_place else ())
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
+def _write_piece(block, piece, offsets):
+    return jax.lax.dynamic_update_slice(block, piece, offsets)

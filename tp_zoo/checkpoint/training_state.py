@@ -5,8 +5,9 @@ distinct block), to its own safetensors file; nothing is gathered. A
 checkpoint is written under a temporary name and renamed into place only
 when complete, so a run killed in the middle of a save leaves the previous
 checkpoint as the latest one. Restoring assembles each device's block from
-the saved blocks that overlap it, so a checkpoint saved at one tp restores
-at another.
+the saved blocks that overlap it, matching entries by their index among the
+real ones (the manifest records where each variable's tp padding sits), so
+a checkpoint saved at one tp restores at another, whatever each pads.
 """
 
 import json
@@ -21,19 +22,26 @@ import numpy as np
 from tp_zoo.checkpoint.export import _write_safetensors
 from tp_zoo.checkpoint.tensor_files import SafetensorsFile
 from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.layers.base import AxisPadding
+from tp_zoo.layers.base import paddings
 
 _NAME = re.compile(r"^step_(\d{8})$")
-# Vocab padding differs between tp values by less than this many rows.
-_MAX_PADDING = 64
 
 
 def _state(causal_lm):
-    """(key, variable) for every variable a training run needs back."""
-    items = [(v.path, v) for v in causal_lm.variables]
+    """(key, variable, its paddings) for every variable a training run needs
+    back. An optimizer slot pads as the variable it was made for (Keras names
+    it "<that variable's path, / as _>_<slot>")."""
+    items = [(v.path, v, paddings(v)) for v in causal_lm.variables]
     optimizer = getattr(causal_lm, "optimizer", None)
     if optimizer is not None and optimizer.built:
-        # Optimizer variable paths start with the optimizer's (counted) name.
-        items += [("optimizer/" + v.path.split("/", 1)[-1], v) for v in optimizer.variables]
+        owners = {v.path.replace("/", "_"): v for v in causal_lm.trainable_variables}
+        for v in optimizer.variables:
+            words = v.name.split("_")
+            owner = next((owners[k] for k in ("_".join(words[:i]) for i in range(len(words) - 1, 0, -1))
+                          if k in owners and tuple(owners[k].shape) == tuple(v.shape)), v)
+            # Optimizer variable paths start with the optimizer's (counted) name.
+            items.append(("optimizer/" + v.path.split("/", 1)[-1], v, paddings(owner)))
     return items
 
 
@@ -65,9 +73,10 @@ def save_training_state(causal_lm, directory, step, keep=2):
     _barrier(f"tp_zoo save {step} begin")
     manifest = {"step": step, "model": _fingerprint(causal_lm), "variables": {}}
     pieces = []
-    for key, variable in _state(causal_lm):
+    for key, variable, padding in _state(causal_lm):
         value = variable.value
-        manifest["variables"][key] = {"shape": list(value.shape), "dtype": str(value.dtype)}
+        manifest["variables"][key] = {"shape": list(value.shape), "dtype": str(value.dtype),
+                                      "padding": [list(p) for p in padding]}
         for shard in value.addressable_shards:
             if shard.replica_id != 0:
                 continue
@@ -121,40 +130,63 @@ def restore_training_state(causal_lm, path):
     for listing in sorted(path.glob("pieces-*.json")):
         for name, piece in json.loads(listing.read_text()).items():
             by_key.setdefault(piece["key"], []).append((name, piece))
-    for key, variable in _state(causal_lm):
+    for key, variable, padding in _state(causal_lm):
         if key not in manifest["variables"]:
             raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
-        saved_shape = manifest["variables"][key]["shape"]
-        _check_shape(key, saved_shape, variable.shape)
-        variable.assign(_assemble(variable, by_key.get(key, []), files, path))
+        saved = manifest["variables"][key]
+        saved_padding = _saved_padding(saved, padding)
+        if _real(saved_padding) != _real(padding):
+            raise CheckpointMismatchError(
+                f"Saved {key} has shape {tuple(saved['shape'])} ({_real(saved_padding)} real), the model's is "
+                f"{tuple(variable.shape)} ({_real(padding)} real)."
+            )
+        variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path))
     return manifest["step"]
 
 
-def _check_shape(key, saved, wanted):
-    diffs = [abs(a - b) for a, b in zip(saved, wanted)]
-    if len(saved) != len(wanted) or sum(d > 0 for d in diffs) > 1 or max(diffs, default=0) >= _MAX_PADDING:
-        raise CheckpointMismatchError(f"Saved {key} has shape {tuple(saved)}, the model's is {tuple(wanted)}.")
+def _real(padding):
+    return tuple(p.true_size for p in padding)
 
 
-def _assemble(variable, pieces, files, path):
-    """The variable's value for its current sharding, from overlapping saved blocks."""
+def _saved_padding(saved, padding):
+    """The saved variable's paddings; a manifest without them (older
+    checkpoints) padded only at the end, as the vocab is."""
+    if "padding" in saved:
+        return tuple(AxisPadding(*p) for p in saved["padding"])
+    return tuple(AxisPadding.trailing(min(p.true_size, n), n) for p, n in zip(padding, saved["shape"]))
+
+
+def _true_indices(padding):
+    """Per padded index of one dim: its index among the real entries, or -1."""
+    indices = np.full(padding.size, -1)
+    indices[padding.positions()] = np.arange(padding.true_size)
+    return indices
+
+
+def _assemble(variable, padding, saved_padding, pieces, files, path):
+    """The variable's value for its current sharding, from the saved blocks,
+    entry by entry of the same real index (zeros at this tp's padding)."""
     value = variable.value
     sharding = value.sharding
+    mine = [_true_indices(p) for p in padding]
+    theirs = [_true_indices(p) for p in saved_padding]
     arrays = []
     for device, index in sharding.addressable_devices_indices_map(value.shape).items():
         block = [s.indices(n)[:2] for s, n in zip(index, value.shape)]
         out = np.zeros([b - a for a, b in block], dtype=value.dtype)
         for name, piece in pieces:
-            lo = [max(a, p[0]) for (a, _), p in zip(block, piece["index"])]
-            hi = [min(b, p[1]) for (_, b), p in zip(block, piece["index"])]
-            if any(h <= l for l, h in zip(lo, hi)):
+            # Per dim: where the block and the piece hold the same real entries.
+            dst, src = [], []
+            for (a, b), (p0, p1), m, t in zip(block, piece["index"], mine, theirs):
+                common, d, s_ = np.intersect1d(m[a:b], t[p0:p1], return_indices=True)
+                dst.append(d[common >= 0])
+                src.append(s_[common >= 0])
+            if any(len(d) == 0 for d in dst):
                 continue
             if piece["file"] not in files:
                 files[piece["file"]] = SafetensorsFile(path / piece["file"])
-            saved = files[piece["file"]].array(name)
-            src = tuple(slice(l - p[0], h - p[0]) for l, h, p in zip(lo, hi, piece["index"]))
-            dst = tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, block))
-            out[dst] = saved[src]
+            saved = np.asarray(files[piece["file"]].array(name))
+            out[np.ix_(*dst)] = saved[np.ix_(*src)]
         arrays.append(jax.device_put(out, device))
     return jax.make_array_from_single_device_arrays(value.shape, sharding, arrays)
 

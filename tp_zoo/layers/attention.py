@@ -7,17 +7,23 @@ and value kernels are kept whole on every device and each device uses the
 one head its query heads share. The output projection is row-parallel, so
 the whole layer costs one all-reduce. The KV cache is split the same way and
 never gathered.
+
+Head counts that tp does not divide are padded with inert heads (zero
+query/key/value columns, zero output rows; see `padded_heads`), inside each
+kv group, so the padded layer is an ordinary GQA layer of more heads and
+each real query head still reads its own kv head.
 """
+
+import warnings
 
 import jax
 import jax.numpy as jnp
 import keras
 
 from tp_zoo import parallel
-from tp_zoo.errors import ShardingError
 from tp_zoo.layers import attention_ops as ops
+from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
-from tp_zoo.layers.base import valid_tp_values
 from tp_zoo.layers.linear import HeadMergeDense
 from tp_zoo.layers.linear import HeadSplitDense
 from tp_zoo.layers.rotary import RotaryEmbedding
@@ -26,20 +32,26 @@ M = parallel.MODEL
 B = parallel.BATCH
 
 
-def _check_heads(name, num_heads, num_kv_heads, tp):
-    def works(t):
-        return num_heads % t == 0 and (num_kv_heads % t == 0 or t % num_kv_heads == 0)
+def padded_heads(num_heads, num_kv_heads, tp):
+    """(kv heads, query heads per kv head) after padding for `tp`.
 
-    if num_heads % num_kv_heads:
-        raise ValueError(
-            f"{name}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}."
-        )
-    if not works(tp):
-        raise ShardingError(
-            f"{name}: {num_heads} query heads and {num_kv_heads} key/value heads "
-            f"cannot be split over tp={tp}. tp values that would work: "
-            f"{[t for t in valid_tp_values(num_heads) if works(t)]}."
-        )
+    The fewest query heads (then kv heads) K' * G', with K' >= the kv heads
+    and G' >= the query heads per kv head, that tp can split: either tp
+    divides K' (each device holds K' / tp kv heads), or K' divides tp and
+    tp / K' divides G' (kv heads whole on every device, each device's
+    queries inside one group). K' = tp rounded up always qualifies.
+    """
+    if num_kv_heads < 1 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}.")
+    group = num_heads // num_kv_heads
+    choices = (
+        (kv * g, kv, g)
+        for kv in range(num_kv_heads, num_kv_heads + tp)
+        for g in range(group, group + tp)
+        if kv % tp == 0 or (tp % kv == 0 and g % (tp // kv) == 0)
+    )
+    _, kv, g = min(choices)
+    return kv, g
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
@@ -79,32 +91,58 @@ class ParallelAttention(ShardedLayer):
         if isinstance(rotary, dict):  # from get_config
             rotary = RotaryEmbedding(**rotary)
         num_kv_heads = num_kv_heads or num_heads
-        _check_heads(self.name, num_heads, num_kv_heads, self.tp)
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"{self.name}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}."
+            )
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
+        self.padded_kv_heads, padded_group = padded_heads(num_heads, num_kv_heads, self.tp)
+        self.padded_heads = self.padded_kv_heads * padded_group
+        # Real query head j of kv head k sits at k * padded_group + j.
+        query_padding = AxisPadding(num_kv_heads, self.padded_kv_heads, num_heads // num_kv_heads, padded_group)
+        kv_padding = AxisPadding.trailing(num_kv_heads, self.padded_kv_heads)
+        if self.padded_heads != num_heads:
+            warnings.warn(self._padding_note(), stacklevel=2)
         self.head_dim = head_dim
         self.hidden_dim = hidden_dim
         self.rotary = rotary
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.sliding_window = sliding_window
-        self.kv_replicated = num_kv_heads % self.tp != 0
+        self.kv_replicated = self.padded_kv_heads % self.tp != 0
         # Key/value heads each device holds in its cache.
-        self.local_kv_heads = 1 if self.kv_replicated else num_kv_heads // self.tp
+        self.local_kv_heads = 1 if self.kv_replicated else self.padded_kv_heads // self.tp
         common = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
-        self.query = HeadSplitDense(num_heads, head_dim, use_bias=use_qkv_bias, name="query", **common)
-        self.key = HeadSplitDense(
-            num_kv_heads, head_dim, use_bias=use_qkv_bias, replicated=self.kv_replicated, name="key", **common
+        self.query = HeadSplitDense(
+            num_heads, head_dim, use_bias=use_qkv_bias, padding=query_padding, name="query", **common
         )
-        self.value = HeadSplitDense(
-            num_kv_heads, head_dim, use_bias=use_qkv_bias, replicated=self.kv_replicated, name="value", **common
+        kv = dict(use_bias=use_qkv_bias, replicated=self.kv_replicated, padding=kv_padding, **common)
+        self.key = HeadSplitDense(num_kv_heads, head_dim, name="key", **kv)
+        self.value = HeadSplitDense(num_kv_heads, head_dim, name="value", **kv)
+        self.output_dense = HeadMergeDense(
+            hidden_dim, use_bias=use_output_bias, padding=query_padding, name="output", **common
         )
-        self.output_dense = HeadMergeDense(hidden_dim, use_bias=use_output_bias, name="output", **common)
+
+    def _padding_note(self):
+        added = self.padded_heads - self.num_heads
+        kv = ""
+        if self.padded_kv_heads != self.num_kv_heads:
+            kv = f" and {self.num_kv_heads} key/value heads to {self.padded_kv_heads}"
+        return (
+            f"{self.num_heads} query heads padded to {self.padded_heads}{kv} for tp={self.tp}: "
+            f"{added} inert head{'s' if added > 1 else ''} per layer, about {100 * added / self.num_heads:.0f}% more attention "
+            f"compute and weights. tp values that need no padding: {self._unpadded_tp_values()}."
+        )
+
+    def _unpadded_tp_values(self):
+        unpadded = (self.num_kv_heads, self.num_heads // self.num_kv_heads)
+        return [t for t in range(1, self.num_heads + 1) if padded_heads(self.num_heads, self.num_kv_heads, t) == unpadded]
 
     def build(self, input_shape):
         self.query.build(input_shape)
         self.key.build(input_shape)
         self.value.build(input_shape)
-        self.output_dense.build(tuple(input_shape[:-1]) + (self.num_heads, self.head_dim))
+        self.output_dense.build(tuple(input_shape[:-1]) + (self.padded_heads, self.head_dim))
 
     def _projections(self):
         return (self.query, self.key, self.value, self.output_dense)
@@ -132,7 +170,7 @@ class ParallelAttention(ShardedLayer):
         kernels, first cut out the one head this device's queries use."""
         kernel, bias = projection.effective(weights)
         if self.kv_replicated:
-            head = parallel.model_index() // (self.tp // self.num_kv_heads)
+            head = parallel.model_index() // (self.tp // self.padded_kv_heads)
             kernel, bias = projection.take_head(kernel, bias, head)
         return projection.apply(kernel, bias, x)
 

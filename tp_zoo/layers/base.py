@@ -2,7 +2,9 @@
 
 import contextlib
 import contextvars
+from typing import NamedTuple
 
+import jax.numpy as jnp
 import keras
 import numpy as np
 from keras.src.backend.common.name_scope import current_path
@@ -17,11 +19,11 @@ _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 def weights_from(source):
     """Variables made in this scope take their values from `source`.
 
-    `source(path, shape, true_shape, dtype, sharding)` returns the variable's
+    `source(path, shape, padding, dtype, sharding)` returns the variable's
     value as a global array of `shape` already placed on the devices
-    (`sharding` is None when no mesh is active; `true_shape` is the part of
-    `shape` that is not tp padding), or None to fall back to the layer's
-    initializer. This
+    (`sharding` is None when no mesh is active; `padding` has one
+    `AxisPadding` per dim, saying where that dim's real entries sit among
+    its tp padding), or None to fall back to the layer's initializer. This
     is how checkpoints stream into shards: no variable is first filled at
     random and then overwritten.
     """
@@ -37,33 +39,116 @@ def valid_tp_values(*sizes):
     return [t for t in range(1, 65) if all(s % t == 0 for s in sizes)]
 
 
-def check_divisible(layer_name, what, size, tp):
+def check_divisible(layer_name, what, size, tp, why=""):
     if size % tp:
         raise ShardingError(
-            f"{layer_name}: {what} = {size} is not divisible by tp={tp}. "
+            f"{layer_name}: {what} = {size} is not divisible by tp={tp}{why}. "
             f"tp values that would work: {valid_tp_values(size)}."
         )
 
 
+def round_up(size, tp):
+    return -(-size // tp) * tp
+
+
+class AxisPadding(NamedTuple):
+    """Where the real entries of one dim sit among inert zero padding.
+
+    The dim is `padded_groups` groups of `padded_group_size` entries; the
+    first `groups` of them hold `group_size` real entries each, at their
+    start. Trailing padding (a vocab padded to a multiple of tp) is one
+    group; attention pads inside each kv group, so that each real query
+    head stays with its own key/value head.
+    """
+
+    groups: int
+    padded_groups: int
+    group_size: int
+    padded_group_size: int
+
+    @classmethod
+    def trailing(cls, true_size, size):
+        return cls(1, 1, int(true_size), int(size))
+
+    @property
+    def size(self):
+        return self.padded_groups * self.padded_group_size
+
+    @property
+    def true_size(self):
+        return self.groups * self.group_size
+
+    @property
+    def is_padded(self):
+        return self.size != self.true_size
+
+    def positions(self):
+        """The padded index of each real entry, in order."""
+        starts = np.arange(self.groups) * self.padded_group_size
+        return (starts[:, None] + np.arange(self.group_size)).ravel()
+
+    def mask(self):
+        """(size,) bool: True at the real entries."""
+        mask = np.zeros(self.size, bool)
+        mask[self.positions()] = True
+        return mask
+
+    def runs(self, start, stop):
+        """The real entries in padded [start, stop) as contiguous runs
+        (offset from start, length, index among the real entries)."""
+        runs = []
+        for g in range(self.groups):
+            lo = max(start, g * self.padded_group_size)
+            hi = min(stop, g * self.padded_group_size + self.group_size)
+            if hi > lo:
+                runs.append((lo - start, hi - lo, g * self.group_size + lo - g * self.padded_group_size))
+        return runs
+
+
+def paddings(variable):
+    """One `AxisPadding` per dim of a variable (see `add_sharded_weight`)."""
+    return getattr(variable, "_tp_zoo_padding", None) or tuple(
+        AxisPadding.trailing(n, n) for n in variable.shape
+    )
+
+
 def true_shape(variable):
-    """The shape a variable stands for: its own, less any padding up to a
-    multiple of tp (see `ShardedLayer.add_sharded_weight`)."""
-    return getattr(variable, "_tp_zoo_true_shape", tuple(variable.shape))
+    """The shape a variable stands for: its own, less its tp padding."""
+    return tuple(p.true_size for p in paddings(variable))
+
+
+def real_part(value, axis_paddings):
+    """The real entries of a padded array."""
+    value = np.asarray(value)
+    for axis, padding in enumerate(axis_paddings):
+        if padding.is_padded:
+            value = np.take(value, padding.positions(), axis=axis)
+    return value
+
+
+def scatter_real(value, axis_paddings, fill=0):
+    """A true-shape array placed at its real entries of the padded shape,
+    `fill` elsewhere."""
+    value = np.asarray(value)
+    if not any(p.is_padded for p in axis_paddings):
+        return value
+    out = np.full([p.size for p in axis_paddings], fill, value.dtype)
+    out[np.ix_(*(p.positions() for p in axis_paddings))] = value
+    return out
 
 
 def true_value(variable):
     """The variable's value as a numpy array, padding cut off."""
-    return np.asarray(variable.numpy())[tuple(slice(0, n) for n in true_shape(variable))]
+    return real_part(variable.numpy(), paddings(variable))
 
 
 def padded_value(variable, value):
-    """`value` (of the variable's true shape) padded with zeros to its shape."""
+    """`value` (of the variable's true shape) with zeros at the padding."""
     value = np.asarray(value)
     wanted = true_shape(variable)
     if value.shape != wanted:
         raise ValueError(f"{variable.path} takes a value of shape {wanted}; got one of shape {value.shape}.")
-    padding = [(0, n - t) for n, t in zip(variable.shape, wanted)]
-    return np.pad(value, padding) if any(p for _, p in padding) else value
+    return scatter_real(value, paddings(variable))
 
 
 def get_weights(variables):
@@ -81,6 +166,16 @@ def set_weights(variables, values):
     padded = [padded_value(v, w) for v, w in zip(variables, values)]  # check all before assigning any
     for variable, value in zip(variables, padded):
         variable.assign(value)
+
+
+def real_mask(axis_paddings):
+    """A bool array broadcastable to the padded shape: True at the real
+    entries (`axis_paddings`: an `AxisPadding` or None per dim)."""
+    mask = np.ones((1,) * len(axis_paddings), bool)
+    for axis, padding in enumerate(axis_paddings):
+        if padding is not None and padding.is_padded:
+            mask = mask & padding.mask().reshape((-1,) + (1,) * (len(axis_paddings) - axis - 1))
+    return jnp.asarray(mask)
 
 
 class TrueShapeWeights:
@@ -110,19 +205,31 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
     def tp(self):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
-    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, true_shape=None, dtype=None):
+    def add_sharded_weight(
+        self, name, shape, layout, initializer, trainable=True, true_shape=None, dtype=None, padding=None
+    ):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
         tensor-parallel devices) or None (whole on every device). Where
-        `shape` pads a dim up to a multiple of tp (a vocab that tp does not
-        divide), `true_shape` is the shape the variable stands for: the
-        checkpoint source, get_weights/set_weights, saving and export see
-        only that part. `dtype` overrides the layer's variable dtype (int8
-        kernels and their scales).
+        `shape` pads dims up to a multiple of tp, `padding` (one
+        `AxisPadding` or None per dim) says where the real entries sit, or
+        `true_shape` gives the real size of dims padded at their end (a
+        vocab that tp does not divide). The checkpoint source,
+        get_weights/set_weights, saving and export see only the real
+        entries; a trainable variable's padding starts at zero whatever its
+        initializer (int8 values and scales come whole, their padding made).
+        `dtype` overrides the layer's variable dtype (int8 kernels and their
+        scales).
         """
         shape = tuple(int(s) for s in shape)
         true_shape = shape if true_shape is None else tuple(int(s) for s in true_shape)
+        padding = tuple(
+            AxisPadding.trailing(t, n) if p is None else p
+            for p, t, n in zip(padding or (None,) * len(shape), true_shape, shape)
+        )
+        if tuple(p.size for p in padding) != shape:
+            raise ValueError(f"{self.name}/{name}: padding {padding} does not fit shape {shape}.")
         dtype = dtype or self.variable_dtype
         keras_layout = sharding = None
         if self.mesh_info is not None:
@@ -132,7 +239,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             value = None
             source = _weight_source.get()
             if source is not None:
-                value = source(f"{current_path()}/{name}", shape, true_shape, dtype, sharding)
+                value = source(f"{current_path()}/{name}", shape, padding, dtype, sharding)
             variable = keras.Variable(
                 initializer=keras.initializers.get(initializer)
                 if value is None
@@ -143,7 +250,9 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
                 name=name,
                 layout=keras_layout,
             )
-        variable._tp_zoo_true_shape = true_shape
+        variable._tp_zoo_padding = padding
+        if value is None and trainable and any(p.is_padded for p in padding):
+            variable.assign(variable.value * real_mask(padding).astype(variable.dtype))
         return variable
 
     # --- saving at true shapes, whatever the tp -------------------------------

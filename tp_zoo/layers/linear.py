@@ -9,6 +9,12 @@ replicated bias is added once, after the all-reduce.
 The per-head variants are the same two rules on EinsumDense-style kernels of
 shape (hidden, heads, head_dim) and (heads, head_dim, hidden), split on the
 heads axis, as attention needs them.
+
+A layer's split dim may be padded up to a multiple of tp (`padding`, an
+`AxisPadding`, given by the attention or MLP that owns the layer): the
+padded kernel columns (and bias entries) or rows are zero, and a
+row-parallel layer also zeroes its padded inputs, so the padding adds
+nothing and its slices get zero gradients.
 """
 
 import jax
@@ -17,11 +23,25 @@ import keras
 
 from tp_zoo import parallel
 from tp_zoo.layers import quantize as q8
+from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import check_divisible
+from tp_zoo.layers.base import real_mask
+from tp_zoo.layers.base import round_up
 
 M = parallel.MODEL
 B = parallel.BATCH
+
+# Why a layer cannot pad its split dim alone: the layer on the other side of
+# the split activation must pad the same way (the owning block's choice).
+_PAD_UPSTREAM = (
+    " (its input arrives split by the layer before it, so any padding is that layer's to add, "
+    "as ParallelAttention and ParallelMLP do)"
+)
+_PAD_WITH_CONSUMER = (
+    " (its output stays split for the layer after it, so padding is chosen for both, "
+    "as ParallelAttention and ParallelMLP do; a gathered output pads itself)"
+)
 
 
 def _activation_layout(rank, trailing):
@@ -39,6 +59,7 @@ class _ParallelLinear(ShardedLayer):
 
     equation = None
     reduces = False
+    split_axis = None  # the kernel dim split over the devices (and padded, if any)
 
     def __init__(
         self,
@@ -47,9 +68,12 @@ class _ParallelLinear(ShardedLayer):
         kernel_initializer="glorot_uniform",
         bias_initializer="zeros",
         quantized=None,
+        padding=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # None, or the `AxisPadding` of the split dim (a list from get_config).
+        self.padding = None if padding is None else AxisPadding(*padding)
         if quantized is not None:
             q8.check_mode(quantized, self.name)
         # None, or the quantization mode ("int8"): the kernel is then int8
@@ -71,6 +95,10 @@ class _ParallelLinear(ShardedLayer):
     def build(self, input_shape):
         in_dim = input_shape[-1] if len(self.in_trailing) == 1 else input_shape[-2:]
         shape = self.kernel_shape(in_dim)
+        if self.padding is not None and shape[self.split_axis] != self.padding.size:
+            raise ValueError(
+                f"{self.name}: the split dim of kernel shape {shape} should be {self.padding.size} (its padding)."
+            )
         if self.quantized:
             # Made quantized (a saved quantized model, or from_preset(quantize=)):
             # the values come from the file. The scale is made first, as
@@ -80,12 +108,19 @@ class _ParallelLinear(ShardedLayer):
             )
             self.kernel = self._add_quantized_weight("kernel", "zeros", shape, self.kernel_layout, "int8")
         else:
-            self.kernel = self.add_sharded_weight("kernel", shape, self.kernel_layout, self.kernel_initializer)
+            self.kernel = self.add_sharded_weight(
+                "kernel", shape, self.kernel_layout, self.kernel_initializer, padding=self._padding(len(shape))
+            )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_sharded_weight(
-                "bias", self.bias_shape, self.bias_layout, self.bias_initializer
+                "bias", self.bias_shape, self.bias_layout, self.bias_initializer,
+                padding=self._padding(len(shape))[len(self.in_trailing) :],
             )
+
+    def _padding(self, rank):
+        """Per kernel dim: the split dim's `AxisPadding`, None elsewhere."""
+        return tuple(self.padding if d == self.split_axis else None for d in range(rank))
 
     # --- weight-only int8 -----------------------------------------------------
     @property
@@ -100,7 +135,8 @@ class _ParallelLinear(ShardedLayer):
         """A non-trainable variable of `dtype` (int8 values or their float32
         scale), split as `layout` says; `initializer` may be a global array.
         A checkpoint source (from_preset(quantize="int8")) fills it instead."""
-        return self.add_sharded_weight(name, shape, layout, initializer, trainable=False, dtype=dtype)
+        padding = self._padding(len(self.kernel_layout))[len(self.kernel_layout) - len(shape) :]
+        return self.add_sharded_weight(name, shape, layout, initializer, trainable=False, dtype=dtype, padding=padding)
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Replaces the float kernel by int8 values of the same shape and
@@ -145,11 +181,14 @@ class _ParallelLinear(ShardedLayer):
         self._tracker.unlock()
         n_in = len(self.in_trailing)
         shape, layout = tuple(self.kernel.shape), self.kernel_layout
+        padding = self._padding(len(shape))
         self.lora_kernel_a = self.add_sharded_weight(
-            "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer
+            "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer,
+            padding=padding[:n_in] + (None,),
         )
         self.lora_kernel_b = self.add_sharded_weight(
-            "lora_kernel_b", (rank,) + shape[n_in:], (None,) + layout[n_in:], b_initializer
+            "lora_kernel_b", (rank,) + shape[n_in:], (None,) + layout[n_in:], b_initializer,
+            padding=(None,) + padding[n_in:],
         )
         self._tracker.lock()
         self.kernel.trainable = False
@@ -255,7 +294,18 @@ class _ParallelLinear(ShardedLayer):
 
     def local_apply(self, weights, x):
         """What one device computes on its shards (inside a sharded region)."""
+        if self.reduces and self.padding is not None and self.padding.is_padded:
+            x = x * self._local_input_mask(x)
         return self.apply(*self.effective(weights), x)
+
+    def _local_input_mask(self, x):
+        """0/1 over this device's slice of the (padded) split input dims:
+        zero at the padding, so that the padded rows of the kernel (and of
+        LoRA's A) get no gradient from whatever the padding carried."""
+        mask = real_mask(self._padding(len(self.in_trailing)))
+        local = x.shape[x.ndim - len(self.in_trailing)]
+        mask = jax.lax.dynamic_slice_in_dim(mask, parallel.model_index() * local, local, axis=0)
+        return mask.astype(x.dtype)
 
     def call(self, x):
         weights, layouts = self.weights_and_layouts()
@@ -281,6 +331,8 @@ class _ParallelLinear(ShardedLayer):
         )
         if self.quantized:
             config["quantized"] = self.quantized
+        if self.padding is not None and not getattr(self, "gather_output", False):  # not tp's own padding
+            config["padding"] = list(self.padding)
         return config
 
 
@@ -297,22 +349,29 @@ class ColumnParallelDense(_ParallelLinear):
     kernel_layout = (None, M)
     bias_layout = (M,)
     in_trailing = (None,)
+    split_axis = 1
 
     def __init__(self, units, activation=None, use_bias=True, gather_output=False, **kwargs):
         super().__init__(activation=activation, use_bias=use_bias, **kwargs)
         self.units = units
         self.gather_output = gather_output
         self.out_trailing = (None,) if gather_output else (M,)
-        check_divisible(self.name, "units", units, self.tp)
-        self.bias_shape = (units,)
-        self.output_trailing_shape = (units,)
+        if gather_output:
+            if self.padding is not None:
+                raise ValueError(f"{self.name}: a gathered output pads itself (to a multiple of tp); give no padding.")
+            # Gathered, then cut back to `units`: nothing outside sees this padding.
+            self.padding = AxisPadding.trailing(units, round_up(units, self.tp))
+        padded_units = units if self.padding is None else self.padding.size
+        check_divisible(self.name, "units", padded_units, self.tp, _PAD_WITH_CONSUMER)
+        self.bias_shape = (padded_units,)
+        self.output_trailing_shape = (units if gather_output else padded_units,)
 
     def kernel_shape(self, in_dim):
-        return (in_dim, self.units)
+        return (in_dim, self.bias_shape[0])
 
     def local_apply(self, weights, x):
         y = super().local_apply(weights, x)
-        return parallel.all_gather(y, axis=-1) if self.gather_output else y
+        return parallel.all_gather(y, axis=-1)[..., : self.units] if self.gather_output else y
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
@@ -333,6 +392,7 @@ class RowParallelDense(_ParallelLinear):
     bias_layout = (None,)
     in_trailing = (M,)
     out_trailing = (None,)
+    split_axis = 0
 
     def __init__(self, units, activation=None, use_bias=True, **kwargs):
         super().__init__(activation=activation, use_bias=use_bias, **kwargs)
@@ -341,7 +401,7 @@ class RowParallelDense(_ParallelLinear):
         self.output_trailing_shape = (units,)
 
     def kernel_shape(self, in_dim):
-        check_divisible(self.name, "input dim", in_dim, self.tp)
+        check_divisible(self.name, "input dim", in_dim, self.tp, _PAD_UPSTREAM)
         return (in_dim, self.units)
 
     def get_config(self):
@@ -359,6 +419,7 @@ class HeadSplitDense(_ParallelLinear):
 
     equation = "...d,dnh->...nh"
     in_trailing = (None,)
+    split_axis = 1
 
     def __init__(self, num_heads, head_dim, use_bias=True, replicated=False, **kwargs):
         super().__init__(use_bias=use_bias, **kwargs)
@@ -366,16 +427,17 @@ class HeadSplitDense(_ParallelLinear):
         self.head_dim = head_dim
         self.replicated = replicated
         heads = None if replicated else M
+        padded_heads = num_heads if self.padding is None else self.padding.size
         if not replicated:
-            check_divisible(self.name, "heads", num_heads, self.tp)
+            check_divisible(self.name, "heads", padded_heads, self.tp)
         self.kernel_layout = (None, heads, None)
         self.bias_layout = (heads, None)
         self.out_trailing = (heads, None)
-        self.bias_shape = (num_heads, head_dim)
-        self.output_trailing_shape = (num_heads, head_dim)
+        self.bias_shape = (padded_heads, head_dim)
+        self.output_trailing_shape = (padded_heads, head_dim)
 
     def kernel_shape(self, in_dim):
-        return (in_dim, self.num_heads, self.head_dim)
+        return (in_dim,) + self.bias_shape
 
     @staticmethod
     def take_head(kernel, bias, head):
@@ -407,6 +469,7 @@ class HeadMergeDense(_ParallelLinear):
     bias_layout = (None,)
     in_trailing = (M, None)
     out_trailing = (None,)
+    split_axis = 0
 
     def __init__(self, units, use_bias=True, **kwargs):
         super().__init__(use_bias=use_bias, **kwargs)
@@ -416,7 +479,7 @@ class HeadMergeDense(_ParallelLinear):
 
     def kernel_shape(self, in_dim):
         heads, head_dim = in_dim
-        check_divisible(self.name, "heads", heads, self.tp)
+        check_divisible(self.name, "heads", heads, self.tp, _PAD_UPSTREAM)
         return (heads, head_dim, self.units)
 
     def get_config(self):

@@ -1,9 +1,18 @@
-"""The transformer feed-forward block: column-parallel up, row-parallel down."""
+"""The transformer feed-forward block: column-parallel up, row-parallel down.
+
+An intermediate width that tp does not divide is padded at its end with
+inert units: zero columns (and bias) of up/gate, zero rows of down, and
+down zeroes its padded inputs, so they add exactly nothing.
+"""
+
+import warnings
 
 import keras
 
 from tp_zoo import parallel
+from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.base import round_up
 from tp_zoo.layers.linear import ColumnParallelDense
 from tp_zoo.layers.linear import RowParallelDense
 
@@ -44,13 +53,25 @@ class ParallelMLP(ShardedLayer):
         self.activation = activation
         self.gated = gated
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.padded_intermediate_dim = round_up(intermediate_dim, self.tp)
+        if self.padded_intermediate_dim != intermediate_dim:
+            added = self.padded_intermediate_dim - intermediate_dim
+            warnings.warn(
+                f"MLP width {intermediate_dim} padded to {self.padded_intermediate_dim} for tp={self.tp}: "
+                f"{added} inert unit{'s' if added > 1 else ''} per layer, about {100 * added / intermediate_dim:.1f}% more MLP compute "
+                "and weights.",
+                stacklevel=2,
+            )
+        padding = AxisPadding.trailing(intermediate_dim, self.padded_intermediate_dim)
         common = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
         act = _ACTIVATIONS.get(activation, activation)
         self.gate = None
         if gated:
-            self.gate = ColumnParallelDense(intermediate_dim, activation=act, name="gate", **common)
-        self.up = ColumnParallelDense(intermediate_dim, activation=None if gated else act, name="up", **common)
-        self.down = RowParallelDense(hidden_dim, name="down", **common)
+            self.gate = ColumnParallelDense(intermediate_dim, activation=act, padding=padding, name="gate", **common)
+        self.up = ColumnParallelDense(
+            intermediate_dim, activation=None if gated else act, padding=padding, name="up", **common
+        )
+        self.down = RowParallelDense(hidden_dim, padding=padding, name="down", **common)
 
     def _projections(self):
         return tuple(p for p in (self.gate, self.up, self.down) if p is not None)
@@ -58,7 +79,7 @@ class ParallelMLP(ShardedLayer):
     def build(self, input_shape):
         for p in self._projections()[:-1]:
             p.build(input_shape)
-        self.down.build(tuple(input_shape[:-1]) + (self.intermediate_dim,))
+        self.down.build(tuple(input_shape[:-1]) + (self.padded_intermediate_dim,))
 
     def _local_mlp(self, weights, x):
         h = self.up.local_apply(weights[-2], x)

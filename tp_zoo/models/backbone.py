@@ -8,6 +8,7 @@ import dataclasses
 
 import keras
 import keras_hub
+from keras.src.saving.saving_lib import H5IOStore
 
 from tp_zoo.layers import ColumnParallelDense
 from tp_zoo.layers import DecoderBlock
@@ -15,6 +16,8 @@ from tp_zoo.layers import PositionEmbedding
 from tp_zoo.layers import RotaryEmbedding
 from tp_zoo.layers import VocabParallelEmbedding
 from tp_zoo.layers.base import TrueShapeWeights
+from tp_zoo.layers.base import set_weights
+from tp_zoo.layers.base import true_value
 from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.decoder_block import make_norm
 from tp_zoo.models.family import load_preset
@@ -191,6 +194,40 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
         super().enable_lora(rank, target_layer_names)
+
+    def save_lora_weights(self, filepath):
+        """KerasHub's `.lora.h5` file, each adapter at its true shape (heads
+        padded for tp cut off), so that it loads at any tp."""
+        if not getattr(self, "_lora_enabled_layers", []):
+            raise ValueError("There are no LoRA-enabled layers in this model: call enable_lora(rank) first.")
+        if not str(filepath).endswith(".lora.h5"):
+            raise ValueError(f"The filename must end in `.lora.h5`. Received: filepath={filepath}")
+        store = H5IOStore(filepath, mode="w")
+        store.make("lora")["rank"] = self._lora_rank
+        for index, layer in self._lora_layers():
+            adapters = store.make(f"lora/{index}")
+            adapters["lora_kernel_a"] = true_value(layer.lora_kernel_a)
+            adapters["lora_kernel_b"] = true_value(layer.lora_kernel_b)
+        store.close()
+
+    def load_lora_weights(self, filepath):
+        """Adapters from `save_lora_weights` (true shapes), padded for this tp."""
+        store = H5IOStore(filepath, mode="r")
+        rank = int(store.get("lora")["rank"][()])
+        if not getattr(self, "_lora_enabled_layers", []):
+            self.enable_lora(rank)
+        elif self._lora_rank != rank:
+            raise ValueError(f"{filepath} holds LoRA adapters of rank {rank}; this model's are of rank {self._lora_rank}.")
+        for index, layer in self._lora_layers():
+            saved = store.get(f"lora/{index}")
+            set_weights([layer.lora_kernel_a, layer.lora_kernel_b], [saved["lora_kernel_a"], saved["lora_kernel_b"]])
+        store.close()
+
+    def _lora_layers(self):
+        """(index, layer) of the LoRA-enabled layers, indexed as KerasHub's
+        files do: among the layers that have weights, in topological order."""
+        with_weights = [layer for layer in self._flatten_layers(include_self=False) if layer.weights]
+        return [(i, with_weights[i]) for i in self._lora_enabled_layers]
 
     def quantizable_layers(self):
         """The projections `quantize` converts: every attention and MLP

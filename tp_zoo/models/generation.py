@@ -317,9 +317,9 @@ def _bytes_needed(lm, batch, prompt_width, cache_length):
     tp = attention.tp
     itemsize = np.dtype(attention.compute_dtype).itemsize
     cache = 2 * backbone.num_layers * batch * attention.local_kv_heads * cache_length * attention.head_dim * itemsize
-    heads = (backbone.num_heads + 2 * backbone.num_kv_heads) * backbone.head_dim // tp
-    per_token = 4 * backbone.hidden_dim + heads + 3 * backbone.intermediate_dim // tp
-    tile = 512 * backbone.num_heads // tp * 4
+    heads = (attention.padded_heads + 2 * attention.padded_kv_heads) * backbone.head_dim // tp
+    per_token = 4 * backbone.hidden_dim + heads + 3 * backbone.transformer_layers[0].mlp.padded_intermediate_dim // tp
+    tile = 512 * attention.padded_heads // tp * 4
     activations = batch * prompt_width * (per_token * itemsize + tile)
     return cache + activations + 4 * batch * backbone.vocab_size
 
