@@ -205,28 +205,23 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
     def tp(self):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
-    def add_sharded_weight(
-        self, name, shape, layout, initializer, trainable=True, true_shape=None, dtype=None, padding=None
-    ):
+    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
         tensor-parallel devices) or None (whole on every device). Where
         `shape` pads dims up to a multiple of tp, `padding` (one
-        `AxisPadding` or None per dim) says where the real entries sit, or
-        `true_shape` gives the real size of dims padded at their end (a
-        vocab that tp does not divide). The checkpoint source,
-        get_weights/set_weights, saving and export see only the real
-        entries; a trainable variable's padding starts at zero whatever its
+        `AxisPadding` or None per dim) says where the real entries sit (at
+        the end of a vocab, inside each kv group of heads). The checkpoint
+        source, get_weights/set_weights, saving and export see only the
+        real entries; a trainable variable's padding starts at zero whatever its
         initializer (int8 values and scales come whole, their padding made).
         `dtype` overrides the layer's variable dtype (int8 kernels and their
         scales).
         """
         shape = tuple(int(s) for s in shape)
-        true_shape = shape if true_shape is None else tuple(int(s) for s in true_shape)
         padding = tuple(
-            AxisPadding.trailing(t, n) if p is None else p
-            for p, t, n in zip(padding or (None,) * len(shape), true_shape, shape)
+            AxisPadding.trailing(n, n) if p is None else p for p, n in zip(padding or (None,) * len(shape), shape)
         )
         if tuple(p.size for p in padding) != shape:
             raise ValueError(f"{self.name}/{name}: padding {padding} does not fit shape {shape}.")

@@ -16,14 +16,12 @@ import keras
 
 from tp_zoo import parallel
 from tp_zoo.layers import quantize as q8
+from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.base import round_up
 
 M = parallel.MODEL
 B = parallel.BATCH
-
-
-def _padded(size, tp):
-    return -(-size // tp) * tp
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
@@ -36,7 +34,8 @@ class VocabParallelEmbedding(ShardedLayer):
         self.output_dim = output_dim
         self.embeddings_initializer = keras.initializers.get(embeddings_initializer)
         self.vocab_size = input_dim
-        self.padded_vocab_size = _padded(input_dim, self.tp)
+        self.padded_vocab_size = round_up(input_dim, self.tp)
+        self.vocab_padding = AxisPadding.trailing(input_dim, self.padded_vocab_size)
 
     def build(self, input_shape=None):
         self.embeddings = self.add_sharded_weight(
@@ -44,7 +43,7 @@ class VocabParallelEmbedding(ShardedLayer):
             (self.padded_vocab_size, self.output_dim),
             (M, None),
             self.embeddings_initializer,
-            true_shape=(self.vocab_size, self.output_dim),
+            padding=(self.vocab_padding, None),
         )
 
     @staticmethod
@@ -104,7 +103,8 @@ class VocabParallelLMHead(ShardedLayer):
         self.vocab_size = vocab_size
         self.tied_embedding = tied_embedding
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
-        self.padded_vocab_size = _padded(vocab_size, self.tp)
+        self.padded_vocab_size = round_up(vocab_size, self.tp)
+        self.vocab_padding = AxisPadding.trailing(vocab_size, self.padded_vocab_size)
         if tied_embedding is not None and tied_embedding.input_dim != vocab_size:
             raise ValueError(
                 f"{self.name}: vocab_size={vocab_size} but the tied embedding "
@@ -123,17 +123,17 @@ class VocabParallelLMHead(ShardedLayer):
                 (input_shape[-1], self.padded_vocab_size),
                 (None, M),
                 self.kernel_initializer,
-                true_shape=(input_shape[-1], self.vocab_size),
+                padding=(None, self.vocab_padding),
             )
 
     def _add_int8_kernel(self, hidden, scale, values):
         kernel_scale = self.add_sharded_weight(
             "kernel_scale", (self.padded_vocab_size,), (M,), scale, trainable=False,
-            true_shape=(self.vocab_size,), dtype="float32",
+            padding=(self.vocab_padding,), dtype="float32",
         )
         kernel = self.add_sharded_weight(
             "kernel", (hidden, self.padded_vocab_size), (None, M), values, trainable=False,
-            true_shape=(hidden, self.vocab_size), dtype="int8",
+            padding=(None, self.vocab_padding), dtype="int8",
         )
         return kernel_scale, kernel
 
