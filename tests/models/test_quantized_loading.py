@@ -4,15 +4,21 @@ scale bitwise equal, at tp 1, 2 and 4 (GQA kv heads replicated at 4, GPT-2's
 fused q/k/v, OPT's biases) and at tp values that pad the heads and MLP
 (padded channels: int8 zeros), and the same logits."""
 
+import json
+import shutil
 import warnings
 
+import ml_dtypes  # noqa: F401  (float8 dtypes for numpy)
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import tp_zoo
 from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import export_to_hf
+from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.errors import UnsupportedConfigError
 
 
 @pytest.fixture(scope="module")
@@ -61,6 +67,34 @@ def _check_streamed_equals_after(path, name, tp):
 def test_quantize_argument_errors(checkpoint_dirs):
     with pytest.raises(ValueError, match="unsupported quantization mode 'int4'; tp_zoo supports 'int8'"):
         tp_zoo.from_preset(checkpoint_dirs["gpt2"], quantize="int4", progress=False)
+
+
+def _copy_checkpoint(source, target):
+    target.mkdir()
+    for file in source.iterdir():
+        shutil.copy(file, target / file.name)
+    return target
+
+
+def test_checkpoint_quantized_by_another_tool_is_refused_by_name(checkpoint_dirs, tmp_path):
+    gptq = _copy_checkpoint(checkpoint_dirs["gpt2"], tmp_path / "gptq")
+    config = json.loads((gptq / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "gptq", "bits": 4}
+    (gptq / "config.json").write_text(json.dumps(config))
+    for quantize in (None, "int8"):
+        with pytest.raises(UnsupportedConfigError, match=r"already quantized \('gptq'.*quantize='int8'"):
+            tp_zoo.from_preset(gptq, tp=2, quantize=quantize, progress=False)
+
+    # No quantization_config, but a weight stored as int8 (or float8): named, nothing built.
+    for dtype in ("int8", "float8_e4m3fn"):
+        packed = _copy_checkpoint(checkpoint_dirs["gpt2"], tmp_path / dtype)
+        tensors = safetensors.numpy.load_file(packed / "model.safetensors")
+        name = next(n for n in tensors if n.endswith("h.0.mlp.c_fc.weight"))
+        tensors[name] = tensors[name].astype(dtype)
+        safetensors.numpy.save_file(tensors, packed / "model.safetensors", metadata={"format": "pt"})
+        for quantize in (None, "int8"):
+            with pytest.raises(CheckpointMismatchError, match=rf"{name} .* is stored as {dtype}: an already quantized"):
+                tp_zoo.from_preset(packed, tp=2, quantize=quantize, progress=False)
 
 
 def test_export_of_a_quantized_model_dequantizes_and_says_so(checkpoint_dirs, tmp_path):

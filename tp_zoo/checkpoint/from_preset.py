@@ -13,6 +13,7 @@ from tp_zoo.checkpoint.loader import StreamingLoader
 from tp_zoo.checkpoint.source import checkpoint_directory
 from tp_zoo.checkpoint.source import open_tensors
 from tp_zoo.checkpoint.source import read_config
+from tp_zoo.errors import UnsupportedConfigError
 from tp_zoo.errors import WrongFamilyError
 from tp_zoo.layers import weights_from
 from tp_zoo.layers.quantize import check_mode
@@ -26,6 +27,19 @@ from tp_zoo.models.tokenizer import CheckpointTokenizer
 def _checkpoint_dtype(config):
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _refuse_quantized(config, directory):
+    """A checkpoint quantized by another tool (GPTQ, AWQ, bitsandbytes, fp8...)
+    stores packed weights tp_zoo does not read; say so before reading any."""
+    method = config.get("quantization_config")
+    if method:
+        name = method.get("quant_method", "an unnamed method") if isinstance(method, dict) else method
+        raise UnsupportedConfigError(
+            f"{directory.name} is already quantized ({name!r}, config.json's quantization_config): tp_zoo reads "
+            "float checkpoints (float32, float16, bfloat16) and makes int8 itself: load the float checkpoint "
+            "with quantize='int8'."
+        )
 
 
 def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True, quantize=None):
@@ -70,6 +84,7 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
         return _load_keras_hub_preset(preset, expected_class, distribution, dtype)
     directory = checkpoint_directory(preset, allow_pickle=allow_pickle)
     config = read_config(directory)
+    _refuse_quantized(config, directory)
     family = family_of(config)
     cls = family.causal_lm
     if expected_class is not None and not issubclass(cls, expected_class) and not issubclass(

@@ -82,6 +82,7 @@ class StreamingLoader:
             raise CheckpointMismatchError(
                 f"Checkpoint tensor {tensor} (for variable {path}) is missing from the checkpoint."
             )
+        self._check_float(name, path)
         true_shape = tuple(p.true_size for p in padding)
         expected = entry.tensor_shape(true_shape)
         found = self.tensors.shape(name)
@@ -97,6 +98,17 @@ class StreamingLoader:
             self._progress.advance(self._task, self.tensors.nbytes(name))
         return value
 
+    def _check_float(self, name, path):
+        """Every weight tp_zoo reads is stored as floats; int8 is made here,
+        from them. Integer or float8 weights are another tool's quantization."""
+        dtype = self.tensors.dtype(name)
+        if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize < 2:
+            raise CheckpointMismatchError(
+                f"Checkpoint tensor {name} (for variable {path}) is stored as {dtype.name}: an already quantized "
+                "checkpoint, in a format tp_zoo does not read. Load the float checkpoint (float32, float16 or "
+                "bfloat16), with quantize='int8' for int8 weights."
+            )
+
     def _int8_scale(self, kernel_path, padding, sharding):
         """The per-output-channel scale of an int8 kernel (made before the
         kernel): max |w| over the input dims / 127, read from the mapped file
@@ -105,6 +117,7 @@ class StreamingLoader:
         name = self.layout.resolve(tensor, self.tensors.names()) if entry is not None else None
         if name is None:
             raise CheckpointMismatchError(f"No checkpoint tensor for the int8 kernel {kernel_path}.")
+        self._check_float(name, kernel_path)
         host = self.tensors.array(name)
         if entry.part is not None:
             axis, index, count = entry.part

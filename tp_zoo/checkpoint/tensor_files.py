@@ -121,6 +121,9 @@ class TensorFiles:
     def shape(self, name):
         return self.location[name].tensors[name][0]
 
+    def dtype(self, name):
+        return self.location[name].tensors[name][1]
+
     def nbytes(self, name):
         shape, dtype, _ = self.location[name].tensors[name]
         return int(np.prod(shape)) * dtype.itemsize
@@ -146,6 +149,9 @@ class InMemoryTensors(TensorFiles):
 
     def shape(self, name):
         return tuple(self.arrays[name].shape)
+
+    def dtype(self, name):
+        return self.arrays[name].dtype
 
     def nbytes(self, name):
         return self.arrays[name].nbytes
