@@ -12,10 +12,10 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
-from tp_zoo.layers import int8_matmul_kernel
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
+from tp_zoo.layers import int8_matmul_kernel
 
 RS = np.random.RandomState(0)
 VOCAB = ckpts.CASES["llama_gqa_llama3_rope"][2]["vocab_size"]
@@ -245,3 +245,29 @@ def test_lora_on_quantized_base(llama_path):
     lm.backbone.merge_lora()  # folded in and quantized again
     assert query.kernel.dtype == "int8" and not np.any(query.lora_kernel_b.numpy())
     assert_close(tuned[real], np.asarray(lm(x))[real], "merged LoRA, requantized", rel=0.05)
+
+
+def test_lora_steps_on_int8_base_same_at_every_tp(llama_path):
+    """Three Adam steps of LoRA on the int8 base from the same start (the
+    tp=1 model's adapters, copied at true shapes): the same losses and
+    adapters at tp 1, 2 and 4, to the float32 tolerance."""
+    x, _ = _inputs(VOCAB)
+    start, runs = None, {}
+    for tp in (1, 2, 4):
+        lm = tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", progress=False)
+        lm.quantize("int8")
+        lm.backbone.enable_lora(2)
+        if start is None:
+            start = lm.get_weights()
+        lm.set_weights(start)
+        lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+        losses = [float(lm.train_on_batch(x, x["token_ids"], return_dict=True)["loss"]) for _ in range(3)]
+        runs[tp] = (losses, lm.get_weights())
+    ref_losses, ref_weights = runs[1]
+    assert ref_losses[-1] < ref_losses[0]  # the adapters learn
+    for tp in (2, 4):
+        losses, weights = runs[tp]
+        d_loss = assert_close(np.array(ref_losses), np.array(losses), f"LoRA losses on int8, tp={tp}")
+        d_weights = max(assert_close(a, b, f"weights after LoRA steps on int8, tp={tp}")
+                        for a, b in zip(ref_weights, weights))
+        print(f"\nLoRA on int8, tp={tp} vs 1: losses {d_loss:.2e}, weights {d_weights:.2e}")
