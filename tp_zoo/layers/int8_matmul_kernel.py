@@ -12,10 +12,10 @@ splits. There are only as many splits as it takes to reach
 `TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial, and
 fewer, longer programs measured faster.
 
-Measured on an H200 (docs/performance-notes.md): about 15% faster than
-bf16 weights per product, not the 2x the bytes allow; the conversion is
+Measured on an H200 (docs/performance-notes.md): 12-13% faster than the
+same kernel on bf16 weights, not the 2x the bytes allow; the conversion is
 not what bounds it (the PTX below moved it 3-9%), nor the weights' layout
-(K-contiguous blocks moved it about 15%).
+(K-contiguous blocks moved it 2-15%).
 """
 
 import functools
