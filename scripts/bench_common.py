@@ -55,6 +55,17 @@ def keras_hub_model(config, dtype):
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
+def best_time(call, repeats):
+    """The fastest of `repeats` timed calls of `call()`, after one untimed."""
+    jax.block_until_ready(call())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(call())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
 def header(what):
     device = jax.devices()[0]
     return (f"{what}; {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "

@@ -20,13 +20,13 @@ The table comes last.
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import LlamaCausalLM  # noqa: E402
 from bench_common import add_model_arguments  # noqa: E402
+from bench_common import best_time  # noqa: E402
 from bench_common import each_model  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
@@ -64,16 +64,6 @@ def batch_of(lengths, width):
         ids[row, :length] = rs.randint(3, 1000, length)
         mask[row, :length] = 1
     return {"token_ids": ids, "padding_mask": mask}
-
-
-def best_time(call, repeats):
-    jax.block_until_ready(call())
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(call())
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def generate_call(lm, lengths, new):

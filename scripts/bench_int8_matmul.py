@@ -17,11 +17,11 @@ about 2x their floor here, while a whole bf16 decode step takes 1.2x.
 import argparse
 import itertools
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import best_time  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import jax  # noqa: E402
 
@@ -39,19 +39,12 @@ def grid(**choices):
     return [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
 
 
-# Kernel settings to try: (rows they apply to, setting).
-SWEEP = [((1, 16), s) for s in grid(CONVERT=("asm", "astype"), BLOCK_N=(64, 128, 256), BLOCK_K=(64, 128),
-                                    TARGET_PROGRAMS=(66, 132))]
+# Kernel settings to try.
+SWEEP = grid(CONVERT=("asm", "astype"), BLOCK_N=(64, 128, 256), BLOCK_K=(64, 128), TARGET_PROGRAMS=(66, 132))
 
 
-def best_time(f, *args, repeats=20):
-    jax.block_until_ready(f(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+def time_of(f, *args):
+    return best_time(lambda: f(*args), 20)
 
 
 def all_products(product):
@@ -73,7 +66,7 @@ def main():
     bf16 = [w.astype(jnp.bfloat16) for w in int8]
     n_bytes = sum(w.size for w in int8)
     floor = n_bytes / args.bandwidth
-    knobs = sorted({k for _, s in SWEEP for k in s})
+    knobs = sorted({k for s in SWEEP for k in s})
     shipped = {attr: getattr(kernel, attr) for attr in knobs}
     xla = []  # (rows, name, seconds, floor)
     pallas = {}  # (rows, setting as a tuple) -> seconds
@@ -87,12 +80,10 @@ def main():
                 lambda x, w: jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)), int8, floor),
         ]
         for name, f, ws, fl in cases:
-            t = best_time(f, x, ws)
+            t = time_of(f, x, ws)
             xla.append((rows, name, t, fl))
             print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / fl:.2f}x its floor)", flush=True)
-        for applies_to, setting in SWEEP + [((1, 16), {"CONVERT": "astype", "weights": "bf16"})]:
-            if rows not in applies_to:
-                continue
+        for setting in SWEEP + [{"CONVERT": "astype", "weights": "bf16"}]:
             weights = bf16 if setting.get("weights") else int8
             for attr, value in {**shipped, **setting}.items():
                 if attr == "weights":
@@ -102,7 +93,7 @@ def main():
                 got = kernel.int8_matmul(check_x[:rows], weights[4])
                 err = float(jnp.max(jnp.abs(got - want[:rows])) / jnp.max(jnp.abs(want[:rows])))
                 assert err < 1e-5, f"wrong products: max |diff| / max |y| = {err:.2e}"
-                t = best_time(all_products(kernel.int8_matmul), x, weights)
+                t = time_of(all_products(kernel.int8_matmul), x, weights)
             except Exception as e:  # a setting Triton cannot lower: report and go on
                 print(f"rows {rows} {setting}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
                 continue

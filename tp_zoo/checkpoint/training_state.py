@@ -156,20 +156,13 @@ def _saved_padding(saved, padding):
     return tuple(AxisPadding.trailing(min(p.true_size, n), n) for p, n in zip(padding, saved["shape"]))
 
 
-def _true_indices(padding):
-    """Per padded index of one dim: its index among the real entries, or -1."""
-    indices = np.full(padding.size, -1)
-    indices[padding.positions()] = np.arange(padding.true_size)
-    return indices
-
-
 def _assemble(variable, padding, saved_padding, pieces, files, path):
     """The variable's value for its current sharding, from the saved blocks,
     entry by entry of the same real index (zeros at this tp's padding)."""
     value = variable.value
     sharding = value.sharding
-    mine = [_true_indices(p) for p in padding]
-    theirs = [_true_indices(p) for p in saved_padding]
+    mine = [p.real_index() for p in padding]
+    theirs = [p.real_index() for p in saved_padding]
     arrays = []
     for device, index in sharding.addressable_devices_indices_map(value.shape).items():
         block = [s.indices(n)[:2] for s, n in zip(index, value.shape)]

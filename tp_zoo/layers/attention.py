@@ -91,10 +91,6 @@ class ParallelAttention(ShardedLayer):
         if isinstance(rotary, dict):  # from get_config
             rotary = RotaryEmbedding(**rotary)
         num_kv_heads = num_kv_heads or num_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"{self.name}: num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}."
-            )
         self.num_heads = num_heads
         self.num_kv_heads = num_kv_heads
         self.padded_kv_heads, padded_group = padded_heads(num_heads, num_kv_heads, self.tp)

@@ -87,11 +87,16 @@ class AxisPadding(NamedTuple):
         starts = np.arange(self.groups) * self.padded_group_size
         return (starts[:, None] + np.arange(self.group_size)).ravel()
 
+    def real_index(self):
+        """(size,): each padded index's index among the real entries, -1
+        at the padding."""
+        index = np.full(self.size, -1)
+        index[self.positions()] = np.arange(self.true_size)
+        return index
+
     def mask(self):
         """(size,) bool: True at the real entries."""
-        mask = np.zeros(self.size, bool)
-        mask[self.positions()] = True
-        return mask
+        return self.real_index() >= 0
 
     def runs(self, start, stop):
         """The real entries in padded [start, stop) as contiguous runs

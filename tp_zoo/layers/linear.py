@@ -331,7 +331,7 @@ class _ParallelLinear(ShardedLayer):
         )
         if self.quantized:
             config["quantized"] = self.quantized
-        if self.padding is not None and not getattr(self, "gather_output", False):  # not tp's own padding
+        if self.padding is not None:
             config["padding"] = list(self.padding)
         return config
 
@@ -374,7 +374,10 @@ class ColumnParallelDense(_ParallelLinear):
         return parallel.all_gather(y, axis=-1)[..., : self.units] if self.gather_output else y
 
     def get_config(self):
-        return {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
+        config = {**super().get_config(), "units": self.units, "gather_output": self.gather_output}
+        if self.gather_output:  # tp's own padding, made again at the tp it is rebuilt under
+            del config["padding"]
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
