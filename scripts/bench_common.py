@@ -1,6 +1,8 @@
 """What the benchmarks share: model shapes, the two models, the report header."""
 
+import glob
 import os
+import tempfile
 import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
@@ -64,6 +66,28 @@ def best_time(call, repeats):
         jax.block_until_ready(call())
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def device_time(call, repeats):
+    """Seconds of GPU kernel time per call of `call()`: the kernels' own
+    durations summed from a profiler trace of `repeats` calls (after one
+    untimed), so host dispatch does not count. Without a GPU: best_time."""
+    if jax.devices()[0].platform != "gpu":
+        return best_time(call, repeats)
+    jax.block_until_ready(call())
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            for _ in range(repeats):
+                jax.block_until_ready(call())
+        [path] = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
+        planes = jax.profiler.ProfileData.from_file(path).planes
+        ns = sum(
+            event.duration_ns
+            for plane in planes if plane.name.startswith("/device:GPU")
+            for line in plane.lines if line.name.startswith("Stream")
+            for event in line.events
+        )
+    return ns / 1e9 / repeats
 
 
 def header(what):

@@ -4,13 +4,12 @@ kernel's (a sweep of its conversion, block sizes and split target), each
 beside the floor (int8 bytes / --bandwidth), beside bf16 kernels of the
 same shapes, and beside the Pallas kernel on those bf16 kernels.
 
-    python scripts/bench_int8_matmul.py [--layers 8]
+    python scripts/bench_int8_matmul.py [--layers 32]
 
-Each figure is one compiled program running all the products of --layers
-layers (no L2 reuse: every layer has its own kernels), best of 20 calls.
-Compare rows with each other: on an H200 even XLA's bf16 products take
-about 2x their floor here, while a whole bf16 decode step takes 1.2x.
-`--best-out` writes the fastest setting, which `bench_decode.py
+Each figure is the GPU kernel time (from a profiler trace, so host
+dispatch does not count) of one compiled program running all the products
+of --layers layers (no L2 reuse: every layer has its own kernels), the
+mean of 3 calls. `--best-out` writes the fastest setting, which `bench_decode.py
 --int8-kernel-settings` takes. The table comes last.
 """
 
@@ -21,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_common import best_time  # noqa: E402
+from bench_common import device_time  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import jax  # noqa: E402
 
@@ -40,11 +39,11 @@ def grid(**choices):
 
 
 # Kernel settings to try.
-SWEEP = grid(CONVERT=("asm", "astype"), BLOCK_N=(64, 128, 256), BLOCK_K=(64, 128), TARGET_PROGRAMS=(66, 132))
+SWEEP = grid(BLOCK_N=(64, 128, 256), BLOCK_K=(128, 256), TARGET_PROGRAMS=(66, 132))
 
 
 def time_of(f, *args):
-    return best_time(lambda: f(*args), 20)
+    return device_time(lambda: f(*args), 3)
 
 
 def all_products(product):
@@ -56,7 +55,7 @@ def all_products(product):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
     parser.add_argument("--best-out", help="write the fastest setting over 1 and 16 rows (KEY=VALUE ...) here")
     args = parser.parse_args()
@@ -83,7 +82,7 @@ def main():
             t = time_of(f, x, ws)
             xla.append((rows, name, t, fl))
             print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / fl:.2f}x its floor)", flush=True)
-        for setting in SWEEP + [{"CONVERT": "astype", "weights": "bf16"}]:
+        for setting in SWEEP + [{"weights": "bf16"}]:
             weights = bf16 if setting.get("weights") else int8
             for attr, value in {**shipped, **setting}.items():
                 if attr == "weights":

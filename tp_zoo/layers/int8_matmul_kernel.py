@@ -12,10 +12,12 @@ splits. There are only as many splits as it takes to reach
 `TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial, and
 fewer, longer programs measured faster.
 
-Measured on an H200 (docs/performance-notes.md): 12-13% faster than the
-same kernel on bf16 weights, not the 2x the bytes allow; the conversion is
-not what bounds it (the PTX below moved it 3-9%), nor the weights' layout
-(K-contiguous blocks moved it 2-15%).
+Measured on an H200 (docs/performance-notes.md): the products of a decode
+step run at about half the memory bandwidth, bound by instruction issue,
+not bytes (ncu: 40% of issue slots busy with one 4-warp program per SM,
+41% of DRAM bandwidth). The int8 block is stored N-contiguous, and the
+matrix unit wants pairs along K: Triton reads it from shared memory a byte
+at a time (128 one-byte loads per thread per block) to rearrange it.
 """
 
 import functools
@@ -34,7 +36,6 @@ _MIN_ROWS = 16
 TARGET_PROGRAMS = 66
 NUM_WARPS = 4
 NUM_STAGES = 4
-CONVERT = "asm"  # or "astype": Triton's own conversion (a benchmark compares them)
 
 # Set to False to compare with XLA's int8 product (as a benchmark does).
 ENABLED = True
@@ -54,49 +55,13 @@ def applies(x, values):
     )
 
 
-# int8 -> bf16 four at a time, 11 instructions on 32-bit registers instead
-# of two float conversions per byte (those issue at a sixteenth of the FMA
-# rate): each byte, offset to unsigned, becomes the low mantissa byte of
-# 2**23 (a float32 of 2**23 + 128 + w); subtracting 2**23 + 128 leaves w
-# exactly, and w's float32 has zeros in its low 16 bits, so its high half
-# is w in bf16. Pairs of high halves are packed by prmt.
-_INT8X4_TO_BF16X4 = """{
-.reg .b32 u, f0, f1, f2, f3;
-xor.b32 u, $2, 0x80808080;
-prmt.b32 f0, u, 0x4B000000, 0x7650;
-prmt.b32 f1, u, 0x4B000000, 0x7651;
-prmt.b32 f2, u, 0x4B000000, 0x7652;
-prmt.b32 f3, u, 0x4B000000, 0x7653;
-sub.f32 f0, f0, 0f4B000080;
-sub.f32 f1, f1, 0f4B000080;
-sub.f32 f2, f2, 0f4B000080;
-sub.f32 f3, f3, 0f4B000080;
-prmt.b32 $0, f0, f1, 0x7632;
-prmt.b32 $1, f2, f3, 0x7632;
-}"""
-
-
-def _bf16_from_int8(w, interpret):
-    """The int8 block as bf16 (exact: |values| <= 127)."""
-    if interpret or CONVERT == "astype":  # the interpreter cannot run PTX
-        return w.astype(jnp.bfloat16)
-    [out] = plgpu.elementwise_inline_asm(
-        _INT8X4_TO_BF16X4,
-        args=[w],
-        constraints="=r,=r,r",
-        pack=4,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)],
-    )
-    return out
-
-
-def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split, interpret):
+def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
     split = pl.program_id(1)
 
     def body(j, acc):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
         x = x_ref[:, ks]
-        w = _bf16_from_int8(w_ref[ks, :], interpret)
+        w = w_ref[ks, :].astype(jnp.bfloat16)
         return acc + plgpu.dot(x, w).astype(jnp.float32)
 
     first = split * blocks_per_split
@@ -125,7 +90,7 @@ def int8_matmul(x, values, interpret=False):
     n_blocks, k_blocks = n // BLOCK_N, k // BLOCK_K
     splits = _splits(n_blocks, k_blocks)
     out = pl.pallas_call(
-        functools.partial(_kernel, blocks_per_split=k_blocks // splits, interpret=interpret),
+        functools.partial(_kernel, blocks_per_split=k_blocks // splits),
         grid=(n_blocks, splits),
         in_specs=[
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
