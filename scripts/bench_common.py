@@ -68,12 +68,9 @@ def best_time(call, repeats):
     return best
 
 
-def device_time(call, repeats):
-    """Seconds of GPU kernel time per call of `call()`: the kernels' own
-    durations summed from a profiler trace of `repeats` calls (after one
-    untimed), so host dispatch does not count. Without a GPU: best_time."""
-    if jax.devices()[0].platform != "gpu":
-        return best_time(call, repeats)
+def kernel_events(call, repeats):
+    """(name, nanoseconds) of every GPU kernel that `repeats` calls of
+    `call()` ran (after one untimed), read from a profiler trace."""
     jax.block_until_ready(call())
     with tempfile.TemporaryDirectory() as folder:
         with jax.profiler.trace(folder):
@@ -81,13 +78,21 @@ def device_time(call, repeats):
                 jax.block_until_ready(call())
         [path] = glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)
         planes = jax.profiler.ProfileData.from_file(path).planes
-        ns = sum(
-            event.duration_ns
+        return [
+            (event.name, event.duration_ns)
             for plane in planes if plane.name.startswith("/device:GPU")
             for line in plane.lines if line.name.startswith("Stream")
             for event in line.events
-        )
-    return ns / 1e9 / repeats
+        ]
+
+
+def device_time(call, repeats):
+    """Seconds of GPU kernel time per call of `call()` (the kernels' own
+    durations summed, so host dispatch does not count). Without a GPU:
+    best_time."""
+    if jax.devices()[0].platform != "gpu":
+        return best_time(call, repeats)
+    return sum(ns for _, ns in kernel_events(call, repeats)) / 1e9 / repeats
 
 
 def header(what):
