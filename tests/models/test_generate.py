@@ -295,3 +295,44 @@ def test_decode_step_updates_the_cache_in_place(llama_path):
     memory = memory.memory_analysis()
     assert memory.alias_size_in_bytes == per_device
     assert memory.temp_size_in_bytes < per_device / 2, (memory.temp_size_in_bytes, per_device)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_gpu_kernels_inside_the_sharded_decode_step(llama_path, monkeypatch, quantize):
+    """The Pallas decode attention and int8 product run only on GPUs; here
+    Pallas' interpreter runs them inside the sharded decode step at tp=2,
+    where shard_map asks each kernel which mesh axes its result varies over.
+    Greedy ids: the same as the plain XLA path's at tp=1. (Not at dp > 1:
+    the interpreter itself then fails shard_map's check, where a GPU's
+    compiled kernel would not.)"""
+    from tp_zoo.layers import decode_kernel
+    from tp_zoo.layers import int8_matmul_kernel
+
+    inputs = _batch(40)
+
+    def greedy(**mesh):
+        lm = tp_zoo.from_preset(llama_path, dtype="float32", progress=False, quantize=quantize, **mesh)
+        lm.compile(sampler="greedy")
+        return np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])
+
+    expected = greedy(tp=1)
+    calls = {"decode attention": 0, "int8 product": 0}
+
+    def interpreted(name, kernel):
+        def run(*args):
+            calls[name] += 1
+            return kernel(*args, interpret=True)
+        return run
+
+    # The tiny model's sizes: blocks of 8 keys, 16 x 16 int8 blocks.
+    monkeypatch.setattr(decode_kernel, "BLOCK", 8)
+    monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
+    monkeypatch.setattr(decode_kernel, "decode_attention",
+                        interpreted("decode attention", decode_kernel.decode_attention))
+    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
+    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
+    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)
+    monkeypatch.setattr(int8_matmul_kernel, "int8_matmul", interpreted("int8 product", int8_matmul_kernel.int8_matmul))
+    np.testing.assert_array_equal(greedy(tp=2), expected)
+    assert calls["decode attention"] > 0
+    assert (calls["int8 product"] > 0) == (quantize == "int8")

@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from tp_zoo import parallel
+
 BLOCK = 64
 _MIN_ROWS = 16
 # Enough programs to fill an H100/H200 (132 SMs) about twice over.
@@ -100,11 +102,8 @@ def decode_attention(q, k_cache, v_cache, lengths, starts=None, interpret=False)
 
     row = lambda i, j, s: (i,)
     cache_spec = pl.BlockSpec((None, None, t, d), lambda i, j, s: (i, j, 0, 0))
-    out_shape = [
-        jax.ShapeDtypeStruct((b, kv, splits, rows, d), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
-        jax.ShapeDtypeStruct((b, kv, splits, rows), jnp.float32),
-    ]
+    result = lambda shape: parallel.kernel_result(shape, jnp.float32, lengths, starts, qg, k_cache, v_cache)
+    out_shape = [result((b, kv, splits, rows, d)), result((b, kv, splits, rows)), result((b, kv, splits, rows))]
     acc, m, l = pl.pallas_call(
         functools.partial(_kernel, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
         grid=(b, kv, splits),

@@ -27,6 +27,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from tp_zoo import parallel
+
 BLOCK_N = 128
 BLOCK_K = 128
 MAX_ROWS = 64  # more rows than this: compute-bound enough for XLA's GEMM
@@ -97,7 +99,7 @@ def int8_matmul(x, values, interpret=False):
             pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
         ],
         out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
-        out_shape=jax.ShapeDtypeStruct((splits, rows, n), jnp.float32),
+        out_shape=parallel.kernel_result((splits, rows, n), jnp.float32, x, values),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="tp_zoo_int8_matmul",

@@ -5,6 +5,7 @@ from tp_zoo.parallel.collectives import MODEL
 from tp_zoo.parallel.collectives import all_gather
 from tp_zoo.parallel.collectives import all_reduce
 from tp_zoo.parallel.collectives import all_reduce_max
+from tp_zoo.parallel.collectives import kernel_result
 from tp_zoo.parallel.collectives import model_index
 from tp_zoo.parallel.collectives import run_sharded
 from tp_zoo.parallel.collectives import sharding

@@ -147,3 +147,15 @@ def all_gather(x, axis):
 def model_index():
     """This device's position on the tensor-parallel axis (0 outside)."""
     return lax.axis_index(MODEL) if in_sharded_region() else 0
+
+
+def kernel_result(shape, dtype, *inputs):
+    """The shape and dtype of a custom kernel's result (a Pallas call's
+    out_shape) computed from `inputs`. Inside a sharded region shard_map
+    asks such a kernel to declare which mesh axes its result varies over:
+    every axis that any input varies over."""
+    if not in_sharded_region():
+        return jax.ShapeDtypeStruct(shape, dtype)
+    mat = jax.typeof(inputs[0]).mat
+    varying = frozenset().union(*(jax.typeof(x).mat.varying for x in inputs))
+    return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=mat.update(varying=varying))
