@@ -297,6 +297,32 @@ def test_decode_step_updates_the_cache_in_place(llama_path):
     assert memory.temp_size_in_bytes < per_device / 2, (memory.temp_size_in_bytes, per_device)
 
 
+def _force_gpu_kernels(monkeypatch, interpret):
+    """Makes the decode step take the Pallas decode attention and int8
+    product on the CPU too, sized for the tiny model (blocks of 8 keys,
+    16 x 16 int8 blocks); with `interpret`, run by Pallas' interpreter.
+    Returns the count of calls of each."""
+    from tp_zoo.layers import decode_kernel
+    from tp_zoo.layers import int8_matmul_kernel
+
+    calls = {"decode attention": 0, "int8 product": 0}
+
+    def counted(name, kernel):
+        def run(*args):
+            calls[name] += 1
+            return kernel(*args, interpret=interpret)
+        return run
+
+    monkeypatch.setattr(decode_kernel, "BLOCK", 8)
+    monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
+    monkeypatch.setattr(decode_kernel, "decode_attention", counted("decode attention", decode_kernel.decode_attention))
+    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
+    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
+    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)
+    monkeypatch.setattr(int8_matmul_kernel, "int8_matmul", counted("int8 product", int8_matmul_kernel.int8_matmul))
+    return calls
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
 def test_gpu_kernels_inside_the_sharded_decode_step(llama_path, monkeypatch, quantize):
     """The Pallas decode attention and int8 product run only on GPUs; here
@@ -305,34 +331,32 @@ def test_gpu_kernels_inside_the_sharded_decode_step(llama_path, monkeypatch, qua
     Greedy ids: the same as the plain XLA path's at tp=1. (Not at dp > 1:
     the interpreter itself then fails shard_map's check, where a GPU's
     compiled kernel would not.)"""
-    from tp_zoo.layers import decode_kernel
-    from tp_zoo.layers import int8_matmul_kernel
-
     inputs = _batch(40)
 
-    def greedy(**mesh):
-        lm = tp_zoo.from_preset(llama_path, dtype="float32", progress=False, quantize=quantize, **mesh)
+    def greedy(tp):
+        lm = tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", progress=False, quantize=quantize)
         lm.compile(sampler="greedy")
         return np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])
 
-    expected = greedy(tp=1)
-    calls = {"decode attention": 0, "int8 product": 0}
-
-    def interpreted(name, kernel):
-        def run(*args):
-            calls[name] += 1
-            return kernel(*args, interpret=True)
-        return run
-
-    # The tiny model's sizes: blocks of 8 keys, 16 x 16 int8 blocks.
-    monkeypatch.setattr(decode_kernel, "BLOCK", 8)
-    monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
-    monkeypatch.setattr(decode_kernel, "decode_attention",
-                        interpreted("decode attention", decode_kernel.decode_attention))
-    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
-    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
-    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)
-    monkeypatch.setattr(int8_matmul_kernel, "int8_matmul", interpreted("int8 product", int8_matmul_kernel.int8_matmul))
-    np.testing.assert_array_equal(greedy(tp=2), expected)
+    expected = greedy(1)
+    calls = _force_gpu_kernels(monkeypatch, interpret=True)
+    np.testing.assert_array_equal(greedy(2), expected)
     assert calls["decode attention"] > 0
     assert (calls["int8 product"] > 0) == (quantize == "int8")
+
+
+def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch):
+    """The int8 decode step at tp=2, both Pallas kernels compiled as on a GPU
+    (Triton), lowers for CUDA: the kernels' results declare how they vary
+    across the mesh, as shard_map asks."""
+    from tp_zoo.models import generation
+
+    _force_gpu_kernels(monkeypatch, interpret=False)
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="bfloat16", progress=False, quantize="int8")
+    caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
+    step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
+    lowered = step.trace(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches)
+    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    layers = lm.backbone.num_layers
+    assert text.count('name = "tp_zoo_decode_attention"') == layers
+    assert text.count('name = "tp_zoo_int8_matmul"') > layers
