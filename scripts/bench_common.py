@@ -12,6 +12,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import jax  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
+import numpy as np  # noqa: E402
 
 import tp_zoo  # noqa: E402
 from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
@@ -57,6 +58,18 @@ def keras_hub_model(config, dtype):
     return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
 
 
+def batch_of(lengths, width):
+    """Prompts of random ids (seeded), one row per length, right-padded to
+    `width`, with their padding mask."""
+    rs = np.random.RandomState(0)
+    ids = np.zeros((len(lengths), width), "int32")
+    mask = np.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, :length] = rs.randint(3, 1000, length)
+        mask[row, :length] = 1
+    return {"token_ids": ids, "padding_mask": mask}
+
+
 def best_time(call, repeats):
     """The fastest of `repeats` timed calls of `call()`, after one untimed."""
     jax.block_until_ready(call())
@@ -90,7 +103,7 @@ def device_time(call, repeats):
     """Seconds of GPU kernel time per call of `call()` (the kernels' own
     durations summed, so host dispatch does not count). Without a GPU:
     best_time."""
-    if jax.devices()[0].platform != "gpu":
+    if not tp_zoo.parallel.on_gpu():
         return best_time(call, repeats)
     return sum(ns for _, ns in kernel_events(call, repeats)) / 1e9 / repeats
 

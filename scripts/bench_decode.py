@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import LlamaCausalLM  # noqa: E402
 from bench_common import add_model_arguments  # noqa: E402
+from bench_common import batch_of  # noqa: E402
 from bench_common import best_time  # noqa: E402
 from bench_common import each_model  # noqa: E402
 from bench_common import header  # noqa: E402
@@ -54,16 +55,6 @@ WHOLE_CALL = [
     ("16 and 4000 +64", [16, 4000], 64),
 ]
 TINY_SCALE = 16  # --shape tiny: contexts / 16, so a CPU smoke run is quick
-
-
-def batch_of(lengths, width):
-    rs = np.random.RandomState(0)
-    ids = np.zeros((len(lengths), width), "int32")
-    mask = np.zeros_like(ids)
-    for row, length in enumerate(lengths):
-        ids[row, :length] = rs.randint(3, 1000, length)
-        mask[row, :length] = 1
-    return {"token_ids": ids, "padding_mask": mask}
 
 
 def generate_call(lm, lengths, new):

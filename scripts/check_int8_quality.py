@@ -14,6 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import SHAPES  # noqa: E402
+from bench_common import batch_of  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
 from bench_common import tp_zoo_model  # noqa: E402
@@ -32,9 +33,7 @@ def main():
     args = parser.parse_args()
     keras.utils.set_random_seed(0)
     lm = tp_zoo_model(hf_config(args.shape), args.tp, "bfloat16")
-    rs = np.random.RandomState(0)
-    ids = rs.randint(3, 1000, (args.batch, args.prompt)).astype("int32")
-    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    inputs = batch_of([args.prompt] * args.batch, args.prompt)
     lm.compile(sampler="greedy")
 
     def run():
@@ -56,7 +55,7 @@ def main():
                  f"{args.batch} prompts of {args.prompt}"))
     print(f"logits: max |diff| {diff.max():.4f} = {diff.max() / scale:.2%} of max |logit| ({scale:.3f}); "
           f"mean |diff| {diff.mean():.4f}")
-    print(f"top-1 agreement at the {ids.size} prompt positions: {top1:.2%}")
+    print(f"top-1 agreement at the {inputs['token_ids'].size} prompt positions: {top1:.2%}")
     print(f"greedy ids over {args.new} new tokens: {same.mean():.2%} equal; "
           f"identical prefix per row {prefix}")
 

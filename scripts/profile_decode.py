@@ -19,6 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import SHAPES  # noqa: E402
+from bench_common import batch_of  # noqa: E402
 from bench_common import best_time  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
@@ -26,7 +27,6 @@ from bench_common import kernel_events  # noqa: E402
 from bench_common import tp_zoo_model  # noqa: E402
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 
 def kind(name):
@@ -35,8 +35,7 @@ def kind(name):
 
 
 def per_token(lm, batch, new, prompt=128):
-    ids = np.random.RandomState(0).randint(3, 1000, (batch, prompt)).astype("int32")
-    inputs = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    inputs = batch_of([prompt] * batch, prompt)
     walls, kernels = {}, collections.defaultdict(lambda: [0.0, 0.0])
     for n, sign in ((1, -1), (1 + new, 1)):
         call = lambda n=n: lm.generate(inputs, max_new_tokens=n, stop_token_ids=None)

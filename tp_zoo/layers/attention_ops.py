@@ -18,6 +18,7 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
 import jax
 import jax.numpy as jnp
 
+from tp_zoo import parallel
 from tp_zoo.layers import decode_kernel
 
 _MASKED = -1e30
@@ -26,15 +27,11 @@ _MASKED = -1e30
 FUSED_ATTENTION = True
 
 
-def on_gpu():
-    return jax.devices()[0].platform == "gpu"
-
-
 def fused_applies(q):
     """cuDNN flash attention: on NVIDIA GPUs, for 16-bit heads of up to 128."""
     return (
         FUSED_ATTENTION
-        and on_gpu()
+        and parallel.on_gpu()
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and q.shape[-1] <= 128
         and q.shape[-1] % 8 == 0

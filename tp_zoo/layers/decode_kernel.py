@@ -40,7 +40,7 @@ def applies(q, k_cache):
     d = q.shape[-1]
     return (
         ENABLED
-        and jax.devices()[0].platform == "gpu"
+        and parallel.on_gpu()
         and q.dtype in (jnp.bfloat16, jnp.float16)
         and d in (64, 128, 256)
         and k_cache.shape[2] % BLOCK == 0

@@ -49,7 +49,7 @@ def applies(x, values):
     k, n = values.shape
     return (
         ENABLED
-        and jax.devices()[0].platform == "gpu"
+        and parallel.on_gpu()
         and x.dtype == jnp.bfloat16
         and x.shape[0] <= MAX_ROWS
         and k % BLOCK_K == 0

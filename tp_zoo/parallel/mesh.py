@@ -18,6 +18,12 @@ def _require_jax_backend():
         )
 
 
+def on_gpu():
+    """Whether JAX runs on NVIDIA GPUs (where the Pallas GPU kernels and
+    cuDNN attention apply)."""
+    return jax.devices()[0].platform == "gpu"
+
+
 def distribution(tp=1, dp=1, devices=None):
     """A `keras.distribution.ModelParallel` over a (dp, tp) device mesh.
 
