@@ -130,7 +130,7 @@ def test_quantized_logits_same_at_every_tp_and_close_to_float(quantized_models):
     assert err <= bound
     backbone = models[2][0].backbone
     projections = backbone.quantizable_layers()
-    assert len(projections) == backbone.num_layers * 7  # q, k, v, o, gate, up, down
+    assert len(projections) == backbone.num_layers * 4  # q/k/v, o, gate/up, down
     assert all(p.kernel.dtype == "int8" for p in projections)
     head = models[2][0].lm_head  # untied here: int8 too, a scale per vocab column, split on the vocab
     assert head.kernel.dtype == "int8" and head.kernel_scale.shape == (backbone.vocab_size,)
@@ -216,7 +216,7 @@ def test_keras_file_of_quantized_model_reloads_quantized_at_another_tp(quantized
         with mesh_scope(tp):
             loaded = keras.saving.load_model(tmp_path / "q.keras")
         assert loaded.backbone.quantized == "int8"
-        assert loaded.backbone.transformer_layers[0].attention.query.tp == tp
+        assert loaded.backbone.transformer_layers[0].attention.qkv.tp == tp
         assert all(p.kernel.dtype == "int8" for p in loaded.backbone.quantizable_layers())
         assert_close(ref[real], np.asarray(loaded(x))[real], f".keras int8 saved at tp=2, loaded at tp={tp}")
         for a, b in zip(lm.get_weights(), loaded.get_weights()):
@@ -233,17 +233,20 @@ def test_lora_on_quantized_base(llama_path):
     x, real = _inputs(VOCAB)
     ref = np.asarray(lm(x))
     lm.backbone.enable_lora(2)
-    query = lm.backbone.transformer_layers[0].attention.query
-    assert query.lora_enabled and not query.kernel.trainable
+    qkv = lm.backbone.transformer_layers[0].attention.qkv
+    assert qkv.lora_enabled and not qkv.kernel.trainable
+    assert [name for name, _ in qkv.lora_variables()] == [
+        "value_lora_kernel_a", "value_lora_kernel_b", "query_lora_kernel_a", "query_lora_kernel_b"
+    ]
     assert_close(ref[real], np.asarray(lm(x))[real], "LoRA (B = 0) on int8")
-    kernel = query.kernel.numpy()
+    kernel = qkv.kernel.numpy()
     lm.compile(optimizer=keras.optimizers.Adam(1e-2))
     lm.train_on_batch(x, x["token_ids"])
-    np.testing.assert_array_equal(query.kernel.numpy(), kernel)  # the int8 base is frozen
-    assert np.any(query.lora_kernel_b.numpy())
+    np.testing.assert_array_equal(qkv.kernel.numpy(), kernel)  # the int8 base is frozen
+    assert np.any(qkv.query_lora_kernel_b.numpy())
     tuned = np.asarray(lm(x))
     lm.backbone.merge_lora()  # folded in and quantized again
-    assert query.kernel.dtype == "int8" and not np.any(query.lora_kernel_b.numpy())
+    assert qkv.kernel.dtype == "int8" and not np.any(qkv.query_lora_kernel_b.numpy())
     assert_close(tuned[real], np.asarray(lm(x))[real], "merged LoRA, requantized", rel=0.05)
 
 

@@ -163,7 +163,7 @@ def test_padded_heads_stay_zero_and_train_as_a_tp_that_divides(padded_training):
     file = safetensors.numpy.load_file(path / "model.safetensors")
     assert {k: v.shape for k, v in weights.items()} == {k: v.shape for k, v in file.items()}
     padded, moments = _padded_and_moments(lm)
-    assert len(padded) == 6 * 2 + 2  # per layer: q kernel and bias, o, gate, up, down; the token table, LM head
+    assert len(padded) == 5 * 2 + 2  # per layer: q/k/v kernel and bias, o, gate/up, down; the token table, LM head
     assert len(moments) == 2 * len(padded)
     for variable in padded:
         assert not np.any(padded_entries(variable)), variable.path

@@ -207,11 +207,11 @@ def test_padding_is_loaded_as_zeros_and_never_read(checkpoints):
     lm = _load(checkpoints.get("qwen2_14_heads_gqa2"), 8)
     attention = lm.backbone.transformer_layers[0].attention
     assert (attention.padded_heads, attention.padded_kv_heads, attention.kv_replicated) == (16, 2, True)
-    assert lm.backbone.transformer_layers[0].mlp.up.kernel.shape == (56, 104)
+    assert lm.backbone.transformer_layers[0].mlp.up.kernel.shape == (56, 2, 104)  # gate and up
     padded = [v for v in lm.weights if is_padded(v)]
     assert {re.sub(r"^transformer_layer_\d+/", "", v.path) for v in padded} >= {
-        "attention/query/kernel", "attention/query/bias", "attention/output/kernel",
-        "mlp/gate/kernel", "mlp/up/kernel", "mlp/down/kernel", "token_embedding/embeddings",
+        "attention/qkv/kernel", "attention/qkv/bias", "attention/output/kernel",
+        "mlp/gate_up/kernel", "mlp/down/kernel", "token_embedding/embeddings",
     }
     for v in padded:
         assert not np.any(padded_entries(v)), v.path

@@ -68,8 +68,12 @@ def test_adapters_split_with_their_kernel(llama_path):
     lm.backbone.enable_lora(4, target_layer_names=TARGETS)
     layer = lm.backbone.transformer_layers[0]
     shards = lambda v: v.value.addressable_shards[0].data.shape
-    query, down = layer.attention.query, layer.mlp.down
-    assert shards(query.lora_kernel_a) == (32, 4) and shards(query.lora_kernel_b) == (4, 4, 8)  # B split on heads
+    qkv, down = layer.attention.qkv, layer.mlp.down
+    assert [name for name, _ in qkv.lora_variables()] == [  # the query and value parts of the fused kernel
+        "value_lora_kernel_a", "value_lora_kernel_b", "query_lora_kernel_a", "query_lora_kernel_b"
+    ]
+    assert shards(qkv.query_lora_kernel_a) == (32, 4) and shards(qkv.query_lora_kernel_b) == (4, 4, 8)  # B split on heads
+    assert qkv.query_lora_kernel_b.shape == (4, 8, 8) and qkv.value_lora_kernel_b.shape == (4, 4, 8)
     assert shards(down.lora_kernel_a) == (32, 4) and shards(down.lora_kernel_b) == (4, 32)  # A split on inputs
     assert down.lora_kernel_a.shape == (64, 4)
 
@@ -114,7 +118,7 @@ def test_padded_heads_lora_equals_a_tp_that_divides(tmp_path):
     ref_lm, ref_losses, _ = _lora_train(tmp_path / "hf", 2, adapters=start)
     lm, losses, _ = _lora_train(tmp_path / "hf", 4, adapters=start)
     padded = [v for v in _adapters(lm) if is_padded(v)]
-    assert {v.path.split("/")[-2:][0] for v in padded} == {"query", "output"}
+    assert {tuple(v.path.split("/")[-2:]) for v in padded} == {("qkv", "query_lora_kernel_b"), ("output", "lora_kernel_a")}
     for v in padded:
         assert not np.any(padded_entries(v)), v.path
     diff = max(assert_close(r, g, "LoRA loss") for r, g in zip(ref_losses, losses))

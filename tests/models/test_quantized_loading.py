@@ -53,7 +53,7 @@ def _check_streamed_equals_after(path, name, tp):
         assert mine.dtype == variable.dtype and mine.shape == variable.shape, variable.path
         np.testing.assert_array_equal(np.asarray(mine.numpy()), np.asarray(variable.numpy()), err_msg=variable.path)
         int8 += variable.dtype == "int8"
-    per_layer = 4 + (3 if streamed.backbone.gated_mlp else 2)  # q, k, v, o and the MLP's matrices
+    per_layer = 4  # q/k/v (one kernel), o, and the MLP's two (gate/up fused, or up), down
     untied_head = not streamed.backbone.tie_embeddings
     assert int8 == per_layer * streamed.backbone.num_layers + untied_head
     ids, mask = ckpts.batch(ckpts.CASES[name][2]["vocab_size"])

@@ -67,9 +67,10 @@ def test_heads_tp_does_not_divide_are_padded_with_a_warning():
             attention = layers.ParallelAttention(6, 8, 48)
         attention.build((1, 3, 48))
         keys, _ = attention.empty_cache(1, 5)
-    assert attention.query.kernel.shape == (48, 8, 8)
+    assert attention.qkv.kernel.shape == (48, 8, 3, 8)  # 8 kv heads, each: key, value, 1 query head
     assert keys.shape == (1, 8, 5, 8) and keys.addressable_shards[0].data.shape == (1, 2, 5, 8)
-    assert [w.shape for w in attention.get_weights()[:2]] == [(48, 6, 8), (6, 8)]
+    # key, value, query kernels, then biases: the separate layers' true shapes
+    assert [w.shape for w in attention.get_weights()[:6]] == [(48, 6, 8)] * 3 + [(6, 8)] * 3
 
 
 def test_a_mlp_width_tp_does_not_divide_is_padded_with_a_warning():
@@ -95,7 +96,8 @@ def test_row_input_not_divisible():
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
 def test_kv_heads_fewer_than_tp_are_replicated_per_device(tp):
-    """GQA with 2 kv heads: each device holds whole kv kernels, one kv head in its cache."""
+    """GQA with 2 kv heads: beyond tp=2 each device holds the whole q/k/v
+    kernel (it computes its own kv head and query heads), one kv head in its cache."""
     with mesh_scope(tp):
         attention = layers.ParallelAttention(8, 4, 32, num_kv_heads=2)
         attention.build((1, 3, 32))
@@ -103,4 +105,5 @@ def test_kv_heads_fewer_than_tp_are_replicated_per_device(tp):
     local_heads = keys.addressable_shards[0].data.shape[1]
     assert values.addressable_shards[0].data.shape == keys.addressable_shards[0].data.shape
     assert local_heads == (2 // tp if tp <= 2 else 1)
-    assert attention.query.kernel.value.addressable_shards[0].data.shape == (32, 8 // tp, 4)
+    local_kernel = attention.qkv.kernel.value.addressable_shards[0].data.shape
+    assert local_kernel == ((32, 1, 6, 4) if tp == 2 else (32, 2, 6, 4))

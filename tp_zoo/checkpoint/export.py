@@ -18,7 +18,7 @@ import numpy as np
 
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.tensor_files import DTYPES
-from tp_zoo.layers.base import true_value
+from tp_zoo.layers.base import weight_views
 from tp_zoo.layers.quantize import dequantize
 from tp_zoo.models import family_of
 
@@ -41,8 +41,11 @@ def hf_tensors(causal_lm):
         raise ValueError("This model has no Hugging Face config (it was not loaded from one): nothing to export to.")
     layout = Layout(family_of(config).layout)
     fused = {}
-    lora_layers = [l for l in causal_lm._flatten_layers() if getattr(l, "lora_enabled", False)]
-    if any(np.any(np.asarray(l.lora_kernel_b.numpy())) for l in lora_layers):
+    adapters_b = [
+        v for l in causal_lm._flatten_layers() if getattr(l, "lora_enabled", False)
+        for name, v in l.lora_variables() if name.endswith("_b")
+    ]
+    if any(np.any(np.asarray(v.numpy())) for v in adapters_b):
         raise ValueError(
             "The model has LoRA adapters that are not merged: call "
             "backbone.merge_lora() before exporting (or save them alone with "
@@ -60,23 +63,24 @@ def hf_tensors(causal_lm):
     for variable in causal_lm.weights:
         if "lora_kernel" in variable.path or id(variable) in scales:
             continue
-        entry, name = layout.find(variable.path)
-        if entry is None:
-            raise ValueError(f"The layout map has no entry for variable {variable.path}.")
-        value = true_value(variable)
+        padded = None
         if id(variable) in quantized:
             layer = quantized[id(variable)]
-            value = np.asarray(dequantize(value, true_value(layer.kernel_scale), layer.variable_dtype))
-        tensor = _to_tensor(entry, value)
-        if entry.part is None:
-            yield name, tensor
-            continue
-        axis, index, count = entry.part
-        parts = fused.setdefault(name, {})
-        parts[index] = tensor
-        if len(parts) == count:
-            yield name, np.concatenate([parts[i] for i in range(count)], axis=axis)
-            del fused[name]
+            padded = np.asarray(dequantize(variable.numpy(), layer.kernel_scale.numpy(), layer.variable_dtype))
+        for path, value in weight_views(variable, padded):
+            entry, name = layout.find(path)
+            if entry is None:
+                raise ValueError(f"The layout map has no entry for variable {path}.")
+            tensor = _to_tensor(entry, value)
+            if entry.part is None:
+                yield name, tensor
+                continue
+            axis, index, count = entry.part
+            parts = fused.setdefault(name, {})
+            parts[index] = tensor
+            if len(parts) == count:
+                yield name, np.concatenate([parts[i] for i in range(count)], axis=axis)
+                del fused[name]
 
 
 def export_to_hf(causal_lm, directory, dtype=None):

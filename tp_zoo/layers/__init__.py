@@ -9,6 +9,8 @@ from tp_zoo.layers.embedding import VocabParallelLMHead
 from tp_zoo.layers.linear import ColumnParallelDense
 from tp_zoo.layers.linear import HeadMergeDense
 from tp_zoo.layers.linear import HeadSplitDense
+from tp_zoo.layers.linear import MergedColumnParallelDense
+from tp_zoo.layers.linear import QKVParallelDense
 from tp_zoo.layers.linear import RowParallelDense
 from tp_zoo.layers.mlp import ParallelMLP
 from tp_zoo.layers.replicated import LayerNorm

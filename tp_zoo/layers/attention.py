@@ -4,9 +4,10 @@ Each device owns num_heads / tp query heads and the key/value heads those
 query heads read: num_kv_heads / tp of them when tp divides num_kv_heads,
 otherwise (tp a multiple of num_kv_heads, as in GQA/MQA at high tp) the key
 and value kernels are kept whole on every device and each device uses the
-one head its query heads share. The output projection is row-parallel, so
-the whole layer costs one all-reduce. The KV cache is split the same way and
-never gathered.
+one head its query heads share. Queries, keys and values come from one
+product per device (`QKVParallelDense`). The output projection is
+row-parallel, so the whole layer costs one all-reduce. The KV cache is split
+the same way and never gathered.
 
 Head counts that tp does not divide are padded with inert heads (zero
 query/key/value columns, zero output rows; see `padded_heads`), inside each
@@ -25,7 +26,7 @@ from tp_zoo.layers import attention_ops as ops
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.linear import HeadMergeDense
-from tp_zoo.layers.linear import HeadSplitDense
+from tp_zoo.layers.linear import QKVParallelDense
 from tp_zoo.layers.rotary import RotaryEmbedding
 
 M = parallel.MODEL
@@ -97,7 +98,6 @@ class ParallelAttention(ShardedLayer):
         self.padded_heads = self.padded_kv_heads * padded_group
         # Real query head j of kv head k sits at k * padded_group + j.
         query_padding = AxisPadding(num_kv_heads, self.padded_kv_heads, num_heads // num_kv_heads, padded_group)
-        kv_padding = AxisPadding.trailing(num_kv_heads, self.padded_kv_heads)
         if self.padded_heads != num_heads:
             warnings.warn(self._padding_note(), stacklevel=2)
         self.head_dim = head_dim
@@ -109,12 +109,9 @@ class ParallelAttention(ShardedLayer):
         # Key/value heads each device holds in its cache.
         self.local_kv_heads = 1 if self.kv_replicated else self.padded_kv_heads // self.tp
         common = dict(kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
-        self.query = HeadSplitDense(
-            num_heads, head_dim, use_bias=use_qkv_bias, padding=query_padding, name="query", **common
+        self.qkv = QKVParallelDense(
+            head_dim, query_padding, use_bias=use_qkv_bias, replicated=self.kv_replicated, name="qkv", **common
         )
-        kv = dict(use_bias=use_qkv_bias, replicated=self.kv_replicated, padding=kv_padding, **common)
-        self.key = HeadSplitDense(num_kv_heads, head_dim, name="key", **kv)
-        self.value = HeadSplitDense(num_kv_heads, head_dim, name="value", **kv)
         self.output_dense = HeadMergeDense(
             hidden_dim, use_bias=use_output_bias, padding=query_padding, name="output", **common
         )
@@ -135,13 +132,11 @@ class ParallelAttention(ShardedLayer):
         return [t for t in range(1, self.num_heads + 1) if padded_heads(self.num_heads, self.num_kv_heads, t) == unpadded]
 
     def build(self, input_shape):
-        self.query.build(input_shape)
-        self.key.build(input_shape)
-        self.value.build(input_shape)
+        self.qkv.build(input_shape)
         self.output_dense.build(tuple(input_shape[:-1]) + (self.padded_heads, self.head_dim))
 
     def _projections(self):
-        return (self.query, self.key, self.value, self.output_dense)
+        return (self.qkv, self.output_dense)
 
     # --- KV cache -----------------------------------------------------------
     def cache_shape(self, batch_size, max_length):
@@ -161,20 +156,19 @@ class ParallelAttention(ShardedLayer):
         return zeros, zeros
 
     # --- computation ----------------------------------------------------------
-    def _local_kv(self, projection, weights, x):
-        """Keys or values of this device's kv heads. With replicated kv
-        kernels, first cut out the one head this device's queries use."""
-        kernel, bias = projection.effective(weights)
-        if self.kv_replicated:
-            head = parallel.model_index() // (self.tp // self.padded_kv_heads)
-            kernel, bias = projection.take_head(kernel, bias, head)
-        return projection.apply(kernel, bias, x)
-
     def _local_qkv(self, weights, x, positions):
-        wq, wk, wv, _ = weights
-        q = self.query.local_apply(wq, x)
-        k = self._local_kv(self.key, wk, x)
-        v = self._local_kv(self.value, wv, x)
+        """This device's queries, keys and values, from one product. With a
+        replicated kernel, first cut out the kv head this device's queries
+        use and those queries."""
+        kernel, bias = self.qkv.effective(weights[0])
+        if self.kv_replicated:
+            devices_per_kv = self.tp // self.padded_kv_heads
+            queries = (self.padded_heads // self.padded_kv_heads) // devices_per_kv
+            index = parallel.model_index()
+            kernel, bias = self.qkv.take_group(
+                kernel, bias, index // devices_per_kv, (index % devices_per_kv) * queries, queries
+            )
+        q, k, v = self.qkv.split(self.qkv.apply(kernel, bias, x))
         if self.rotary is not None:
             q = self.rotary(q, positions)
             k = self.rotary(k, positions)
@@ -192,7 +186,7 @@ class ParallelAttention(ShardedLayer):
             if padding_mask is not None:
                 mask = mask & padding_mask[:, None, :].astype(bool)
             out = ops.dense_attention(q, k, v, mask)
-        return self.output_dense.local_apply(weights[3], out)
+        return self.output_dense.local_apply(weights[1], out)
 
     def _local_prefill(self, weights, x, lengths, cache):
         """Causal attention over prompts at positions 0..seq-1 (right padded to
@@ -207,7 +201,7 @@ class ParallelAttention(ShardedLayer):
             out = ops.fused_attention(q, k, v, lengths, self.sliding_window)
         else:
             out = ops.blockwise_attention(q, k, v, self.sliding_window)
-        return self.output_dense.local_apply(weights[3], out), cache
+        return self.output_dense.local_apply(weights[1], out), cache
 
     def _local_decode(self, weights, x, positions, cache):
         """One new token per row at its own position: write its key and value
@@ -217,7 +211,7 @@ class ParallelAttention(ShardedLayer):
         to_cache = lambda c, new: write(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), positions)
         cache = (to_cache(cache[0], k), to_cache(cache[1], v))
         out = ops.decode_attention(q[:, 0], cache[0], cache[1], positions + 1, self.sliding_window)
-        return self.output_dense.local_apply(weights[3], out[:, None]), cache
+        return self.output_dense.local_apply(weights[1], out[:, None]), cache
 
     def call(self, x, padding_mask=None, cache=None, positions=None):
         """Without a cache: attention over `x`. With `cache` (keys, values),
@@ -260,7 +254,7 @@ class ParallelAttention(ShardedLayer):
             "hidden_dim": self.hidden_dim,
             "rotary": None if self.rotary is None else self.rotary.get_config(),
             "sliding_window": self.sliding_window,
-            "use_qkv_bias": self.query.use_bias,
+            "use_qkv_bias": self.qkv.use_bias,
             "use_output_bias": self.output_dense.use_bias,
             "kernel_initializer": keras.initializers.serialize(self.kernel_initializer),
         }

@@ -2,14 +2,17 @@
 
 import contextlib
 import contextvars
+import functools
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 from keras.src.backend.common.name_scope import current_path
 
 from tp_zoo import parallel
+from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import ShardingError
 
 _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
@@ -147,28 +150,113 @@ def true_value(variable):
     return real_part(variable.numpy(), paddings(variable))
 
 
+def _padded(path, value, shape, axis_paddings):
+    value = np.asarray(value)
+    wanted = tuple(p.true_size for p in axis_paddings)
+    if value.shape != wanted:
+        raise ValueError(f"{path} takes a value of shape {wanted}; got one of shape {value.shape}.")
+    return scatter_real(value, axis_paddings)
+
+
 def padded_value(variable, value):
     """`value` (of the variable's true shape) with zeros at the padding."""
-    value = np.asarray(value)
-    wanted = true_shape(variable)
-    if value.shape != wanted:
-        raise ValueError(f"{variable.path} takes a value of shape {wanted}; got one of shape {value.shape}.")
-    return scatter_real(value, paddings(variable))
+    return _padded(variable.path, value, variable.shape, paddings(variable))
+
+
+# --- fused variables --------------------------------------------------------
+class Part(NamedTuple):
+    """One weight stored inside a fused variable, as a variable of its own
+    would be: the fused variable's block [offset, offset + size) along the
+    fused axis, reshaped (row-major) to `shape`, is the variable that a
+    separate layer named `layer` would hold, of that `shape`, `padding`
+    (an `AxisPadding` per dim) and `layout`."""
+
+    layer: str
+    size: int
+    shape: tuple
+    padding: tuple
+    layout: tuple
+
+
+class Fused(NamedTuple):
+    """Parts laid side by side along `axis` of one variable (q/k/v, gate/up):
+    one product per device where there were several."""
+
+    axis: int
+    parts: tuple
+
+    def blocks(self, value):
+        """(part, its block of `value` reshaped to the part's shape), in order."""
+        offset = 0
+        for part in self.parts:
+            block = jax.lax.slice_in_dim(value, offset, offset + part.size, axis=self.axis) if isinstance(
+                value, jax.Array) else np.take(value, np.arange(offset, offset + part.size), axis=self.axis)
+            offset += part.size
+            yield part, block.reshape(part.shape)
+
+    def join(self, values, shape):
+        """The fused value of `shape` from one value per part (parts' shapes)."""
+        block = lambda part, v: v.reshape(shape[: self.axis] + (part.size,) + shape[self.axis + 1 :])
+        stack = jnp.concatenate if isinstance(values[0], jax.Array) else np.concatenate
+        return stack([block(p, v) for p, v in zip(self.parts, values)], axis=self.axis)
+
+
+def fused(variable):
+    """The `Fused` parts of a variable, or None for a plain one."""
+    return getattr(variable, "_tp_zoo_fused", None)
+
+
+def part_path(path, part, name=None):
+    """The path a part's variable would have had: the fused layer's name in
+    `path` replaced by the part's layer (…/attention/qkv/kernel -> …/attention/query/kernel)."""
+    *parents, _, variable_name = path.split("/")
+    return "/".join(parents + [part.layer, name or variable_name])
+
+
+def weight_views(variable, value=None):
+    """(path, true-shape numpy value) of each weight a variable stands for:
+    itself, or each part of a fused variable at the path and shape a
+    separate layer's variable would have. `value` (padded) defaults to the
+    variable's own."""
+    value = variable.numpy() if value is None else np.asarray(value)
+    parts = fused(variable)
+    if parts is None:
+        return [(variable.path, real_part(value, paddings(variable)))]
+    return [(part_path(variable.path, p), real_part(block, p.padding)) for p, block in parts.blocks(value)]
+
+
+def _views_count(variable):
+    parts = fused(variable)
+    return 1 if parts is None else len(parts.parts)
 
 
 def get_weights(variables):
     """Keras' get_weights, with every variable at its true shape (so the same
-    at every tp)."""
-    return [true_value(v) for v in variables]
+    at every tp), and a fused variable as its parts (as separate layers'
+    variables would be)."""
+    return [value for v in variables for _, value in weight_views(v)]
 
 
 def set_weights(variables, values):
-    """Keras' set_weights from true-shape values; a wrong count or shape names
-    the variable and both shapes."""
+    """Keras' set_weights from true-shape values (fused variables' parts one
+    by one, as get_weights gives them); a wrong count or shape names the
+    variable and both shapes."""
     values = list(values)
-    if len(values) != len(variables):
-        raise ValueError(f"Expected {len(variables)} weight arrays, got {len(values)}.")
-    padded = [padded_value(v, w) for v, w in zip(variables, values)]  # check all before assigning any
+    expected = sum(_views_count(v) for v in variables)
+    if len(values) != expected:
+        raise ValueError(f"Expected {expected} weight arrays, got {len(values)}.")
+    padded, start = [], 0
+    for v in variables:  # check all before assigning any
+        parts = fused(v)
+        if parts is None:
+            padded.append(padded_value(v, values[start]))
+        else:
+            blocks = [
+                _padded(part_path(v.path, p), w, p.shape, p.padding)
+                for p, w in zip(parts.parts, values[start : start + len(parts.parts)])
+            ]
+            padded.append(parts.join(blocks, tuple(v.shape)))
+        start += _views_count(v)
     for variable, value in zip(variables, padded):
         variable.assign(value)
 
@@ -210,7 +298,9 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
     def tp(self):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
-    def add_sharded_weight(self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None):
+    def add_sharded_weight(
+        self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None, parts=None
+    ):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
@@ -222,7 +312,10 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         real entries; a trainable variable's padding starts at zero whatever its
         initializer (int8 values and scales come whole, their padding made).
         `dtype` overrides the layer's variable dtype (int8 kernels and their
-        scales).
+        scales). `parts` (a `Fused`) makes a fused variable: the checkpoint
+        source is asked for each part, at the path, shape and split of a
+        separate layer's variable, and get/set_weights and export show the
+        parts.
         """
         shape = tuple(int(s) for s in shape)
         padding = tuple(
@@ -239,7 +332,11 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             value = None
             source = _weight_source.get()
             if source is not None:
-                value = source(f"{current_path()}/{name}", shape, padding, dtype, sharding)
+                path = f"{current_path()}/{name}"
+                if parts is None:
+                    value = source(path, shape, padding, dtype, sharding)
+                else:
+                    value = self._fused_from_source(source, path, parts, shape, dtype, sharding)
             variable = keras.Variable(
                 initializer=keras.initializers.get(initializer)
                 if value is None
@@ -251,9 +348,29 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
                 layout=keras_layout,
             )
         variable._tp_zoo_padding = padding
+        if parts is not None:
+            variable._tp_zoo_fused = parts
         if value is None and trainable and any(p.is_padded for p in padding):
             variable.assign(variable.value * real_mask(padding).astype(variable.dtype))
         return variable
+
+    def _fused_from_source(self, source, path, parts, shape, dtype, sharding):
+        """A fused variable's value from one source call per part (each
+        placed as the part's own variable would be), joined on the devices;
+        None when the source has none of the parts."""
+        values = []
+        for part in parts.parts:
+            part_sharding = None if sharding is None else parallel.sharding(self.mesh_info, part.layout)
+            values.append(source(part_path(path, part), part.shape, part.padding, dtype, part_sharding))
+        missing = [part_path(path, p) for p, v in zip(parts.parts, values) if v is None]
+        if len(missing) == len(values):
+            return None
+        if missing:
+            raise CheckpointMismatchError(
+                f"{path} joins {[part_path(path, p) for p in parts.parts]}, but the checkpoint has no "
+                f"tensor for {missing}: all of them or none are needed."
+            )
+        return _joiner(parts, shape, sharding)(*values)
 
     # --- saving at true shapes, whatever the tp -------------------------------
     def _own_variables(self):
@@ -278,3 +395,10 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             self.mesh_info, fn, in_layouts, out_layouts, *args,
             compiled=self._sharded_programs, key=(fn if key is None else key, repr(in_layouts)),
         )
+
+
+@functools.lru_cache(maxsize=None)
+def _joiner(parts, shape, sharding):
+    """Joins parts (device arrays) into a fused variable's value, placed as
+    `sharding` says (each device joins its own slices)."""
+    return jax.jit(lambda *values: parts.join(values, shape), out_shardings=sharding)

@@ -24,6 +24,8 @@ import keras
 from tp_zoo import parallel
 from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import AxisPadding
+from tp_zoo.layers.base import Fused
+from tp_zoo.layers.base import Part
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import check_divisible
 from tp_zoo.layers.base import real_mask
@@ -94,7 +96,7 @@ class _ParallelLinear(ShardedLayer):
 
     def build(self, input_shape):
         in_dim = input_shape[-1] if len(self.in_trailing) == 1 else input_shape[-2:]
-        shape = self.kernel_shape(in_dim)
+        shape = self.kernel_shape_built = tuple(self.kernel_shape(in_dim))
         if self.padding is not None and shape[self.split_axis] != self.padding.size:
             raise ValueError(
                 f"{self.name}: the split dim of kernel shape {shape} should be {self.padding.size} (its padding)."
@@ -109,18 +111,24 @@ class _ParallelLinear(ShardedLayer):
             self.kernel = self._add_quantized_weight("kernel", "zeros", shape, self.kernel_layout, "int8")
         else:
             self.kernel = self.add_sharded_weight(
-                "kernel", shape, self.kernel_layout, self.kernel_initializer, padding=self._padding(len(shape))
+                "kernel", shape, self.kernel_layout, self.kernel_initializer, padding=self._padding(len(shape)),
+                parts=self.parts_of(shape, kernel=True),
             )
         self.bias = None
         if self.use_bias:
             self.bias = self.add_sharded_weight(
                 "bias", self.bias_shape, self.bias_layout, self.bias_initializer,
-                padding=self._padding(len(shape))[len(self.in_trailing) :],
+                padding=self._padding(len(shape))[len(self.in_trailing) :], parts=self.parts_of(shape),
             )
 
     def _padding(self, rank):
         """Per kernel dim: the split dim's `AxisPadding`, None elsewhere."""
         return tuple(self.padding if d == self.split_axis else None for d in range(rank))
+
+    def parts_of(self, kernel_shape, kernel=False):
+        """The `Fused` parts of the kernel (`kernel=True`) or of a variable of
+        the output dims (bias, int8 scale); None: a layer of one projection."""
+        return None
 
     # --- weight-only int8 -----------------------------------------------------
     @property
@@ -136,7 +144,10 @@ class _ParallelLinear(ShardedLayer):
         scale), split as `layout` says; `initializer` may be a global array.
         A checkpoint source (from_preset(quantize="int8")) fills it instead."""
         padding = self._padding(len(self.kernel_layout))[len(self.kernel_layout) - len(shape) :]
-        return self.add_sharded_weight(name, shape, layout, initializer, trainable=False, dtype=dtype, padding=padding)
+        parts = self.parts_of(self.kernel_shape_built, kernel=name == "kernel")
+        return self.add_sharded_weight(
+            name, shape, layout, initializer, trainable=False, dtype=dtype, padding=padding, parts=parts
+        )
 
     def quantize(self, mode=None, type_check=True, config=None):
         """Replaces the float kernel by int8 values of the same shape and
@@ -162,8 +173,9 @@ class _ParallelLinear(ShardedLayer):
 
     # --- LoRA ---------------------------------------------------------------
     lora_enabled = False
+    lora_parts = ()  # the parts of a fused kernel that have adapters
 
-    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros"):
+    def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros", parts=None):
         """Freezes the kernel (and bias) and adds a trainable low-rank update
         kernel + (lora_alpha / rank) * A @ B, as Keras' Dense does.
 
@@ -171,6 +183,8 @@ class _ParallelLinear(ShardedLayer):
         follows the kernel: a column-parallel kernel's B is split with its
         outputs (A whole on every device), a row-parallel kernel's A with
         its inputs (B whole); each device's A @ B is its own kernel block.
+        A fused kernel has one (A, B) per part named in `parts` (all parts
+        by default), of the shapes a separate layer's adapters would have.
         """
         if not isinstance(rank, int) or rank <= 0:
             raise ValueError(f"{self.name}: LoRA rank must be a positive integer, got {rank!r}.")
@@ -178,18 +192,31 @@ class _ParallelLinear(ShardedLayer):
             raise ValueError(f"{self.name}: cannot enable LoRA on a layer that isn't built yet.")
         if self.lora_enabled:
             raise ValueError(f"{self.name}: LoRA is already enabled.")
-        self._tracker.unlock()
+        fused = self.parts_of(self.kernel_shape_built)
+        if fused is None and parts is not None:
+            raise ValueError(f"{self.name}: LoRA parts are for fused kernels; this layer has one projection.")
+        if fused is not None:
+            names = [p.layer for p in fused.parts]
+            parts = names if parts is None else list(parts)
+            unknown = [p for p in parts if p not in names]
+            if unknown or not parts:
+                raise ValueError(f"{self.name}: LoRA parts {parts} must be some of {names}.")
+            self.lora_parts = tuple(p for p in fused.parts if p.layer in parts)
         n_in = len(self.in_trailing)
         shape, layout = tuple(self.kernel.shape), self.kernel_layout
         padding = self._padding(len(shape))
-        self.lora_kernel_a = self.add_sharded_weight(
-            "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer,
-            padding=padding[:n_in] + (None,),
-        )
-        self.lora_kernel_b = self.add_sharded_weight(
-            "lora_kernel_b", (rank,) + shape[n_in:], (None,) + layout[n_in:], b_initializer,
-            padding=(None,) + padding[n_in:],
-        )
+        self._tracker.unlock()
+        for part in self.lora_parts or (None,):
+            prefix = "" if part is None else f"{part.layer}_"
+            out = (shape[n_in:], padding[n_in:], layout[n_in:]) if part is None else part[2:]  # shape, padding, layout
+            setattr(self, prefix + "lora_kernel_a", self.add_sharded_weight(
+                prefix + "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer,
+                padding=padding[:n_in] + (None,),
+            ))
+            setattr(self, prefix + "lora_kernel_b", self.add_sharded_weight(
+                prefix + "lora_kernel_b", (rank,) + tuple(out[0]), (None,) + tuple(out[2]), b_initializer,
+                padding=(None,) + tuple(out[1]),
+            ))
         self._tracker.lock()
         self.kernel.trainable = False
         if self.use_bias:
@@ -197,6 +224,12 @@ class _ParallelLinear(ShardedLayer):
         self.lora_rank = rank
         self.lora_alpha = rank if lora_alpha is None else lora_alpha
         self.lora_enabled = True
+
+    def lora_variables(self):
+        """(name, variable) of the LoRA adapters: A and B, per part of a fused kernel."""
+        names = [f"{prefix}lora_kernel_{ab}" for prefix in [f"{p.layer}_" for p in self.lora_parts] or [""]
+                 for ab in "ab"]
+        return [(name, getattr(self, name)) for name in names] if self.lora_enabled else []
 
     def merge_lora(self):
         """Folds the LoRA update into the kernel and zeroes B (adapters stay, now inert)."""
@@ -211,7 +244,9 @@ class _ParallelLinear(ShardedLayer):
                 lambda w: self.effective(w)[0], (layouts,), self.kernel_layout, weights, key="merge_lora"
             )
             self.kernel.assign(merged)
-        self.lora_kernel_b.assign(jnp.zeros_like(self.lora_kernel_b.value))
+        for name, variable in self.lora_variables():
+            if name.endswith("_b"):
+                variable.assign(jnp.zeros_like(variable.value))
 
     # --- computation --------------------------------------------------------
     def weights_and_layouts(self):
@@ -224,22 +259,35 @@ class _ParallelLinear(ShardedLayer):
         if self.quantized:
             values.append(self.kernel_scale.value)
             layouts.append(self.scale_layout)
-        if self.lora_enabled:
-            values += [self.lora_kernel_a.value, self.lora_kernel_b.value]
-            layouts += [self.lora_kernel_a_layout, self.lora_kernel_b_layout]
+        for name, variable in self.lora_variables():
+            values.append(variable.value)
+            layouts.append(self._lora_layout(name))
         return tuple(values), tuple(layouts)
 
-    @property
-    def lora_kernel_a_layout(self):
-        return self.kernel_layout[: len(self.in_trailing)] + (None,)
-
-    @property
-    def lora_kernel_b_layout(self):
-        return (None,) + self.kernel_layout[len(self.in_trailing) :]
+    def _lora_layout(self, name):
+        n_in = len(self.in_trailing)
+        if name.endswith("_a"):
+            return self.kernel_layout[:n_in] + (None,)
+        part = [p for p in self.lora_parts if name.startswith(f"{p.layer}_")]
+        return (None,) + (tuple(part[0].layout) if part else self.kernel_layout[n_in:])
 
     def _lora_update(self, weights):
-        a, b = weights[-2:]
-        return jnp.tensordot(a, b, axes=1) * (self.lora_alpha / self.lora_rank)
+        """The (local) kernel's LoRA update; a fused kernel's is zero outside
+        the parts that have adapters."""
+        pairs = weights[len(weights) - len(self.lora_variables()) :]
+        scale = self.lora_alpha / self.lora_rank
+        updates = [jnp.tensordot(a, b, axes=1) * scale for a, b in zip(pairs[::2], pairs[1::2])]
+        if not self.lora_parts:
+            return updates[0]
+        fused = self.parts_of(self.kernel_shape_built, kernel=True)
+        kernel = weights[0]
+        by_part = dict(zip((p.layer for p in self.lora_parts), updates))
+        blocks = []
+        for part in fused.parts:
+            block = kernel.shape[: fused.axis] + (part.size,) + kernel.shape[fused.axis + 1 :]
+            update = by_part.get(part.layer)
+            blocks.append(jnp.zeros(block, updates[0].dtype) if update is None else update.reshape(block))
+        return jnp.concatenate(blocks, axis=fused.axis)
 
     def _merged_float(self, weights):
         """A quantized kernel dequantized in float32, LoRA update added."""
@@ -442,11 +490,116 @@ class HeadSplitDense(_ParallelLinear):
     def kernel_shape(self, in_dim):
         return (in_dim,) + self.bias_shape
 
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "replicated": self.replicated,
+        }
+
+
+class _FusedColumnDense(_ParallelLinear):
+    """Several column-parallel projections of one input as one kernel, laid
+    out so that each device's shard holds its slice of every projection
+    side by side: one product per device where there were several (vLLM's
+    QKVParallelLinear / MergedColumnParallelLinear). Each projection is a
+    `Part` of the kernel (and of the bias and int8 scale): checkpoints load
+    it, get/set_weights and export show it, and LoRA adapts it as the
+    variable of a separate layer.
+
+    Subclasses set `out_shape` (the padded output dims), `out_layout`,
+    `out_padding` (an `AxisPadding` or None per output dim), `fused_axis`
+    (the output dim the parts sit along) and `parts` (layer name, size along
+    that dim, and the part's own output shape, padding and layout).
+    """
+
+    in_trailing = (None,)
+
+    def _setup(self):
+        letters = "abcdefgh"[: len(self.out_shape)]
+        self.equation = f"...z,z{letters}->...{letters}"
+        self.kernel_layout = (None,) + tuple(self.out_layout)
+        self.bias_layout = tuple(self.out_layout)
+        self.out_trailing = tuple(self.out_layout)
+        self.bias_shape = tuple(self.out_shape)
+        self.output_trailing_shape = tuple(self.out_shape)
+
+    def kernel_shape(self, in_dim):
+        return (in_dim,) + self.bias_shape
+
+    def _padding(self, rank):
+        return (None,) * (rank - len(self.out_shape)) + tuple(self.out_padding)
+
+    def parts_of(self, kernel_shape, kernel=False):
+        whole = lambda n: AxisPadding.trailing(n, n)
+        lead = (kernel_shape[0],) if kernel else ()
+        parts = tuple(
+            Part(name, size, lead + tuple(shape), tuple(map(whole, lead)) + tuple(padding),
+                 (None,) * len(lead) + tuple(layout))
+            for name, size, shape, padding, layout in self.parts
+        )
+        return Fused(len(lead) + self.fused_axis, parts)
+
+
+@keras.saving.register_keras_serializable(package="tp_zoo")
+class QKVParallelDense(_FusedColumnDense):
+    """hidden -> queries, keys and values in one product: kernel (hidden,
+    kv heads, 2 + query heads per kv head, head_dim), each kv head's key,
+    value and its group of query heads side by side, split on the kv heads.
+
+    `padding` is the query heads' `AxisPadding` (kv heads as groups, the
+    query heads of each as group entries; see `ParallelAttention`): the
+    kv heads are padded at their end and each group at its end, behind the
+    key and value. `replicated=True` keeps the kernel whole on every device
+    (kv heads fewer than tp: each device then cuts out its kv head and its
+    query heads, `take_group`). The parts are "key", "value" and "query",
+    of the shapes `HeadSplitDense` layers would have.
+    """
+
+    fused_axis = 1
+
+    def __init__(self, head_dim, padding, use_bias=True, replicated=False, **kwargs):
+        super().__init__(use_bias=use_bias, padding=padding, **kwargs)
+        q = self.padding
+        self.padding = None  # several dims are padded: see out_padding
+        self.query_padding = q
+        self.head_dim = head_dim
+        self.replicated = replicated
+        heads = None if replicated else M
+        if not replicated:
+            check_divisible(self.name, "kv heads", q.padded_groups, self.tp)
+        kv_padding = AxisPadding.trailing(q.groups, q.padded_groups)
+        whole = AxisPadding.trailing(head_dim, head_dim)
+        self.out_shape = (q.padded_groups, 2 + q.padded_group_size, head_dim)
+        self.out_layout = (heads, None, None)
+        self.out_padding = (kv_padding, AxisPadding.trailing(2 + q.group_size, 2 + q.padded_group_size), None)
+        kv_part = ((q.padded_groups, head_dim), (kv_padding, whole), (heads, None))
+        self.parts = (
+            ("key", 1) + kv_part,
+            ("value", 1) + kv_part,
+            ("query", q.padded_group_size, (q.size, head_dim), (q, whole), (heads, None)),
+        )
+        self._setup()
+
+    def split(self, y):
+        """(queries, keys, values) of a local output (..., kv heads, 2 + group, head_dim):
+        (..., kv heads x group, head_dim) and (..., kv heads, head_dim) twice."""
+        q = y[..., 2:, :]
+        return q.reshape(q.shape[:-3] + (-1, self.head_dim)), y[..., 0, :], y[..., 1, :]
+
     @staticmethod
-    def take_head(kernel, bias, head):
-        """The one head `head` of a local kernel (float or `QuantizedKernel`)
-        and bias (or None): what a device keeps of replicated kv heads."""
-        cut = lambda a, axis: jax.lax.dynamic_slice_in_dim(a, head, 1, axis=axis)
+    def take_group(kernel, bias, kv_head, first_query, queries):
+        """Of a replicated local kernel (float or `QuantizedKernel`) and bias
+        (or None): kv head `kv_head`'s key and value and its query heads
+        [first_query, first_query + queries), what one device computes."""
+
+        def cut(a, axis):  # axis: the kv-head dim of `a`
+            a = jax.lax.dynamic_slice_in_dim(a, kv_head, 1, axis=axis)
+            kv = jax.lax.slice_in_dim(a, 0, 2, axis=axis + 1)
+            q = jax.lax.dynamic_slice_in_dim(a, 2 + first_query, queries, axis=axis + 1)
+            return jnp.concatenate([kv, q], axis=axis + 1)
+
         if isinstance(kernel, q8.QuantizedKernel):
             kernel = q8.QuantizedKernel(cut(kernel.values, 1), cut(kernel.scale, 0))
         else:
@@ -456,10 +609,43 @@ class HeadSplitDense(_ParallelLinear):
     def get_config(self):
         return {
             **super().get_config(),
-            "num_heads": self.num_heads,
             "head_dim": self.head_dim,
+            "padding": list(self.query_padding),
             "replicated": self.replicated,
         }
+
+
+@keras.saving.register_keras_serializable(package="tp_zoo")
+class MergedColumnParallelDense(_FusedColumnDense):
+    """hidden -> several projections of `units` each (an MLP's gate and up)
+    in one product: kernel (hidden, len(names), units), split on the units.
+    `padding` pads the units (at their end), as for `ColumnParallelDense`."""
+
+    fused_axis = 0
+
+    def __init__(self, units, names=("gate", "up"), use_bias=True, **kwargs):
+        super().__init__(use_bias=use_bias, **kwargs)
+        self.units = units
+        self.names = tuple(names)
+        padding = self.padding or AxisPadding.trailing(units, units)
+        self.padding = None
+        self.units_padding = padding
+        check_divisible(self.name, "units", padding.size, self.tp, _PAD_WITH_CONSUMER)
+        self.out_shape = (len(self.names), padding.size)
+        self.out_layout = (None, M)
+        self.out_padding = (None, padding)
+        self.parts = tuple((name, 1, (padding.size,), (padding,), (M,)) for name in self.names)
+        self._setup()
+
+    def split(self, y):
+        """Each projection's local output (..., units) of a local output (..., parts, units)."""
+        return tuple(y[..., i, :] for i in range(len(self.names)))
+
+    def get_config(self):
+        config = {**super().get_config(), "units": self.units, "names": list(self.names)}
+        if self.units_padding.is_padded:
+            config["padding"] = list(self.units_padding)
+        return config
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")

@@ -1,5 +1,8 @@
 """The transformer feed-forward block: column-parallel up, row-parallel down.
 
+A gated MLP computes its gate and up projections in one product per device
+(`MergedColumnParallelDense`).
+
 An intermediate width that tp does not divide is padded at its end with
 inert units: zero columns (and bias) of up/gate, zero rows of down, and
 down zeroes its padded inputs, so they add exactly nothing.
@@ -14,6 +17,7 @@ from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import round_up
 from tp_zoo.layers.linear import ColumnParallelDense
+from tp_zoo.layers.linear import MergedColumnParallelDense
 from tp_zoo.layers.linear import RowParallelDense
 
 B = parallel.BATCH
@@ -64,28 +68,26 @@ class ParallelMLP(ShardedLayer):
             )
         padding = AxisPadding.trailing(intermediate_dim, self.padded_intermediate_dim)
         common = dict(use_bias=use_bias, kernel_initializer=self.kernel_initializer, dtype=self.dtype_policy)
-        act = _ACTIVATIONS.get(activation, activation)
-        self.gate = None
+        self.act = keras.activations.get(_ACTIVATIONS.get(activation, activation))
         if gated:
-            self.gate = ColumnParallelDense(intermediate_dim, activation=act, padding=padding, name="gate", **common)
-        self.up = ColumnParallelDense(
-            intermediate_dim, activation=None if gated else act, padding=padding, name="up", **common
-        )
+            self.up = MergedColumnParallelDense(intermediate_dim, padding=padding, name="gate_up", **common)
+        else:
+            self.up = ColumnParallelDense(intermediate_dim, activation=self.act, padding=padding, name="up", **common)
         self.down = RowParallelDense(hidden_dim, padding=padding, name="down", **common)
 
     def _projections(self):
-        return tuple(p for p in (self.gate, self.up, self.down) if p is not None)
+        return (self.up, self.down)
 
     def build(self, input_shape):
-        for p in self._projections()[:-1]:
-            p.build(input_shape)
+        self.up.build(input_shape)
         self.down.build(tuple(input_shape[:-1]) + (self.padded_intermediate_dim,))
 
     def _local_mlp(self, weights, x):
-        h = self.up.local_apply(weights[-2], x)
+        h = self.up.local_apply(weights[0], x)
         if self.gated:
-            h = self.gate.local_apply(weights[0], x) * h
-        return self.down.local_apply(weights[-1], h)
+            gate, up = self.up.split(h)
+            h = self.act(gate) * up
+        return self.down.local_apply(weights[1], h)
 
     def call(self, x):
         weights, layouts = zip(*(p.weights_and_layouts() for p in self._projections()))

@@ -189,11 +189,36 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         return load_preset(preset, cls, **kwargs).backbone
 
     def enable_lora(self, rank, target_layer_names=None):
-        """KerasHub's LoRA (default targets: the query and value projections);
-        the rank is checked before anything is frozen."""
+        """KerasHub's LoRA (default targets: the query and value projections),
+        every other weight frozen; the rank is checked before anything is
+        frozen. Targets name layers, or parts of fused ones ("query",
+        "key", "value" of `qkv`; "gate", "up" of `gate_up`), which get
+        adapters of the shapes a separate layer's would have."""
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"LoRA rank must be a positive integer, got {rank!r}.")
-        super().enable_lora(rank, target_layer_names)
+        targets = self.default_lora_layer_names() if target_layer_names is None else list(target_layer_names)
+        self.trainable = True
+        self._lora_enabled_layers = []
+        self._lora_rank = rank
+        for layer in self._flatten_layers(include_self=False):
+            layer.trainable = False
+        with_weights = [layer for layer in self._flatten_layers(include_self=False) if layer.weights]
+        for i, layer in enumerate(with_weights):
+            if not hasattr(layer, "enable_lora"):
+                continue
+            parts = getattr(layer, "parts", None)
+            if parts is not None:
+                named = [name for name, *_ in parts if name in targets]
+                if not named:
+                    continue
+                layer.trainable = True
+                layer.enable_lora(rank, parts=named)
+            elif layer.name in targets:
+                layer.trainable = True
+                layer.enable_lora(rank)
+            else:
+                continue
+            self._lora_enabled_layers.append(i)
 
     def save_lora_weights(self, filepath):
         """KerasHub's `.lora.h5` file, each adapter at its true shape (heads
@@ -206,8 +231,8 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         store.make("lora")["rank"] = self._lora_rank
         for index, layer in self._lora_layers():
             adapters = store.make(f"lora/{index}")
-            adapters["lora_kernel_a"] = true_value(layer.lora_kernel_a)
-            adapters["lora_kernel_b"] = true_value(layer.lora_kernel_b)
+            for name, variable in layer.lora_variables():
+                adapters[name] = true_value(variable)
         store.close()
 
     def load_lora_weights(self, filepath):
@@ -220,7 +245,8 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
             raise ValueError(f"{filepath} holds LoRA adapters of rank {rank}; this model's are of rank {self._lora_rank}.")
         for index, layer in self._lora_layers():
             saved = store.get(f"lora/{index}")
-            set_weights([layer.lora_kernel_a, layer.lora_kernel_b], [saved["lora_kernel_a"], saved["lora_kernel_b"]])
+            names, variables = zip(*layer.lora_variables())
+            set_weights(variables, [saved[name] for name in names])
         store.close()
 
     def _lora_layers(self):

@@ -1,0 +1,134 @@
+"""Fused projections (q/k/v in one kernel, gate/up in one kernel) against
+the separate layers they replace: with integer-valued operands every sum is
+exact, so each part of the fused output must equal the separate layer's
+output bitwise, at every tp, padded heads and widths included, with LoRA
+adapters too."""
+
+import warnings
+
+import numpy as np
+import pytest
+
+from tests.helpers import mesh_scope
+from tp_zoo import layers
+from tp_zoo.layers.attention import padded_heads
+from tp_zoo.layers.base import AxisPadding
+from tp_zoo.layers.base import padded_value
+from tp_zoo.layers.base import round_up
+from tp_zoo.layers.base import weight_views
+
+
+def _ints(rs, shape, low=-2, high=2):
+    return rs.randint(low, high + 1, shape).astype("float32")
+
+
+def _qkv_layer(num_heads, num_kv_heads, head_dim, tp):
+    kv, group = padded_heads(num_heads, num_kv_heads, tp)
+    padding = AxisPadding(num_kv_heads, kv, num_heads // num_kv_heads, group)
+    return layers.QKVParallelDense(head_dim, padding, replicated=kv % tp != 0)
+
+
+def _separate_qkv(num_heads, num_kv_heads, head_dim, x, rs, lora_rank=None):
+    """Queries, keys and values of three single-device HeadSplitDense layers
+    of integer weights, the weights (true shapes, in the fused layer's
+    get_weights order) and the LoRA adapters of query and value, by the
+    names the fused layer gives them."""
+    q = layers.HeadSplitDense(num_heads, head_dim, name="query")
+    k = layers.HeadSplitDense(num_kv_heads, head_dim, name="key")
+    v = layers.HeadSplitDense(num_kv_heads, head_dim, name="value")
+    for layer in (q, k, v):
+        layer(x)
+        layer.set_weights([_ints(rs, w.shape) for w in layer.get_weights()])
+    adapters = {}
+    if lora_rank:
+        for layer in (q, v):
+            layer.enable_lora(lora_rank)
+            for ab in "ab":
+                variable = getattr(layer, f"lora_kernel_{ab}")
+                variable.assign(_ints(rs, variable.shape))
+                adapters[f"{layer.name}_lora_kernel_{ab}"] = variable.numpy()
+    weights = [k.kernel.numpy(), v.kernel.numpy(), q.kernel.numpy(), k.bias.numpy(), v.bias.numpy(), q.bias.numpy()]
+    return (np.asarray(q(x)), np.asarray(k(x)), np.asarray(v(x))), weights, adapters
+
+
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,tp",
+    [
+        (8, 4, 1), (8, 4, 2), (8, 4, 4),
+        (8, 4, 8),  # kv heads fewer than tp: the kernel whole on every device
+        (9, 3, 2), (9, 3, 4),  # heads padded inside each kv group
+        (14, 2, 4), (14, 2, 8),
+        (6, 6, 4),  # MHA, padded to 8
+    ],
+)
+@pytest.mark.parametrize("lora", [False, True])
+def test_qkv_parts_equal_separate_projections_bitwise(num_heads, num_kv_heads, tp, lora):
+    rs = np.random.RandomState(0)
+    head_dim = 4
+    x = _ints(rs, (3, 5, 16), -4, 4)
+    (q_ref, k_ref, v_ref), weights, adapters = _separate_qkv(num_heads, num_kv_heads, head_dim, x, rs, lora and 2)
+    with mesh_scope(tp), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = _qkv_layer(num_heads, num_kv_heads, head_dim, tp)
+        layer(x)
+        layer.set_weights(weights)
+        if lora:
+            layer.enable_lora(2, parts=["query", "value"])
+            for name, variable in layer.lora_variables():
+                variable.assign(padded_value(variable, adapters[name]))
+        q, k, v = layer.split(np.asarray(layer(x)))
+    padding = layer.query_padding
+    np.testing.assert_array_equal(np.take(np.asarray(q), padding.positions(), axis=2), q_ref)
+    np.testing.assert_array_equal(np.asarray(k)[:, :, :num_kv_heads], k_ref)
+    np.testing.assert_array_equal(np.asarray(v)[:, :, :num_kv_heads], v_ref)
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4, 8])
+@pytest.mark.parametrize("units", [32, 30])  # 30: padded at tp 4 and 8
+def test_gate_up_parts_equal_separate_projections_bitwise(tp, units):
+    rs = np.random.RandomState(1)
+    x = _ints(rs, (3, 5, 16), -4, 4)
+    gate, up = layers.ColumnParallelDense(units, name="gate"), layers.ColumnParallelDense(units, name="up")
+    for layer in (gate, up):
+        layer(x)
+        layer.set_weights([_ints(rs, w.shape) for w in layer.get_weights()])
+    with mesh_scope(tp):
+        padding = AxisPadding.trailing(units, round_up(units, tp))
+        fused = layers.MergedColumnParallelDense(units, padding=padding)
+        fused(x)
+        fused.set_weights([gate.kernel.numpy(), up.kernel.numpy(), gate.bias.numpy(), up.bias.numpy()])
+        got_gate, got_up = fused.split(np.asarray(fused(x)))
+    np.testing.assert_array_equal(np.asarray(got_gate)[..., :units], np.asarray(gate(x)))
+    np.testing.assert_array_equal(np.asarray(got_up)[..., :units], np.asarray(up(x)))
+
+
+def test_fused_weights_show_as_the_separate_layers_variables():
+    """get_weights, the parts' paths and shapes: what separate query/key/value
+    layers would show, the same at every tp; set_weights takes them back."""
+    rs = np.random.RandomState(2)
+    x = _ints(rs, (2, 3, 16))
+    seen = {}
+    for tp in (1, 4):
+        with mesh_scope(tp), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            attention = layers.ParallelAttention(num_heads=9, num_kv_heads=3, head_dim=4, hidden_dim=16, name="attention")
+            attention(x)
+            views = [(path, value.shape) for v in attention.qkv.weights for path, value in weight_views(v)]
+            seen[tp] = views
+            weights = [_ints(rs, w.shape) for w in attention.get_weights()]
+            attention.set_weights(weights)
+            for got, want in zip(attention.get_weights(), weights):
+                np.testing.assert_array_equal(got, want)
+    assert seen[1] == seen[4]
+    assert [p.split("/", 1)[1] for p, _ in seen[1]] == [
+        "key/kernel", "value/kernel", "query/kernel", "key/bias", "value/bias", "query/bias"
+    ]
+    assert [s for _, s in seen[1]] == [(16, 3, 4), (16, 3, 4), (16, 9, 4), (3, 4), (3, 4), (9, 4)]
+
+
+def test_lora_parts_are_checked():
+    layer = layers.MergedColumnParallelDense(8)
+    layer(np.zeros((1, 4), "float32"))
+    with pytest.raises(ValueError, match=r"LoRA parts \['down'\] must be some of \['gate', 'up'\]"):
+        layer.enable_lora(2, parts=["down"])
+    assert not layer.lora_enabled and layer.kernel.trainable
