@@ -51,7 +51,10 @@ def reference(llama_path):
 def test_only_adapters_train_and_tp2_equals_tp1(llama_path, reference):
     ref_lm, ref_losses, _ = reference
     lm, losses, frozen = _lora_train(llama_path, 2)
-    assert {v.path.rsplit("/", 1)[1] for v in lm.trainable_variables} == {"lora_kernel_a", "lora_kernel_b"}
+    assert {v.path.rsplit("/", 1)[1] for v in lm.trainable_variables} == {  # query and value: parts of qkv
+        "lora_kernel_a", "lora_kernel_b", "query_lora_kernel_a", "query_lora_kernel_b",
+        "value_lora_kernel_a", "value_lora_kernel_b",
+    }
     assert len(lm.trainable_variables) == 2 * len(TARGETS) * 2  # 2 layers
     for v in lm.weights:
         if "lora" not in v.path:
@@ -73,7 +76,7 @@ def test_adapters_split_with_their_kernel(llama_path):
         "value_lora_kernel_a", "value_lora_kernel_b", "query_lora_kernel_a", "query_lora_kernel_b"
     ]
     assert shards(qkv.query_lora_kernel_a) == (32, 4) and shards(qkv.query_lora_kernel_b) == (4, 4, 8)  # B split on heads
-    assert qkv.query_lora_kernel_b.shape == (4, 8, 8) and qkv.value_lora_kernel_b.shape == (4, 4, 8)
+    assert qkv.query_lora_kernel_b.shape == (4, 8, 8) and qkv.value_lora_kernel_b.shape == (4, 2, 8)
     assert shards(down.lora_kernel_a) == (32, 4) and shards(down.lora_kernel_b) == (4, 32)  # A split on inputs
     assert down.lora_kernel_a.shape == (64, 4)
 

@@ -168,11 +168,13 @@ class ParallelAttention(ShardedLayer):
             kernel, bias = self.qkv.take_group(
                 kernel, bias, index // devices_per_kv, (index % devices_per_kv) * queries, queries
             )
-        q, k, v = self.qkv.split(self.qkv.apply(kernel, bias, x))
+        y = self.qkv.apply(kernel, bias, x)  # (batch, seq, kv heads, 2 + group, head_dim)
         if self.rotary is not None:
-            q = self.rotary(q, positions)
-            k = self.rotary(k, positions)
-        return q, k, v
+            # Keys and queries rotated in one elementwise pass over the
+            # product (values, slot 1, pass through): one kernel, not two.
+            rotated = self.rotary(y.reshape(y.shape[:2] + (-1, self.head_dim)), positions).reshape(y.shape)
+            y = jnp.where(jnp.arange(y.shape[-2])[:, None] == 1, y, rotated)
+        return self.qkv.split(y)
 
     def _local_attention(self, weights, x, padding_mask):
         """Causal attention over `x` alone (training, scoring)."""

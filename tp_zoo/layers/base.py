@@ -261,6 +261,17 @@ def set_weights(variables, values):
         variable.assign(value)
 
 
+def assign_true_values(variables, values):
+    """Each variable from its own true-shape value (a fused variable whole,
+    as saved files hold it); all checked before any is assigned."""
+    values = list(values)
+    if len(values) != len(variables):
+        raise ValueError(f"Expected {len(variables)} variables' values, got {len(values)}.")
+    padded = [padded_value(v, w) for v, w in zip(variables, values)]
+    for variable, value in zip(variables, padded):
+        variable.assign(value)
+
+
 def real_mask(axis_paddings):
     """A bool array broadcastable to the padded shape: True at the real
     entries (`axis_paddings`: an `AxisPadding` or None per dim)."""
@@ -384,7 +395,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         own = self._own_variables()
         if len(store.keys()) != len(own):
             raise ValueError(f"{self.name}: the saved file has {len(store.keys())} variables, the layer {len(own)}.")
-        set_weights(own, [store[str(i)] for i in range(len(own))])
+        assign_true_values(own, [store[str(i)] for i in range(len(own))])
 
     def run_sharded(self, fn, in_layouts, out_layouts, *args, key=None):
         """`parallel.run_sharded` over this layer's mesh; eager calls reuse one
