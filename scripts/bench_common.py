@@ -1,7 +1,10 @@
-"""What the benchmarks share: model shapes, the two models, the report header."""
+"""What the benchmarks share: model shapes, the two models, the hardware
+figures the floors use, the timed measurements, the report header."""
 
 import glob
+import json
 import os
+import statistics
 import tempfile
 import time
 
@@ -10,18 +13,33 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import keras_hub  # noqa: E402
+import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tp_zoo  # noqa: E402
+from tp_zoo.checkpoint.export import _write_safetensors  # noqa: E402
 from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
 from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
+
+# The floors' hardware figures, for one H200. Memory: the bandwidth every
+# decode floor in docs/benchmarks.md divides by (the data sheet says 4.8
+# TB/s; bench_decode.py's copy test has measured 2.7-3.4 TB/s read + write).
+# Compute: about what a large bf16 matmul reaches on one H200 (the data
+# sheet's dense figure is 989 TFLOP/s; bench_scaling.py prints its own
+# run's product beside it), the peak model TFLOP/s are a share of.
+HBM_BANDWIDTH = 4.3e12  # bytes/s
+BF16_PEAK_FLOPS = 790e12  # FLOP/s
 
 SHAPES = {
     # For a CPU smoke run: proves the scripts work, nothing more.
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4),
+    # Small enough for a CPU, wide enough for real GPU kernels (check_gpu_parity.py's default).
+    "llama_small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                        num_attention_heads=16, num_key_value_heads=4),
     "llama3_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -38,11 +56,12 @@ def hf_config(shape):
     }
 
 
-def tp_zoo_model(config, tp, dtype, quantized=None):
+def tp_zoo_model(config, tp, dtype, quantized=None, dp=1):
     """tp_zoo's Llama with random weights, made directly sharded on the
-    devices; with quantized="int8" its kernels are made int8 on the devices
-    (zeros, scales of one: the bytes a decode step reads, never a float copy)."""
-    with tp_zoo.distribution(tp=tp).scope():
+    devices (a (dp, tp) mesh); with quantized="int8" its kernels are made
+    int8 on the devices (zeros, scales of one: the bytes a decode step
+    reads, never a float copy)."""
+    with tp_zoo.distribution(tp=tp, dp=dp).scope():
         return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype, quantized=quantized))
 
 
@@ -106,6 +125,162 @@ def device_time(call, repeats):
     if not tp_zoo.parallel.on_gpu():
         return best_time(call, repeats)
     return sum(ns for _, ns in kernel_events(call, repeats)) / 1e9 / repeats
+
+
+def generate_call(lm, lengths, new):
+    """A generate() of `new` tokens per row: tp_zoo's max_new_tokens, or
+    KerasHub's max_length (its rows all end at one length)."""
+    if isinstance(lm, LlamaCausalLM):
+        inputs = batch_of(lengths, max(lengths))
+        return lambda: lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
+    inputs = batch_of(lengths, max(lengths) + new)
+    return lambda: lm.generate(inputs, max_length=max(lengths) + new, stop_token_ids=None)
+
+
+def per_token_ms(lm, batch, prompt, new, repeats):
+    """Milliseconds per new token of a batch of `prompt`-token prompts:
+    (t(prompt + new) - t(prompt + 1)) / (new - 1), each t the best of
+    `repeats` generate() calls after a warm-up, so that prefill and
+    compilation cancel out."""
+    t_long = best_time(generate_call(lm, [prompt] * batch, new), repeats)
+    t_one = best_time(generate_call(lm, [prompt] * batch, 1), repeats)
+    return 1000 * (t_long - t_one) / (new - 1)
+
+
+def model_bytes(lm):
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in lm.weights)
+
+
+def kv_bytes_per_token(config, itemsize):
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * itemsize
+
+
+def decode_bytes_per_device(lm, config, tp, itemsize):
+    """(weight bytes, KV-cache bytes per cached token) one device reads in a
+    decode step: the weights split tp ways, the KV cache split by kv heads
+    (which are replicated past tp = kv heads)."""
+    return model_bytes(lm) / tp, kv_bytes_per_token(config, itemsize) / min(tp, config["num_key_value_heads"])
+
+
+def decode_floor_ms(weight_bytes, kv_bytes, batch, cached_tokens, bandwidth):
+    """The memory floor of one decode step: every weight byte and every row's
+    `cached_tokens` of KV cache read once, at `bandwidth` bytes/s."""
+    return 1000 * (weight_bytes + batch * cached_tokens * kv_bytes) / bandwidth
+
+
+def copy_bandwidth():
+    """Bytes read + written per second by a device copy of 1 GiB."""
+    x = jnp.ones((2**28,), jnp.float32)
+    copy = jax.jit(lambda x: x * 1.0001)
+    seconds = best_time(lambda: copy(x), 5)
+    return 2 * x.nbytes / seconds
+
+
+def matmul_rate(size):
+    """FLOP/s of a bf16 (size x size) @ (size x size) product on one device."""
+    a = jax.random.normal(jax.random.key(0), (size, size), jnp.bfloat16)
+    product = jax.jit(lambda a: a @ a)
+    return 2 * size**3 / best_time(lambda: product(a), 5)
+
+
+def best_forward_time(lm, tokens, repeats):
+    """Seconds of a jitted forward pass (logits of every position) of one
+    row of `tokens` random ids, best of `repeats` after a warm-up."""
+    ids = np.random.RandomState(0).randint(0, 1000, (1, tokens)).astype("int32")
+    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
+    values = ([v.value for v in lm.trainable_variables], [v.value for v in lm.non_trainable_variables])
+    forward = jax.jit(lambda values, x: lm.stateless_call(*values, x)[0])
+    return best_time(lambda: forward(values, x), repeats)
+
+
+def compile_for_training(lm):
+    """AdamW and a cross-entropy loss: tp_zoo's default, the vocab-parallel
+    one; KerasHub's Llama, Keras' sparse categorical one on its logits."""
+    loss = {} if isinstance(lm, LlamaCausalLM) else {
+        "loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4), weighted_metrics=[], **loss)
+
+
+def median_step_time(lm, batch, seq, vocab, warmup, steps):
+    """Seconds of one `train_on_batch` on a fixed random (batch, seq) batch:
+    the median of `steps` steps after `warmup` (compilation included there)."""
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, vocab, (batch, seq + 1)).astype("int32")
+    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((batch, seq), "int32")}
+    y = ids[:, 1:]
+    for _ in range(warmup):
+        lm.train_on_batch(x, y)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        loss = lm.train_on_batch(x, y)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def trainable_parameters(lm):
+    return sum(int(np.prod(v.shape)) for v in lm.trainable_variables)
+
+
+def training_flops(parameters, tokens):
+    """Model FLOPs of training on `tokens` tokens: 6 x parameters x tokens
+    (2 forward, 4 backward; attention's score and value products are not
+    counted, nor is rematerialization)."""
+    return 6 * parameters * tokens
+
+
+def checkpoint_config(shape, layers=None):
+    """The config.json of write_llama_checkpoint's checkpoint."""
+    c = {**hf_config(shape), "tie_word_embeddings": False, "dtype": "bfloat16"}
+    if layers:
+        c["num_hidden_layers"] = layers
+    return c
+
+
+def write_llama_checkpoint(directory, shape, layers=None):
+    """A Llama-shaped bf16 safetensors checkpoint of `shape` (cut to `layers`
+    layers if given) in `directory`, random weights; config.json is written
+    last. Returns {tensor name: bytes}."""
+    c = checkpoint_config(shape, layers)
+    layers = c["num_hidden_layers"]
+    h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
+    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+        })
+    # Random values are slow to draw at 8B scale; a random tile repeated is as good for timing.
+    tile = (0.02 * np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32)).astype(ml_dtypes.bfloat16)
+    tensors = ((n, np.resize(tile, s)) for n, s in shapes.items())
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(directory / "model.safetensors", tensors)
+    (directory / "config.json").write_text(json.dumps(c))
+    return {n: int(np.prod(s)) * 2 for n, s in shapes.items()}
+
+
+def read_into_page_cache(path):
+    """Reads the file once, so that a load that follows times the loader, not the disk."""
+    with open(path, "rb") as f:
+        while f.read(64 << 20):
+            pass
+
+
+def timed_load(directory, tp):
+    """(model, seconds): tp_zoo.from_preset of `directory` at `tp` until every
+    weight is on its devices."""
+    start = time.perf_counter()
+    lm = tp_zoo.from_preset(directory, tp=tp, progress=False)
+    for v in lm.weights:
+        v.value.block_until_ready()
+    return lm, time.perf_counter() - start
 
 
 def header(what):

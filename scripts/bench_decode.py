@@ -24,16 +24,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import HBM_BANDWIDTH  # noqa: E402
 from bench_common import LlamaCausalLM  # noqa: E402
 from bench_common import add_model_arguments  # noqa: E402
-from bench_common import batch_of  # noqa: E402
 from bench_common import best_time  # noqa: E402
+from bench_common import copy_bandwidth  # noqa: E402
+from bench_common import decode_bytes_per_device  # noqa: E402
+from bench_common import decode_floor_ms  # noqa: E402
 from bench_common import each_model  # noqa: E402
+from bench_common import generate_call  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
-from bench_common import jax  # noqa: E402
+from bench_common import per_token_ms  # noqa: E402
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tp_zoo.layers import attention_ops  # noqa: E402
@@ -57,39 +60,12 @@ WHOLE_CALL = [
 TINY_SCALE = 16  # --shape tiny: contexts / 16, so a CPU smoke run is quick
 
 
-def generate_call(lm, lengths, new):
-    """A generate() of `new` tokens per row: tp_zoo's max_new_tokens, or
-    KerasHub's max_length (its rows all end at one length)."""
-    if isinstance(lm, LlamaCausalLM):
-        inputs = batch_of(lengths, max(lengths))
-        return lambda: lm.generate(inputs, max_new_tokens=new, stop_token_ids=None)
-    inputs = batch_of(lengths, max(lengths) + new)
-    return lambda: lm.generate(inputs, max_length=max(lengths) + new, stop_token_ids=None)
-
-
-def model_bytes(lm):
-    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in lm.weights)
-
-
-def kv_bytes_per_token(config, itemsize):
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
-    return config["num_hidden_layers"] * 2 * config["num_key_value_heads"] * head_dim * itemsize
-
-
-def copy_bandwidth():
-    """Bytes read + written per second by a device copy of 2 GiB."""
-    x = jnp.ones((2**28,), jnp.float32)
-    copy = jax.jit(lambda x: x * 1.0001)
-    seconds = best_time(lambda: copy(x), 5)
-    return 2 * x.nbytes / seconds
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--bandwidth", type=float, default=4.3e12, help="bytes/s for the floor")
+    parser.add_argument("--bandwidth", type=float, default=HBM_BANDWIDTH, help="bytes/s for the floor")
     parser.add_argument("--only", choices=["per-token", "whole-call"])
     parser.add_argument("--rows", type=int, nargs="+", help="run only these per-token rows (0-based)")
     parser.add_argument("--quantize", choices=["int8"], help="also each model's int8 form (weight-only for tp_zoo)")
@@ -115,18 +91,15 @@ def main():
                                       args.quantized_only):
         lm.compile(sampler="greedy")
         ours = isinstance(lm, LlamaCausalLM)
-        weights = model_bytes(lm) / tp
+        weights, kv = decode_bytes_per_device(lm, config, tp, itemsize)
         print(f"{name} tp={tp}: {weights / 2**30:.3f} GiB of weights per device", flush=True)
-        kv = kv_bytes_per_token(config, itemsize) / min(tp, config["num_key_value_heads"])
         if args.only != "whole-call":
             for row, (batch, prompt, new, keras_hub_too) in enumerate(PER_TOKEN):
                 if not (ours or keras_hub_too) or (args.rows and row not in args.rows):
                     continue
                 prompt //= scale
-                t_long = best_time(generate_call(lm, [prompt] * batch, new), args.repeats)
-                t_one = best_time(generate_call(lm, [prompt] * batch, 1), args.repeats)
-                ms = 1000 * (t_long - t_one) / (new - 1)
-                floor = 1000 * (weights + batch * (prompt + new) * kv) / args.bandwidth
+                ms = per_token_ms(lm, batch, prompt, new, args.repeats)
+                floor = decode_floor_ms(weights, kv, batch, prompt + new, args.bandwidth)
                 per_token.append((name, tp, batch, prompt, new, ms, floor))
                 print(f"{name} tp={tp} batch {batch} prompt {prompt} +{new}: {ms:.3f} ms/token "
                       f"(floor {floor:.3f}, {ms / floor:.2f}x)", flush=True)

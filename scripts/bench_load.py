@@ -25,38 +25,12 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-def write_checkpoint(directory, shape, layers):
-    import ml_dtypes
-
-    from bench_common import hf_config
-    from tp_zoo.checkpoint.export import _write_safetensors
-
-    c = {**hf_config(shape), "tie_word_embeddings": False, "dtype": "bfloat16"}
-    if layers:
-        c["num_hidden_layers"] = layers
-    layers = c["num_hidden_layers"]
-    h, f, v = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    kv = c["num_key_value_heads"] * h // c["num_attention_heads"]
-    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,), "lm_head.weight": (v, h)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "self_attn.q_proj.weight": (h, h), p + "self_attn.k_proj.weight": (kv, h),
-            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, h),
-            p + "mlp.gate_proj.weight": (f, h), p + "mlp.up_proj.weight": (f, h),
-            p + "mlp.down_proj.weight": (h, f), p + "input_layernorm.weight": (h,),
-            p + "post_attention_layernorm.weight": (h,),
-        })
-    # Random values are slow to draw at 8B scale; a random tile repeated is as good for timing.
-    tile = (0.02 * np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32)).astype(ml_dtypes.bfloat16)
-    tensors = ((n, np.resize(tile, s)) for n, s in shapes.items())
-    directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory / "model.safetensors", tensors)
-    (directory / "config.json").write_text(json.dumps(c))
-    return {n: int(np.prod(s)) * 2 for n, s in shapes.items()}
+from bench_common import jax  # noqa: E402
+from bench_common import read_into_page_cache  # noqa: E402
+from bench_common import timed_load  # noqa: E402
+from bench_common import write_llama_checkpoint  # noqa: E402
 
 
 def _anon_rss():
@@ -69,8 +43,6 @@ def _anon_rss():
 
 def measure(directory, tp):
     """Runs in the child process: load and report as JSON."""
-    import tp_zoo
-
     peak = [0]
     done = threading.Event()
 
@@ -79,17 +51,11 @@ def measure(directory, tp):
             peak[0] = max(peak[0], _anon_rss())
             time.sleep(0.001)
 
-    import jax
-
     jax.devices()  # start the backend before the clock
     before = _anon_rss()
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
-    start = time.perf_counter()
-    lm = tp_zoo.from_preset(directory, tp=tp, progress=False)
-    for v in lm.weights:
-        v.value.block_until_ready()
-    seconds = time.perf_counter() - start
+    lm, seconds = timed_load(directory, tp)
     after = _anon_rss()
     done.set()
     sampler.join()
@@ -118,16 +84,12 @@ def main():
         measure(args.child, args.tp)
         return
     directory = Path(args.dir or tempfile.mkdtemp(prefix="tp_zoo_bench_"))
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sizes = write_checkpoint(directory, args.shape, args.layers)
+    sizes = write_llama_checkpoint(directory, args.shape, args.layers)
     total = sum(sizes.values())
     largest = max(sizes, key=sizes.get)
-    with open(directory / "model.safetensors", "rb") as f:  # into page cache
-        while f.read(64 << 20):
-            pass
+    read_into_page_cache(directory / "model.safetensors")
+    # bench_common has set XLA_FLAGS (8 simulated devices on a CPU) in os.environ.
     env = {**os.environ, "KERAS_BACKEND": "jax", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    if "xla_force_host_platform_device_count" not in env.get("XLA_FLAGS", ""):
-        env["XLA_FLAGS"] = env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
     out = subprocess.run([sys.executable, __file__, "--tp", str(args.tp), "--child", str(directory)],
                          env=env, capture_output=True, text=True, check=True).stdout
     r = json.loads(out.strip().splitlines()[-1])

@@ -9,32 +9,15 @@ Times a jitted forward pass (logits of every position) of batch 1 x
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import add_model_arguments  # noqa: E402
+from bench_common import best_forward_time  # noqa: E402
+from bench_common import each_model  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
-from bench_common import add_model_arguments  # noqa: E402
-from bench_common import each_model  # noqa: E402
-from bench_common import jax  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-
-def best_forward_time(lm, tokens, repeats):
-    ids = np.random.RandomState(0).randint(0, 1000, (1, tokens)).astype("int32")
-    x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
-    values = ([v.value for v in lm.trainable_variables], [v.value for v in lm.non_trainable_variables])
-    forward = jax.jit(lambda values, x: lm.stateless_call(*values, x)[0])
-    jax.block_until_ready(forward(values, x))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(forward(values, x))
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def main():

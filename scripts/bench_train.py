@@ -10,37 +10,19 @@ TFLOP/s = 6 x parameters x tokens/s. The table comes last.
 """
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_common import add_model_arguments  # noqa: E402
+from bench_common import compile_for_training  # noqa: E402
+from bench_common import each_model  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
-from bench_common import jax  # noqa: E402
-from bench_common import keras  # noqa: E402
-from bench_common import add_model_arguments  # noqa: E402
-from bench_common import each_model  # noqa: E402
-
-import numpy as np  # noqa: E402
-
-
-def step_times(lm, batch, seq, vocab, warmup, steps):
-    rs = np.random.RandomState(0)
-    ids = rs.randint(0, vocab, (batch, seq + 1)).astype("int32")
-    x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((batch, seq), "int32")}
-    y = ids[:, 1:]
-    for _ in range(warmup):
-        lm.train_on_batch(x, y)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        loss = lm.train_on_batch(x, y)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from bench_common import median_step_time  # noqa: E402
+from bench_common import trainable_parameters  # noqa: E402
+from bench_common import training_flops  # noqa: E402
 
 
 def main():
@@ -54,13 +36,11 @@ def main():
     config = hf_config(args.shape)
     rows = []
     for name, tp, lm in each_model(config, args.tp, "mixed_bfloat16", args.skip_keras_hub):
-        loss = None if name == "tp_zoo" else keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4), weighted_metrics=[],
-                   **({"loss": loss} if loss is not None else {}))
-        params = sum(int(np.prod(v.shape)) for v in lm.trainable_variables)
-        seconds = step_times(lm, args.batch, args.seq, config["vocab_size"], args.warmup, args.steps)
+        compile_for_training(lm)
+        params = trainable_parameters(lm)
+        seconds = median_step_time(lm, args.batch, args.seq, config["vocab_size"], args.warmup, args.steps)
         tokens = args.batch * args.seq / seconds
-        rows.append((name, tp, seconds * 1000, tokens, 6 * params * tokens / 1e12))
+        rows.append((name, tp, seconds * 1000, tokens, training_flops(params, tokens) / 1e12))
         print(f"{name} tp={tp}: {seconds * 1000:.1f} ms/step", flush=True)
     print()
     print(header(f"train, shape {args.shape}, mixed_bfloat16, AdamW, batch {args.batch} x {args.seq} tokens"))
