@@ -6,13 +6,23 @@ layout map, reads for each device only the slice that device holds, and
 hands Keras the finished sharded array. No variable is first initialised at
 random, and no whole copy of a sharded tensor is made in host memory: the
 file is memory-mapped and each device's block is copied over in chunks of
-rows (transposed on the device), so host memory holds one chunk at a time;
-devices that hold the same block share one read. Where a variable is padded
-for tp (vocab rows, attention heads, MLP units), only the tensor's real
-rows are read, each contiguous run into its place in a block of zeros.
+rows (transposed on the device). Where a variable is padded for tp (vocab
+rows, attention heads, MLP units), only the tensor's real rows are read,
+each contiguous run into its place in a block of zeros.
+
+A variable's blocks are copied concurrently, so that every device's link
+is busy at once. Each block has a thread that reads its rows a chunk at a
+time, once however many devices hold the block; the devices holding it
+(several only where the block is replicated) each copy a chunk in a thread
+of their own, all at the same time, while the block's thread reads the next
+chunk. Host memory thus holds at most two 32 MiB chunks per block, so at
+most 64 MiB per device: 128 MiB at tp=2, 512 MiB at tp=8 (jax may keep a
+copied chunk a little longer, until its next call). A chunk of rows that are
+contiguous in the file is not even that: it is a view of the mapped file.
 """
 
 import collections
+import concurrent.futures
 import functools
 import itertools
 import warnings
@@ -45,6 +55,10 @@ class StreamingLoader:
         self._scales = {}  # kernel path -> its int8 scale (host), made with the scale variable
         self.used = set()
         self.bytes_read = 0
+        # Threads that copy a variable's blocks concurrently (one per block)
+        # and, for each block, a chunk of rows to its devices (one per device).
+        self._blocks = concurrent.futures.ThreadPoolExecutor(len(jax.local_devices()), "tp_zoo-block")
+        self._copies = concurrent.futures.ThreadPoolExecutor(len(jax.local_devices()), "tp_zoo-copy")
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
@@ -65,6 +79,10 @@ class StreamingLoader:
         if exc_type is None:  # the tensors left are unused ones (tied heads, buffers)
             self._progress.update(self._task, completed=self._progress.tasks[0].total)
         self._progress.stop()
+        # An error raised in a thread (as it was, by `Future.result`) leaves
+        # the `with` only once every block and copy has ended.
+        self._blocks.shutdown()
+        self._copies.shutdown()
 
     # --- the weights_from protocol ---------------------------------------------
     def __call__(self, path, shape, padding, dtype, sharding):
@@ -149,14 +167,20 @@ class StreamingLoader:
         for device, index in indices.items():
             block = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
             by_block[block].append(device)
+        # int8: read in the float dtype, quantize on the device with the
+        # block's slice of the whole-tensor scale.
+        read_dtype = self.float_dtype if scale is not None else dtype
+        pieces = {block: self._pieces(entry, name, block, padding) for block in by_block}
+        jobs = [
+            self._blocks.submit(self._copy_block, pieces[block], block, read_dtype, devices, entry.transposed)
+            for block, devices in by_block.items()
+        ]
         shards = []
-        for block, devices in by_block.items():
+        for block, job in zip(by_block, jobs):
+            floats = job.result()
             if scale is None:
-                shards += self._read_block(entry, name, block, padding, dtype, devices)
+                shards += floats
                 continue
-            # int8: read in the float dtype, quantize on the device with the
-            # block's slice of the whole-tensor scale.
-            floats = self._read_block(entry, name, block, padding, self.float_dtype, devices)
             out_block = block[len(shape) - scale.ndim :]
             block_scale = scale[tuple(slice(a, b) for a, b in out_block)]
             shards += [_quantize_block(x, jax.device_put(block_scale, x.devices().pop())) for x in floats]
@@ -164,18 +188,14 @@ class StreamingLoader:
             return shards[0]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
-    def _read_block(self, entry, name, block, padding, dtype, devices):
-        """One block of the variable, read once, placed on each of `devices`:
-        its real entries read from the tensor in contiguous runs (a product
-        of each dim's runs), zeros at its padding."""
-        block_shape = tuple(stop - start for start, stop in block)
+    def _pieces(self, entry, name, block, padding):
+        """What one block of the variable reads: its real entries as a
+        product of each dim's contiguous runs, each a (view of the mapped
+        tensor, offset in the block, shape in the block)."""
         true_shape = tuple(p.true_size for p in padding)
         runs = [p.runs(start, stop) for p, (start, stop) in zip(padding, block)]
-        pieces = list(itertools.product(*runs))
-        whole = len(pieces) == 1 and all(length == n for (_, length, _), n in zip(pieces[0], block_shape))
-        if not whole:
-            out = [jnp.zeros(block_shape, dtype, device=device) for device in devices]
-        for piece in pieces:
+        pieces = []
+        for piece in itertools.product(*runs):
             ranges = [
                 None if (first == 0 and length == t) else (first, first + length)
                 for (_, length, first), t in zip(piece, true_shape)
@@ -183,14 +203,44 @@ class StreamingLoader:
             slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
             host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
             self.bytes_read += host.nbytes  # one read, however many devices hold the block
-            piece_shape = tuple(length for _, length, _ in piece)
+            pieces.append((host, tuple(offset for offset, _, _ in piece), tuple(length for _, length, _ in piece)))
+        return pieces
+
+    def _copy_block(self, pieces, block, dtype, devices, transposed):
+        """One block of the variable on each of `devices` (run in a thread of
+        its own): its pieces, each read once, zeros at its padding."""
+        block_shape = tuple(stop - start for start, stop in block)
+        whole = len(pieces) == 1 and pieces[0][2] == block_shape
+        if not whole:
+            out = [_zeros(block_shape, dtype, device) for device in devices]
+        for host, offsets, piece_shape in pieces:
             finish = _finisher(piece_shape, jnp.dtype(host.dtype), jnp.dtype(dtype), in_place=whole)
-            values = [finish(_to_device(host, device, entry.transposed)) for device in devices]
+            values = [finish(x) for x in self._to_devices(host, devices, transposed)]
             if whole:
-                return [x.block_until_ready() for x in values]
-            offsets = tuple(offset for offset, _, _ in piece)
-            out = [_write_piece(o, x, offsets).block_until_ready() for o, x in zip(out, values)]
+                return jax.block_until_ready(values)
+            out = jax.block_until_ready([_write_piece(o, x, offsets) for o, x in zip(out, values)])
         return out
+
+    def _to_devices(self, host, devices, transposed):
+        """`host` (or its transpose) on each of `devices`, read in row chunks,
+        each chunk once: the devices copy a chunk concurrently while the
+        next one is read."""
+        rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
+        if host.shape[0] <= rows:
+            chunk = np.ascontiguousarray(host)
+            puts = [self._copies.submit(_put, chunk, device, transposed) for device in devices]
+            return [f.result() for f in puts]
+        out_shape = host.shape[::-1] if transposed else host.shape
+        out = [_zeros(out_shape, host.dtype, device) for device in devices]
+        copies = None
+        for start in range(0, host.shape[0], rows):
+            chunk = np.ascontiguousarray(host[start : start + rows])  # read while the last chunk is copied
+            if copies is not None:
+                # This chunk's copies write into the last one's results; and
+                # waiting for them holds host memory to these two chunks.
+                out = [f.result() for f in copies]
+            copies = [self._copies.submit(_copy_chunk, o, chunk, start, d, transposed) for o, d in zip(out, devices)]
+        return [f.result() for f in copies]
 
     def unused_tensors(self):
         return sorted(
@@ -207,25 +257,33 @@ class StreamingLoader:
             )
 
 
-# Host rows are copied to a device this many bytes at a time, so host memory
-# holds one chunk, not one device's whole slice, even while transposing.
+# Host rows are copied to the devices this many bytes at a time, so host
+# memory holds two chunks per block, not a block's whole slice, even while
+# transposing.
 _CHUNK_BYTES = 32 << 20
 
 
-def _to_device(host, device, transposed):
-    """`host` (or its transpose) on `device`, copied over in row chunks."""
-    rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
-    if host.shape[0] <= rows:
-        x = jax.device_put(np.ascontiguousarray(host), device)
-        return x.T if transposed else x
-    out_shape = host.shape[::-1] if transposed else host.shape
-    out = jnp.zeros(out_shape, host.dtype, device=device)
-    for start in range(0, host.shape[0], rows):
-        chunk = jax.device_put(np.ascontiguousarray(host[start : start + rows]), device)
-        # Wait for each chunk: with asynchronous dispatch the loop would
-        # otherwise queue every chunk's copy at once.
-        out = _write_chunk(out, chunk, start, transposed).block_until_ready()
-    return out
+def _zeros(shape, dtype, device):
+    """Zeros made on `device` itself: `jnp.zeros(device=...)` makes them on
+    the default device and copies them over (a whole block's transient and
+    transfer for every other device)."""
+    with jax.default_device(device):
+        return jnp.zeros(shape, dtype)
+
+
+def _put(host, device, transposed):
+    """`host` (or its transpose) on `device`: a piece that is one chunk."""
+    x = jax.device_put(host, device)
+    return (x.T if transposed else x).block_until_ready()
+
+
+def _copy_chunk(out, chunk, start, device, transposed):
+    """`chunk` written into `out` (on `device`) from row `start` (a column if transposed)."""
+    x = jax.device_put(chunk, device)
+    # Done only once the device holds the chunk, so that a block's thread
+    # waiting for its copies knows the host rows are free (asynchronous
+    # dispatch would otherwise queue every chunk's copy at once).
+    return _write_chunk(out, x, start, transposed).block_until_ready()
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
