@@ -1,13 +1,15 @@
-"""Decode attention alone: the Pallas kernel (at several block sizes and
-split targets) and the XLA path, against the bytes they must read.
+"""A decode step's attention and cache write alone: the Pallas kernel (at
+several block sizes and split targets) and the XLA path, against the bytes
+they must read.
 
     python scripts/bench_decode_kernel.py
 
 Llama-3-8B heads (32 query, 8 kv, head_dim 128), bf16; each row's cache
-holds `length` keys in a buffer of `buffer` positions. Time per call: 32
-calls in one compiled loop (one per layer of a decode step, each query
-depending on the last output), the best of 20 loops after a warm-up; GB/s
-counts the keys and values read.
+holds `length` keys (the new one included) in a buffer of `buffer`
+positions. Time per call: 32 calls in one compiled loop (one per layer of a
+decode step, each query depending on the last output, the caches carried
+and written in place), the best of 20 loops after a warm-up; GB/s counts
+the keys and values read.
 """
 
 import itertools
@@ -26,17 +28,23 @@ CASES = [(1, 4160, 4608), (16, 1088, 1152), (16, 4160, 4608), (1, 32800, 36864)]
 LAYERS = 32
 
 
-def seconds_per_call(q, k, v, lengths):
-    def layers(q, k, v, lengths):
-        step = lambda i, q: attention_ops.decode_attention(q, k, v, lengths).astype(q.dtype)
-        return jax.lax.fori_loop(0, LAYERS, step, q)
+def seconds_per_call(q, k_new, v_new, k, v, positions):
+    def layers(q, k, v):
+        def step(i, carry):
+            q, k, v = carry
+            out, k, v = attention_ops.decode_step(q, k_new, v_new, k, v, positions)
+            return out, k, v
 
-    fn = jax.jit(layers)
-    jax.block_until_ready(fn(q, k, v, lengths))
+        return jax.lax.fori_loop(0, LAYERS, step, (q, k, v))
+
+    # Copies of the caches, donated, so that the loop writes them in place as
+    # generation does.
+    fn = jax.jit(layers, donate_argnums=(1, 2))
+    _, k, v = jax.block_until_ready(fn(q, jnp.copy(k), jnp.copy(v)))
     best = float("inf")
     for _ in range(20):
         start = time.perf_counter()
-        jax.block_until_ready(fn(q, k, v, lengths))
+        _, k, v = jax.block_until_ready(fn(q, k, v))
         best = min(best, time.perf_counter() - start)
     return best / LAYERS
 
@@ -46,8 +54,9 @@ def main():
     for batch, length, buffer in CASES:
         rs = np.random.RandomState(0)
         q = jnp.asarray(rs.randn(batch, 32, 128), jnp.bfloat16)
+        k_new, v_new = (jnp.asarray(rs.randn(batch, 8, 128), jnp.bfloat16) for _ in range(2))
         k, v = (jnp.asarray(rs.randn(batch, 8, buffer, 128), jnp.bfloat16) for _ in range(2))
-        lengths = jnp.full((batch,), length, jnp.int32)
+        positions = jnp.full((batch,), length - 1, jnp.int32)
         read = 2 * batch * 8 * length * 128 * 2
         variants = [("xla", None, None, None)] + [
             ("pallas", block, target, warps) for block, target, warps in itertools.product((64, 128), (132, 264, 528), (4, 8))
@@ -56,10 +65,10 @@ def main():
             decode_kernel.ENABLED = name == "pallas"
             if block:
                 decode_kernel.BLOCK, decode_kernel._TARGET_PROGRAMS, decode_kernel._NUM_WARPS = block, target, warps
-            seconds = seconds_per_call(q, k, v, lengths)
+            seconds = seconds_per_call(q, k_new, v_new, k, v, positions)
             rows.append((batch, length, name, block, target, warps, seconds * 1e6, read / seconds / 1e9))
             print(rows[-1], flush=True)
-    print(f"\ndecode attention alone; {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    print(f"\ndecode attention and cache write alone; {jax.devices()[0].device_kind}; jax {jax.__version__}")
     print(f"{'batch':>6}{'length':>8}{'path':>8}{'block':>7}{'target':>8}{'warps':>7}{'us':>9}{'GB/s':>8}")
     for batch, length, name, block, target, warps, us, rate in rows:
         print(f"{batch:>6}{length:>8}{name:>8}{str(block):>7}{str(target):>8}{str(warps):>7}{us:>9.1f}{rate:>8.0f}")

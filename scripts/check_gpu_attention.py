@@ -5,8 +5,9 @@
 1. ParallelAttention with cuDNN's fused attention against the dense XLA
    attention (right padding, a sliding window).
 2. The prefill's cuDNN attention against the blockwise attention.
-3. The Pallas decode kernel against the XLA decode attention, for ragged
-   row lengths (1 to the whole cache) and a window.
+3. The Pallas decode step against the XLA one, for ragged row positions
+   (0 to the end of the cache) and a window: its output, and the caches it
+   writes in place (bitwise).
 """
 
 import os
@@ -64,16 +65,20 @@ def check_decode():
     rs = np.random.RandomState(2)
     b, t = 6, 4096
     q = jnp.asarray(rs.randn(b, 32, 128), jnp.bfloat16)
+    k_new, v_new = (jnp.asarray(rs.randn(b, 8, 128), jnp.bfloat16) for _ in range(2))
     k, v = (jnp.asarray(rs.randn(b, 8, t, 128), jnp.bfloat16) for _ in range(2))
-    lengths = jnp.array([1, 63, 64, 65, 3000, t])
+    positions = jnp.array([0, 62, 63, 64, 2999, t - 1])
+    # A new jit each time: the kernel or the XLA path is chosen when traced.
+    step = lambda window: jax.jit(lambda *a: attention_ops.decode_step(*a, window))(q, k_new, v_new, k, v, positions)
     for window in (None, 100):
         decode_kernel.ENABLED = True
         assert decode_kernel.applies(q, k)
-        kernel = jax.jit(lambda *a: attention_ops.decode_attention(*a, window))(q, k, v, lengths)
+        kernel = step(window)
         decode_kernel.ENABLED = False
-        xla = jax.jit(lambda *a: attention_ops.decode_attention(*a, window))(q, k, v, lengths)
+        xla = step(window)
         decode_kernel.ENABLED = True
-        report(f"decode, window={window}: Pallas kernel vs XLA", kernel, xla)
+        report(f"decode, window={window}: Pallas kernel vs XLA", kernel[0], xla[0])
+        report(f"decode, window={window}: caches written by the kernel vs XLA", kernel[1:], xla[1:], tolerance=0)
 
 
 def main():

@@ -298,14 +298,14 @@ def test_decode_step_updates_the_cache_in_place(llama_path):
 
 
 def _force_gpu_kernels(monkeypatch, interpret):
-    """Makes the decode step take the Pallas decode attention and int8
+    """Makes the decode step take the Pallas decode kernel and int8
     product on the CPU too, sized for the tiny model (blocks of 8 keys,
     16 x 16 int8 blocks); with `interpret`, run by Pallas' interpreter.
     Returns the count of calls of each."""
     from tp_zoo.layers import decode_kernel
     from tp_zoo.layers import int8_matmul_kernel
 
-    calls = {"decode attention": 0, "int8 product": 0}
+    calls = {"decode step": 0, "int8 product": 0}
 
     def counted(name, kernel):
         def run(*args):
@@ -315,7 +315,7 @@ def _force_gpu_kernels(monkeypatch, interpret):
 
     monkeypatch.setattr(decode_kernel, "BLOCK", 8)
     monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
-    monkeypatch.setattr(decode_kernel, "decode_attention", counted("decode attention", decode_kernel.decode_attention))
+    monkeypatch.setattr(decode_kernel, "decode_step", counted("decode step", decode_kernel.decode_step))
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
     monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)
@@ -341,22 +341,31 @@ def test_gpu_kernels_inside_the_sharded_decode_step(llama_path, monkeypatch, qua
     expected = greedy(1)
     calls = _force_gpu_kernels(monkeypatch, interpret=True)
     np.testing.assert_array_equal(greedy(2), expected)
-    assert calls["decode attention"] > 0
+    assert calls["decode step"] > 0
     assert (calls["int8 product"] > 0) == (quantize == "int8")
 
 
-def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch):
-    """The int8 decode step at tp=2, both Pallas kernels compiled as on a GPU
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch, quantize):
+    """The decode step at tp=2, its Pallas kernels compiled as on a GPU
     (Triton), lowers for CUDA: the kernels' results declare how they vary
-    across the mesh, as shard_map asks."""
+    across the mesh, as shard_map asks. The decode kernel writes the new keys
+    and values into both caches itself, in place (each cache aliased to a
+    result), and pads the queries itself: the step has no cache writes
+    (scatters, dynamic-update-slices) and, without int8 (whose kernel pads
+    the activations to its blocks), no padding."""
     from tp_zoo.models import generation
 
     _force_gpu_kernels(monkeypatch, interpret=False)
-    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="bfloat16", progress=False, quantize="int8")
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="bfloat16", progress=False, quantize=quantize)
     caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
     step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
     lowered = step.trace(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     layers = lm.backbone.num_layers
-    assert text.count('name = "tp_zoo_decode_attention"') == layers
-    assert text.count('name = "tp_zoo_int8_matmul"') > layers
+    kernels = [line for line in text.splitlines() if 'name = "tp_zoo_decode_attention"' in line]
+    assert len(kernels) == layers
+    assert all(line.count("stablehlo.output_operand_alias<") == 2 for line in kernels)
+    assert (text.count('name = "tp_zoo_int8_matmul"') > layers) == (quantize == "int8")
+    assert "stablehlo.scatter" not in text and "stablehlo.dynamic_update_slice" not in text
+    assert ("stablehlo.pad" in text) == (quantize == "int8")

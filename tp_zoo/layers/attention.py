@@ -209,11 +209,8 @@ class ParallelAttention(ShardedLayer):
         """One new token per row at its own position: write its key and value
         into the cache, then attend to the row's keys up to it."""
         q, k, v = self._local_qkv(weights, x, positions[:, None])
-        write = jax.vmap(lambda c, new, p: jax.lax.dynamic_update_slice_in_dim(c, new, p, axis=1))
-        to_cache = lambda c, new: write(c, jnp.swapaxes(new, 1, 2).astype(c.dtype), positions)
-        cache = (to_cache(cache[0], k), to_cache(cache[1], v))
-        out = ops.decode_attention(q[:, 0], cache[0], cache[1], positions + 1, self.sliding_window)
-        return self.output_dense.local_apply(weights[1], out[:, None]), cache
+        out, k_cache, v_cache = ops.decode_step(q[:, 0], k[:, 0], v[:, 0], *cache, positions, self.sliding_window)
+        return self.output_dense.local_apply(weights[1], out[:, None]), (k_cache, v_cache)
 
     def call(self, x, padding_mask=None, cache=None, positions=None):
         """Without a cache: attention over `x`. With `cache` (keys, values),

@@ -11,8 +11,9 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
 - `blockwise_attention`: causal attention in query and key blocks with an
   online softmax, in plain JAX: memory linear in the sequence (prefill off
   cuDNN).
-- `decode_attention`: one new query per row against its cached keys, read
-  once; a Pallas kernel on NVIDIA GPUs (`decode_kernel`), XLA elsewhere.
+- `decode_step`: one new token per row: its key and value written into the
+  cache, its query against the row's cached keys, read once; a Pallas kernel
+  that does both on NVIDIA GPUs (`decode_kernel`), XLA elsewhere.
 """
 
 import jax
@@ -121,25 +122,30 @@ def blockwise_attention(q, k, v, window=None, block=512):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :s]
 
 
-def decode_attention(q, k_cache, v_cache, lengths, window=None):
-    """One query per row against keys [start, length) of its cache.
+def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
+    """One new token per row: writes its key and value into the row's caches
+    at its position, then attends its query to the row's keys up to it.
 
-    q: (batch, heads, head_dim); k_cache, v_cache: (batch, kv_heads, length,
-    head_dim); lengths: (batch,) keys each row has (its new token's position
-    + 1). With a window, a row sees only its last `window` keys.
+    q: (batch, heads, head_dim); k_new, v_new: (batch, kv_heads, head_dim);
+    k_cache, v_cache: (batch, kv_heads, length, head_dim); positions: (batch,)
+    int, the new token's. Keys [start, position] are visible: start is 0, or
+    with a window the row's last `window` keys. Returns (out, k_cache, v_cache).
     """
-    starts = None if window is None else jnp.maximum(lengths - window, 0)
+    k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
+    starts = None if window is None else jnp.maximum(positions + 1 - window, 0)
     if decode_kernel.applies(q, k_cache):
-        return decode_kernel.decode_attention(q, k_cache, v_cache, lengths, starts)
+        return decode_kernel.decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts)
+    write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice_in_dim(cache, new[:, None], p, axis=1))
+    k_cache, v_cache = write(k_cache, k_new, positions), write(v_cache, v_new, positions)
     b, h, d = q.shape
     kv, t = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kv, h // kv, d)
     scores = jnp.einsum("bkgd,bktd->bkgt", qg, k_cache, preferred_element_type=jnp.float32)
-    positions = jnp.arange(t)
-    valid = positions[None, :] < lengths[:, None]
+    keys = jnp.arange(t)
+    visible = keys[None, :] <= positions[:, None]
     if starts is not None:
-        valid &= positions[None, :] >= starts[:, None]
-    scores = jnp.where(valid[:, None, None], scores * (1.0 / d**0.5), _MASKED)
+        visible &= keys[None, :] >= starts[:, None]
+    scores = jnp.where(visible[:, None, None], scores * (1.0 / d**0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
-    return out.reshape(b, h, d).astype(q.dtype)
+    return out.reshape(b, h, d).astype(q.dtype), k_cache, v_cache

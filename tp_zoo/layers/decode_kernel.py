@@ -1,17 +1,20 @@
-"""Decode attention as a Pallas GPU (Triton) kernel, split over the keys.
+"""A decode step's cache write and attention: one Pallas GPU (Triton) kernel.
 
 A decode step has one query per row, so its attention is a read of the
 row's cached keys and values, bound by memory bandwidth. One program
-handles one (row, kv head, key split): its group of query heads (padded to
-16, the smallest tile a GPU matrix unit takes) against keys
-[split start, split end) ∩ [start, length) in blocks of `BLOCK` keys, with
-an online softmax in float32; blocks past a row's length are never read,
-so a short row in a batch of long ones costs only its own keys. The splits'
-partial results are merged outside the kernel (flash-decoding): at batch 1
-the splits are what keeps every SM busy.
+handles one (row, kv head, key split): its group of query heads (repeated
+in registers to at least 16 rows, the smallest tile a GPU matrix unit
+takes) against keys [split start, split end) ∩ [start, position] in blocks
+of `BLOCK` keys, with an online softmax in float32; blocks past a row's
+position are never read, so a short row in a batch of long ones costs only
+its own keys. The program whose split holds the row's new position also
+writes the new key and value into the caches, in place, so the step needs
+no separate cache writes. The splits' partial results are merged outside
+the kernel (flash-decoding): at batch 1 the splits are what keeps every SM
+busy.
 
 Learned from `jax.experimental.pallas.ops.gpu.decode_attention`; laid out for
-tp_zoo's cache (batch, kv_heads, length, head_dim) and per-row lengths.
+tp_zoo's cache (batch, kv_heads, length, head_dim) and per-row positions.
 """
 
 import functools
@@ -30,7 +33,7 @@ _TARGET_PROGRAMS = 264
 _NUM_WARPS = 4
 _MASKED = -1e30
 
-# Set to False to compare with the XLA decode attention (as a benchmark does).
+# Set to False to compare with the XLA decode step (as a benchmark does).
 ENABLED = True
 
 
@@ -47,29 +50,47 @@ def applies(q, k_cache):
     )
 
 
-def _kernel(lengths_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *, blocks_per_split, scale):
+def _kernel(
+    positions_ref, starts_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref,
+    o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, rows, blocks_per_split, scale,
+):
     split = pl.program_id(2)
-    length = lengths_ref[()]
+    position = positions_ref[()]
     start = starts_ref[()]
     first = jnp.maximum(split * blocks_per_split, start // BLOCK)
-    last = jnp.minimum((split + 1) * blocks_per_split, pl.cdiv(length, BLOCK))
+    last = jnp.minimum((split + 1) * blocks_per_split, position // BLOCK + 1)
+    # The group's queries repeated to the `rows` the matrix unit takes, here
+    # rather than padded in a separate kernel; the merge drops the copies.
     q = q_ref[...]
-    rows = q.shape[0]
+    q = jnp.broadcast_to(q, (rows // q.shape[0], *q.shape)).reshape(rows, q.shape[1])
+    k_new = k_new_ref[...]
+    v_new = v_new_ref[...]
     offsets = jnp.arange(BLOCK)
+
+    # The one split whose blocks hold the new position writes the new key and
+    # value there (the caches are aliased to k_out/v_out: written in place).
+    # No other program reads that position, and this one takes the new row
+    # from k_new/v_new rather than from the cache, so the order of the store
+    # and its loads does not matter.
+    @pl.when(split == position // BLOCK // blocks_per_split)
+    def _():
+        k_out_ref[position, :] = k_new
+        v_out_ref[position, :] = v_new
 
     def body(j, carry):
         acc, m, l = carry
         keys = pl.ds(j * BLOCK, BLOCK)
-        k = k_ref[keys, :]
+        key_positions = j * BLOCK + offsets
+        is_new = (key_positions == position)[:, None]
+        k = jnp.where(is_new, k_new[None, :], k_ref[keys, :])
         scores = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
-        position = j * BLOCK + offsets
-        visible = (position < length) & (position >= start)
+        visible = (key_positions <= position) & (key_positions >= start)
         scores = jnp.where(visible[None, :], scores, _MASKED)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[:, None])
         l = l * correction + p.sum(axis=-1)
-        v = v_ref[keys, :]
+        v = jnp.where(is_new, v_new[None, :], v_ref[keys, :])
         acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
         return acc, m_new, l
 
@@ -84,49 +105,54 @@ def _kernel(lengths_ref, starts_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, *
     l_ref[...] = l
 
 
-def decode_attention(q, k_cache, v_cache, lengths, starts=None, interpret=False):
-    """q: (batch, heads, head_dim); caches (batch, kv_heads, length, head_dim);
-    lengths, starts: (batch,) int, keys [start, length) are visible."""
+def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, interpret=False):
+    """Writes each row's new key and value into its caches at its position,
+    in place, and attends its queries to keys [start, position] of the row.
+
+    q: (batch, heads, head_dim); k_new, v_new: (batch, kv_heads, head_dim),
+    of the caches' dtype; caches (batch, kv_heads, length, head_dim);
+    positions, starts: (batch,) int. Returns (out, k_cache, v_cache).
+    """
     b, h, d = q.shape
     kv, t = k_cache.shape[1], k_cache.shape[2]
     group = h // kv
-    rows = max(_MIN_ROWS, pl.next_power_of_2(group))
-    qg = q.reshape(b, kv, group, d)
-    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    group_block = pl.next_power_of_2(group)
+    rows = max(_MIN_ROWS, group_block)
     blocks = t // BLOCK
     splits = min(blocks, max(1, -(-_TARGET_PROGRAMS // (b * kv))))
     blocks_per_split = -(-blocks // splits)
     splits = -(-blocks // blocks_per_split)
-    lengths = lengths.astype(jnp.int32)
-    starts = jnp.zeros_like(lengths) if starts is None else starts.astype(jnp.int32)
+    positions = positions.astype(jnp.int32)
+    starts = jnp.zeros_like(positions) if starts is None else starts.astype(jnp.int32)
 
-    row = lambda i, j, s: (i,)
-    cache_spec = pl.BlockSpec((None, None, t, d), lambda i, j, s: (i, j, 0, 0))
-    result = lambda shape: parallel.kernel_result(shape, jnp.float32, lengths, starts, qg, k_cache, v_cache)
-    out_shape = [result((b, kv, splits, rows, d)), result((b, kv, splits, rows)), result((b, kv, splits, rows))]
-    acc, m, l = pl.pallas_call(
-        functools.partial(_kernel, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
+    per_row = pl.BlockSpec((None,), lambda i, j, s: (i,))
+    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
+    per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
+    qg = q.reshape(b, kv, group, d)
+    if group_block != group:  # a block the kernel loads must be a power of two long
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
+    inputs = (positions, starts, qg, k_new, v_new, k_cache, v_cache)
+    result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
+    acc, m, l, k_cache, v_cache = pl.pallas_call(
+        functools.partial(_kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
         grid=(b, kv, splits),
-        in_specs=[
-            pl.BlockSpec((None,), row),
-            pl.BlockSpec((None,), row),
-            pl.BlockSpec((None, None, rows, d), lambda i, j, s: (i, j, 0, 0)),
-            cache_spec,
-            cache_spec,
+        in_specs=[per_row, per_row, per_head(group_block, d), per_head(d), per_head(d), per_head(t, d), per_head(t, d)],
+        out_specs=[per_split(rows, d), per_split(rows), per_split(rows), per_head(t, d), per_head(t, d)],
+        out_shape=[
+            result((b, kv, splits, rows, d), jnp.float32),
+            result((b, kv, splits, rows), jnp.float32),
+            result((b, kv, splits, rows), jnp.float32),
+            result(k_cache.shape, k_cache.dtype),
+            result(v_cache.shape, v_cache.dtype),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, rows, d), lambda i, j, s: (i, j, s, 0, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
-            pl.BlockSpec((None, None, None, rows), lambda i, j, s: (i, j, s, 0)),
-        ],
-        out_shape=out_shape,
+        input_output_aliases={5: 3, 6: 4},
         compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=2),
         interpret=interpret,
         name="tp_zoo_decode_attention",
-    )(lengths, starts, qg, k_cache, v_cache)
+    )(*inputs)
     # Merge the splits: rescale each to the common max, then normalise.
     m_max = m.max(axis=2, keepdims=True)
     weight = jnp.exp(m - m_max)
     total = (l * weight).sum(axis=2)
     out = (acc * weight[..., None]).sum(axis=2) / total[..., None]
-    return out[:, :, :group].reshape(b, h, d).astype(q.dtype)
+    return out[:, :, :group].reshape(b, h, d).astype(q.dtype), k_cache, v_cache

@@ -12,7 +12,8 @@ A call is one compiled program per (batch, prompt bucket, cache bucket):
    per step), so rows of different lengths step together from their own
    ends: a batch costs one step per new token of its longest budget,
    whatever the spread of its prompt lengths. Each step writes the row's
-   new key/value in place and reads the row's cache once (`decode_attention`).
+   new key/value in place and reads the row's cache once (`decode_step` in
+   `attention_ops`).
 
 Sampling is the compiled sampler's (`lm.compile(sampler=...)`): any keras_hub
 sampler that decides token by token (greedy, top-k, top-p, random).
