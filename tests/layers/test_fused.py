@@ -132,3 +132,15 @@ def test_lora_parts_are_checked():
     with pytest.raises(ValueError, match=r"LoRA parts \['down'\] must be some of \['gate', 'up'\]"):
         layer.enable_lora(2, parts=["down"])
     assert not layer.lora_enabled and layer.kernel.trainable
+
+
+def test_a_file_saved_before_the_fusion_is_refused_by_name():
+    """Files saved with separate query/key/value (or gate/up) layers hold
+    nothing for the fused layer: refused with what to do, nothing assigned."""
+    layer = _qkv_layer(8, 4, 4, 1)
+    layer(np.zeros((1, 2, 16), "float32"))
+    before = layer.kernel.numpy()
+    with pytest.raises(ValueError, match=r"saved by a tp_zoo that kept key/value/query as separate layers.*"
+                       r"conversion/export_checkpoint.py"):
+        layer.load_own_variables({})
+    np.testing.assert_array_equal(layer.kernel.numpy(), before)

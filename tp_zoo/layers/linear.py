@@ -531,6 +531,17 @@ class _FusedColumnDense(_ParallelLinear):
     def _padding(self, rank):
         return (None,) * (rank - len(self.out_shape)) + tuple(self.out_padding)
 
+    def load_own_variables(self, store):
+        if not len(store.keys()):
+            names = "/".join(name for name, *_ in self.parts)
+            raise ValueError(
+                f"{self.name}: the file holds no weights for this layer: it was saved by a tp_zoo that kept "
+                f"{names} as separate layers, before they were fused into one kernel. Export it to Hugging Face "
+                "safetensors with the tp_zoo that saved it (conversion/export_checkpoint.py) and load that "
+                "with tp_zoo.from_preset."
+            )
+        super().load_own_variables(store)
+
     def parts_of(self, kernel_shape, kernel=False):
         whole = lambda n: AxisPadding.trailing(n, n)
         lead = (kernel_shape[0],) if kernel else ()
