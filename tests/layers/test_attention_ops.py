@@ -189,3 +189,20 @@ def test_prefill_then_decode_match_plain_attention(tp):
         for position in range(5, 8):
             out, cache = step(x[:, position : position + 1], jnp.array([position, position]), cache)
             assert_close(ref[:, position : position + 1], out, f"decode at {position} tp={tp}")
+
+
+@pytest.mark.parametrize("window", [None, 50])
+def test_decode_kernel_reads_the_fused_qkv_product_as_the_separate_operands(monkeypatch, window):
+    """decode_step_fused hands the kernel the fused q/k/v product whole (its
+    queries, keys and values read in place by the kernel's block specs): the
+    same outputs and caches, bitwise, as the kernel given them separately."""
+    q, k_new, v_new, k, v, positions = _decode_inputs(heads=8, kv_heads=2)
+    batch, kv = k_new.shape[:2]
+    qkv = jnp.concatenate([k_new[:, :, None], v_new[:, :, None], q.reshape(batch, kv, 4, -1)], axis=2)
+    separate = _kernel_decode_step(monkeypatch, window, q, k_new, v_new, k, v, positions)
+    monkeypatch.setattr(
+        decode_kernel, "decode_step_fused", functools.partial(decode_kernel.decode_step_fused, interpret=True)
+    )
+    fused = jax.jit(lambda *a: attention_ops.decode_step_fused(*a, window))(qkv, k, v, positions)
+    for got, want in zip(fused, separate):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -316,6 +316,7 @@ def _force_gpu_kernels(monkeypatch, interpret):
     monkeypatch.setattr(decode_kernel, "BLOCK", 8)
     monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
     monkeypatch.setattr(decode_kernel, "decode_step", counted("decode step", decode_kernel.decode_step))
+    monkeypatch.setattr(decode_kernel, "decode_step_fused", counted("decode step", decode_kernel.decode_step_fused))
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
     monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)

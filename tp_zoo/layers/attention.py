@@ -157,7 +157,12 @@ class ParallelAttention(ShardedLayer):
 
     # --- computation ----------------------------------------------------------
     def _local_qkv(self, weights, x, positions):
-        """This device's queries, keys and values, from one product. With a
+        """This device's queries, keys and values."""
+        return self.qkv.split(self._local_qkv_product(weights, x, positions))
+
+    def _local_qkv_product(self, weights, x, positions):
+        """This device's keys, values and queries from one product, keys and
+        queries rotated: (batch, seq, kv heads, 2 + group, head_dim). With a
         replicated kernel, first cut out the kv head this device's queries
         use and those queries."""
         kernel, bias = self.qkv.effective(weights[0])
@@ -174,7 +179,7 @@ class ParallelAttention(ShardedLayer):
             # product (values, slot 1, pass through): one kernel, not two.
             rotated = self.rotary(y.reshape(y.shape[:2] + (-1, self.head_dim)), positions).reshape(y.shape)
             y = jnp.where(jnp.arange(y.shape[-2])[:, None] == 1, y, rotated)
-        return self.qkv.split(y)
+        return y
 
     def _local_attention(self, weights, x, padding_mask):
         """Causal attention over `x` alone (training, scoring)."""
@@ -208,8 +213,8 @@ class ParallelAttention(ShardedLayer):
     def _local_decode(self, weights, x, positions, cache):
         """One new token per row at its own position: write its key and value
         into the cache, then attend to the row's keys up to it."""
-        q, k, v = self._local_qkv(weights, x, positions[:, None])
-        out, k_cache, v_cache = ops.decode_step(q[:, 0], k[:, 0], v[:, 0], *cache, positions, self.sliding_window)
+        qkv = self._local_qkv_product(weights, x, positions[:, None])[:, 0]
+        out, k_cache, v_cache = ops.decode_step_fused(qkv, *cache, positions, self.sliding_window)
         return self.output_dense.local_apply(weights[1], out[:, None]), (k_cache, v_cache)
 
     def call(self, x, padding_mask=None, cache=None, positions=None):

@@ -149,3 +149,18 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
     out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype), k_cache, v_cache
+
+
+def decode_step_fused(qkv, k_cache, v_cache, positions, window=None):
+    """`decode_step` from the fused q/k/v product of one new token per row,
+    (batch, kv_heads, 2 + group, head_dim): each kv head's key, value and
+    group of queries. The Pallas kernel reads them out of it in place (a
+    group of a power of two); elsewhere they are cut out and `decode_step`
+    runs. Returns (out (batch, heads, head_dim), k_cache, v_cache)."""
+    b, kv, slots, d = qkv.shape
+    group = slots - 2
+    if decode_kernel.applies(qkv, k_cache) and group & (group - 1) == 0:
+        starts = None if window is None else jnp.maximum(positions + 1 - window, 0)
+        return decode_kernel.decode_step_fused(qkv.astype(k_cache.dtype), k_cache, v_cache, positions, starts)
+    q = qkv[:, :, 2:].reshape(b, kv * group, d)
+    return decode_step(q, qkv[:, :, 0], qkv[:, :, 1], k_cache, v_cache, positions, window)

@@ -114,9 +114,36 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     positions, starts: (batch,) int. Returns (out, k_cache, v_cache).
     """
     b, h, d = q.shape
-    kv, t = k_cache.shape[1], k_cache.shape[2]
+    kv = k_cache.shape[1]
     group = h // kv
     group_block = pl.next_power_of_2(group)
+    qg = q.reshape(b, kv, group, d)
+    if group_block != group:  # a block the kernel loads must be a power of two long
+        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
+    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
+    operands = ((qg, per_head(group_block, d)), (k_new, per_head(d)), (v_new, per_head(d)))
+    return _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret)
+
+
+def decode_step_fused(qkv, k_cache, v_cache, positions, starts=None, interpret=False):
+    """`decode_step` from one array, the fused q/k/v product (batch, kv_heads,
+    2 + group, head_dim): each kv head's new key, new value, then its group
+    of queries (a power of two of them). The kernel reads its three operands
+    out of it, so no copies of them are made. Returns (out (batch, kv_heads
+    x group, head_dim), k_cache, v_cache)."""
+    b, kv, slots, d = qkv.shape
+    group = slots - 2
+    slot = lambda block, start: pl.BlockSpec((None, None, block, d), lambda i, j, s: (i, j, start, 0))
+    operands = ((qkv, slot(pl.Element(group), 2)), (qkv, slot(None, 0)), (qkv, slot(None, 1)))
+    return _decode_step(operands, group, group, k_cache, v_cache, positions, starts, interpret)
+
+
+def _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret):
+    """The kernel and the merge of its splits. `operands`: (array, BlockSpec)
+    of the queries (a block of `group_block` rows per (row, kv head)), the
+    new keys and the new values."""
+    (q, q_spec), (k_new, k_spec), (v_new, v_spec) = operands
+    b, kv, t, d = k_cache.shape
     rows = max(_MIN_ROWS, group_block)
     blocks = t // BLOCK
     splits = min(blocks, max(1, -(-_TARGET_PROGRAMS // (b * kv))))
@@ -128,15 +155,12 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     per_row = pl.BlockSpec((None,), lambda i, j, s: (i,))
     per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
     per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
-    qg = q.reshape(b, kv, group, d)
-    if group_block != group:  # a block the kernel loads must be a power of two long
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
-    inputs = (positions, starts, qg, k_new, v_new, k_cache, v_cache)
+    inputs = (positions, starts, q, k_new, v_new, k_cache, v_cache)
     result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
     acc, m, l, k_cache, v_cache = pl.pallas_call(
         functools.partial(_kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
         grid=(b, kv, splits),
-        in_specs=[per_row, per_row, per_head(group_block, d), per_head(d), per_head(d), per_head(t, d), per_head(t, d)],
+        in_specs=[per_row, per_row, q_spec, k_spec, v_spec, per_head(t, d), per_head(t, d)],
         out_specs=[per_split(rows, d), per_split(rows), per_split(rows), per_head(t, d), per_head(t, d)],
         out_shape=[
             result((b, kv, splits, rows, d), jnp.float32),
@@ -155,4 +179,4 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     weight = jnp.exp(m - m_max)
     total = (l * weight).sum(axis=2)
     out = (acc * weight[..., None]).sum(axis=2) / total[..., None]
-    return out[:, :, :group].reshape(b, h, d).astype(q.dtype), k_cache, v_cache
+    return out[:, :, :group].reshape(b, kv * group, d).astype(q.dtype), k_cache, v_cache
