@@ -122,6 +122,11 @@ def blockwise_attention(q, k, v, window=None, block=512):
     return jnp.moveaxis(out, 0, 1).reshape(b, n * block, h, d)[:, :s]
 
 
+def _window_starts(positions, window):
+    """Each row's first visible key with a sliding window (None without)."""
+    return None if window is None else jnp.maximum(positions + 1 - window, 0)
+
+
 def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
     """One new token per row: writes its key and value into the row's caches
     at its position, then attends its query to the row's keys up to it.
@@ -132,7 +137,7 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
     with a window the row's last `window` keys. Returns (out, k_cache, v_cache).
     """
     k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
-    starts = None if window is None else jnp.maximum(positions + 1 - window, 0)
+    starts = _window_starts(positions, window)
     if decode_kernel.applies(q, k_cache):
         return decode_kernel.decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts)
     write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice_in_dim(cache, new[:, None], p, axis=1))
@@ -160,7 +165,7 @@ def decode_step_fused(qkv, k_cache, v_cache, positions, window=None):
     b, kv, slots, d = qkv.shape
     group = slots - 2
     if decode_kernel.applies(qkv, k_cache) and group & (group - 1) == 0:
-        starts = None if window is None else jnp.maximum(positions + 1 - window, 0)
+        starts = _window_starts(positions, window)
         return decode_kernel.decode_step_fused(qkv.astype(k_cache.dtype), k_cache, v_cache, positions, starts)
     q = qkv[:, :, 2:].reshape(b, kv * group, d)
     return decode_step(q, qkv[:, :, 0], qkv[:, :, 1], k_cache, v_cache, positions, window)

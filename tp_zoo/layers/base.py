@@ -150,7 +150,7 @@ def true_value(variable):
     return real_part(variable.numpy(), paddings(variable))
 
 
-def _padded(path, value, shape, axis_paddings):
+def _padded(path, value, axis_paddings):
     value = np.asarray(value)
     wanted = tuple(p.true_size for p in axis_paddings)
     if value.shape != wanted:
@@ -160,7 +160,7 @@ def _padded(path, value, shape, axis_paddings):
 
 def padded_value(variable, value):
     """`value` (of the variable's true shape) with zeros at the padding."""
-    return _padded(variable.path, value, variable.shape, paddings(variable))
+    return _padded(variable.path, value, paddings(variable))
 
 
 # --- fused variables --------------------------------------------------------
@@ -189,8 +189,7 @@ class Fused(NamedTuple):
         """(part, its block of `value` reshaped to the part's shape), in order."""
         offset = 0
         for part in self.parts:
-            block = jax.lax.slice_in_dim(value, offset, offset + part.size, axis=self.axis) if isinstance(
-                value, jax.Array) else np.take(value, np.arange(offset, offset + part.size), axis=self.axis)
+            block = value[(slice(None),) * self.axis + (slice(offset, offset + part.size),)]
             offset += part.size
             yield part, block.reshape(part.shape)
 
@@ -206,11 +205,11 @@ def fused(variable):
     return getattr(variable, "_tp_zoo_fused", None)
 
 
-def part_path(path, part, name=None):
+def part_path(path, part):
     """The path a part's variable would have had: the fused layer's name in
     `path` replaced by the part's layer (…/attention/qkv/kernel -> …/attention/query/kernel)."""
     *parents, _, variable_name = path.split("/")
-    return "/".join(parents + [part.layer, name or variable_name])
+    return "/".join(parents + [part.layer, variable_name])
 
 
 def weight_views(variable, value=None):
@@ -252,7 +251,7 @@ def set_weights(variables, values):
             padded.append(padded_value(v, values[start]))
         else:
             blocks = [
-                _padded(part_path(v.path, p), w, p.shape, p.padding)
+                _padded(part_path(v.path, p), w, p.padding)
                 for p, w in zip(parts.parts, values[start : start + len(parts.parts)])
             ]
             padded.append(parts.join(blocks, tuple(v.shape)))

@@ -105,6 +105,11 @@ def _kernel(
     l_ref[...] = l
 
 
+def _per_head(*shape):
+    """The block of one (row, kv head) of a (batch, kv_heads, *shape) array."""
+    return pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
+
+
 def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, interpret=False):
     """Writes each row's new key and value into its caches at its position,
     in place, and attends its queries to keys [start, position] of the row.
@@ -120,8 +125,7 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     qg = q.reshape(b, kv, group, d)
     if group_block != group:  # a block the kernel loads must be a power of two long
         qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
-    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
-    operands = ((qg, per_head(group_block, d)), (k_new, per_head(d)), (v_new, per_head(d)))
+    operands = ((qg, _per_head(group_block, d)), (k_new, _per_head(d)), (v_new, _per_head(d)))
     return _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret)
 
 
@@ -153,15 +157,14 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
     starts = jnp.zeros_like(positions) if starts is None else starts.astype(jnp.int32)
 
     per_row = pl.BlockSpec((None,), lambda i, j, s: (i,))
-    per_head = lambda *shape: pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
     per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
     inputs = (positions, starts, q, k_new, v_new, k_cache, v_cache)
     result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
     acc, m, l, k_cache, v_cache = pl.pallas_call(
         functools.partial(_kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
         grid=(b, kv, splits),
-        in_specs=[per_row, per_row, q_spec, k_spec, v_spec, per_head(t, d), per_head(t, d)],
-        out_specs=[per_split(rows, d), per_split(rows), per_split(rows), per_head(t, d), per_head(t, d)],
+        in_specs=[per_row, per_row, q_spec, k_spec, v_spec, _per_head(t, d), _per_head(t, d)],
+        out_specs=[per_split(rows, d), per_split(rows), per_split(rows), _per_head(t, d), _per_head(t, d)],
         out_shape=[
             result((b, kv, splits, rows, d), jnp.float32),
             result((b, kv, splits, rows), jnp.float32),

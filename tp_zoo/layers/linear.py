@@ -174,6 +174,7 @@ class _ParallelLinear(ShardedLayer):
     # --- LoRA ---------------------------------------------------------------
     lora_enabled = False
     lora_parts = ()  # the parts of a fused kernel that have adapters
+    _lora_layouts = {}  # adapter variable name -> its layout, in the order made
 
     def enable_lora(self, rank, lora_alpha=None, a_initializer="he_uniform", b_initializer="zeros", parts=None):
         """Freezes the kernel (and bias) and adds a trainable low-rank update
@@ -206,17 +207,24 @@ class _ParallelLinear(ShardedLayer):
         shape, layout = tuple(self.kernel.shape), self.kernel_layout
         padding = self._padding(len(shape))
         self._tracker.unlock()
+        self._lora_layouts = {}
         for part in self.lora_parts or (None,):
             prefix = "" if part is None else f"{part.layer}_"
-            out = (shape[n_in:], padding[n_in:], layout[n_in:]) if part is None else part[2:]  # shape, padding, layout
-            setattr(self, prefix + "lora_kernel_a", self.add_sharded_weight(
-                prefix + "lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer,
-                padding=padding[:n_in] + (None,),
-            ))
-            setattr(self, prefix + "lora_kernel_b", self.add_sharded_weight(
-                prefix + "lora_kernel_b", (rank,) + tuple(out[0]), (None,) + tuple(out[2]), b_initializer,
-                padding=(None,) + tuple(out[1]),
-            ))
+            if part is None:
+                out_shape, out_padding, out_layout = shape[n_in:], padding[n_in:], layout[n_in:]
+            else:
+                out_shape, out_padding, out_layout = part.shape, part.padding, part.layout
+            adapters = (
+                ("lora_kernel_a", shape[:n_in] + (rank,), layout[:n_in] + (None,), a_initializer,
+                 padding[:n_in] + (None,)),
+                ("lora_kernel_b", (rank,) + tuple(out_shape), (None,) + tuple(out_layout), b_initializer,
+                 (None,) + tuple(out_padding)),
+            )
+            for name, adapter_shape, adapter_layout, initializer, adapter_padding in adapters:
+                setattr(self, prefix + name, self.add_sharded_weight(
+                    prefix + name, adapter_shape, adapter_layout, initializer, padding=adapter_padding
+                ))
+                self._lora_layouts[prefix + name] = adapter_layout
         self._tracker.lock()
         self.kernel.trainable = False
         if self.use_bias:
@@ -227,9 +235,7 @@ class _ParallelLinear(ShardedLayer):
 
     def lora_variables(self):
         """(name, variable) of the LoRA adapters: A and B, per part of a fused kernel."""
-        names = [f"{prefix}lora_kernel_{ab}" for prefix in [f"{p.layer}_" for p in self.lora_parts] or [""]
-                 for ab in "ab"]
-        return [(name, getattr(self, name)) for name in names] if self.lora_enabled else []
+        return [(name, getattr(self, name)) for name in self._lora_layouts]
 
     def merge_lora(self):
         """Folds the LoRA update into the kernel and zeroes B (adapters stay, now inert)."""
@@ -261,20 +267,13 @@ class _ParallelLinear(ShardedLayer):
             layouts.append(self.scale_layout)
         for name, variable in self.lora_variables():
             values.append(variable.value)
-            layouts.append(self._lora_layout(name))
+            layouts.append(self._lora_layouts[name])
         return tuple(values), tuple(layouts)
-
-    def _lora_layout(self, name):
-        n_in = len(self.in_trailing)
-        if name.endswith("_a"):
-            return self.kernel_layout[:n_in] + (None,)
-        part = [p for p in self.lora_parts if name.startswith(f"{p.layer}_")]
-        return (None,) + (tuple(part[0].layout) if part else self.kernel_layout[n_in:])
 
     def _lora_update(self, weights):
         """The (local) kernel's LoRA update; a fused kernel's is zero outside
         the parts that have adapters."""
-        pairs = weights[len(weights) - len(self.lora_variables()) :]
+        pairs = weights[len(weights) - len(self._lora_layouts) :]
         scale = self.lora_alpha / self.lora_rank
         updates = [jnp.tensordot(a, b, axes=1) * scale for a, b in zip(pairs[::2], pairs[1::2])]
         if not self.lora_parts:
@@ -531,12 +530,16 @@ class _FusedColumnDense(_ParallelLinear):
     def _padding(self, rank):
         return (None,) * (rank - len(self.out_shape)) + tuple(self.out_padding)
 
+    @property
+    def part_names(self):
+        """The projections this layer fuses, in kernel order."""
+        return [name for name, *_ in self.parts]
+
     def load_own_variables(self, store):
         if not len(store.keys()):
-            names = "/".join(name for name, *_ in self.parts)
             raise ValueError(
                 f"{self.name}: the file holds no weights for this layer: it was saved by a tp_zoo that kept "
-                f"{names} as separate layers, before they were fused into one kernel. Export it to Hugging Face "
+                f"{'/'.join(self.part_names)} as separate layers, before they were fused into one kernel. Export it to Hugging Face "
                 "safetensors with the tp_zoo that saved it (conversion/export_checkpoint.py) and load that "
                 "with tp_zoo.from_preset."
             )

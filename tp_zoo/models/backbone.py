@@ -206,9 +206,9 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         for i, layer in enumerate(with_weights):
             if not hasattr(layer, "enable_lora"):
                 continue
-            parts = getattr(layer, "parts", None)
+            parts = getattr(layer, "part_names", None)
             if parts is not None:
-                named = [name for name, *_ in parts if name in targets]
+                named = [name for name in parts if name in targets]
                 if not named:
                     continue
                 layer.trainable = True
