@@ -37,10 +37,10 @@ def test_int8_matmul_kernel_exact_on_integer_operands(rows, k, n):
     numpy bit for bit, whatever its split of the reduction."""
     rs = np.random.RandomState(rows)
     x = rs.randint(-8, 9, (rows, k)).astype("float32")
-    values = rs.randint(-127, 128, (k, n)).astype("int8")
+    values = rs.randint(-127, 128, (n, k)).astype("int8")  # output-major
     got = np.asarray(int8_matmul_kernel.int8_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(values), interpret=True))
     assert got.dtype == np.float32 and got.shape == (rows, n)
-    np.testing.assert_array_equal(got, x.astype("int64") @ values.astype("int64"))
+    np.testing.assert_array_equal(got, x.astype("int64") @ values.astype("int64").T)
 
 
 def test_int8_matmul_kernel_applies_only_on_gpu_to_few_rows_of_whole_blocks():

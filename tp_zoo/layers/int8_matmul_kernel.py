@@ -1,23 +1,18 @@
 """x @ int8 weights for a few rows, as a Pallas GPU (Triton) kernel.
 
 A decode step multiplies a handful of rows by every weight matrix: bound by
-the bytes of the weights. XLA's product of a bf16 row and an int8 operand
-converted in the same program is slower than its bf16 product on an H200
-(scripts/bench_int8_matmul.py); this kernel loads each int8 block once and
-converts it in registers. One program handles one (block of `BLOCK_N`
-output columns, split of the reduction dim); the rows are padded to 16, the
-smallest tile a GPU matrix unit takes. Products accumulate in float32; the
-splits are summed outside the kernel, as the decode attention merges its
-splits. There are only as many splits as it takes to reach
-`TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial, and
-fewer, longer programs measured faster.
+the bytes of the weights. The int8 values are stored output-major, (N, K):
+each output channel's weights are contiguous along the reduction dim, the
+order a GPU matrix unit takes its operand in, so a block goes from memory
+to the matrix unit without being rearranged byte by byte in shared memory
+(with (K, N) blocks that rearrangement bound the kernel at about half the
+memory bandwidth: docs/performance-notes.md).
 
-Measured on an H200 (docs/performance-notes.md): the products of a decode
-step run at about half the memory bandwidth, bound by instruction issue,
-not bytes (ncu: 40% of issue slots busy with one 4-warp program per SM,
-41% of DRAM bandwidth). The int8 block is stored N-contiguous, and the
-matrix unit wants pairs along K: Triton reads it from shared memory a byte
-at a time (128 one-byte loads per thread per block) to rearrange it.
+One program handles one (block of `BLOCK_N` output channels, split of the
+reduction dim); the rows are padded to 16, the smallest tile the matrix
+unit takes. Products accumulate in float32; the splits are summed outside
+the kernel. There are only as many splits as it takes to reach
+`TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial.
 """
 
 import functools
@@ -29,13 +24,13 @@ from jax.experimental.pallas import triton as plgpu
 
 from tp_zoo import parallel
 
-BLOCK_N = 128
+BLOCK_N = 64
 BLOCK_K = 128
 MAX_ROWS = 64  # more rows than this: compute-bound enough for XLA's GEMM
 _MIN_ROWS = 16
-# The fewest splits that give at least this many programs (half an H200's
-# 132 SMs: with up to twice the programs of that, the fastest setting swept).
-TARGET_PROGRAMS = 66
+# The fewest splits that give at least this many programs (one per H200 SM
+# measured fastest with output-major blocks).
+TARGET_PROGRAMS = 132
 NUM_WARPS = 4
 NUM_STAGES = 4
 
@@ -44,9 +39,9 @@ ENABLED = True
 
 
 def applies(x, values):
-    """On NVIDIA GPUs, for 16-bit rows (at most MAX_ROWS of them) times a
-    (K, N) int8 matrix of whole blocks."""
-    k, n = values.shape
+    """On NVIDIA GPUs, for 16-bit rows (at most MAX_ROWS of them) times an
+    (N, K) int8 matrix of whole blocks."""
+    n, k = values.shape
     return (
         ENABLED
         and parallel.on_gpu()
@@ -63,8 +58,8 @@ def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
     def body(j, acc):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
         x = x_ref[:, ks]
-        w = w_ref[ks, :].astype(jnp.bfloat16)
-        return acc + plgpu.dot(x, w).astype(jnp.float32)
+        w = w_ref[:, ks].astype(jnp.bfloat16)
+        return acc + plgpu.dot(x, w, trans_b=True).astype(jnp.float32)
 
     first = split * blocks_per_split
     acc = jax.lax.fori_loop(
@@ -83,10 +78,10 @@ def _splits(n_blocks, k_blocks):
 
 
 def int8_matmul(x, values, interpret=False):
-    """x: (rows, K) bf16; values: (K, N) int8 -> (rows, N) float32
-    products x @ values (unscaled)."""
+    """x: (rows, K) bf16; values: (N, K) int8 -> (rows, N) float32
+    products x @ values.T (unscaled)."""
     m, k = x.shape
-    n = values.shape[1]
+    n = values.shape[0]
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
     x = jnp.pad(x, ((0, rows - m), (0, 0)))
     n_blocks, k_blocks = n // BLOCK_N, k // BLOCK_K
@@ -96,7 +91,7 @@ def int8_matmul(x, values, interpret=False):
         grid=(n_blocks, splits),
         in_specs=[
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
-            pl.BlockSpec((k, BLOCK_N), lambda i, s: (0, i)),
+            pl.BlockSpec((BLOCK_N, k), lambda i, s: (i, 0)),
         ],
         out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
         out_shape=parallel.kernel_result((splits, rows, n), jnp.float32, x, values),

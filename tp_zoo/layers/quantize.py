@@ -94,8 +94,8 @@ def int8_product(x, values, n_in):
     lead = x.shape[: x.ndim - n_in]
     x2 = x.reshape(-1, math.prod(in_dims))
     w2 = values.reshape(x2.shape[1], math.prod(out_dims))
-    if int8_matmul_kernel.applies(x2, w2):
-        y = int8_matmul_kernel.int8_matmul(x2, w2)
+    if int8_matmul_kernel.applies(x2, w2.T):
+        y = int8_matmul_kernel.int8_matmul(x2, w2.T)
     else:
         y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.reshape(lead + out_dims)
