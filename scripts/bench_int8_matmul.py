@@ -39,16 +39,19 @@ def grid(**choices):
 
 
 # Kernel settings to try.
-SWEEP = grid(BLOCK_N=(64, 128, 256), BLOCK_K=(128, 256), TARGET_PROGRAMS=(66, 132))
+SWEEP = (grid(SWAPPED=(False,), BLOCK_N=(32, 64, 128), BLOCK_K=(128, 256), TARGET_PROGRAMS=(132, 264))
+         + grid(SWAPPED=(True,), BLOCK_N=(64, 128), BLOCK_K=(128, 256), TARGET_PROGRAMS=(132, 264)))
 
 
 def time_of(f, *args):
     return device_time(lambda: f(*args), 3)
 
 
-def all_products(product):
+def all_products(product, in_axis):
+    """One program of `product(x, w)` over every kernel, x cut to each
+    kernel's reduction dim (its axis `in_axis`)."""
     def run(x, kernels):
-        return [product(x[:, :w.shape[0]], w) for w in kernels]
+        return [product(x[:, :w.shape[in_axis]], w) for w in kernels]
 
     return jax.jit(run)
 
@@ -61,8 +64,8 @@ def main():
     args = parser.parse_args()
     rs = np.random.RandomState(0)
     shapes = LAYER * args.layers
-    int8 = [jnp.asarray(rs.randint(-127, 128, s), jnp.int8) for s in shapes]
-    bf16 = [w.astype(jnp.bfloat16) for w in int8]
+    int8 = [jnp.asarray(rs.randint(-127, 128, (n, k)), jnp.int8) for k, n in shapes]  # output-major
+    bf16 = [w.T.astype(jnp.bfloat16) for w in int8]  # (K, N), as XLA's bf16 layers hold them
     n_bytes = sum(w.size for w in int8)
     floor = n_bytes / args.bandwidth
     knobs = sorted({k for s in SWEEP for k in s})
@@ -70,20 +73,20 @@ def main():
     xla = []  # (rows, name, seconds, floor)
     pallas = {}  # (rows, setting as a tuple) -> seconds
     check_x = jnp.asarray(rs.standard_normal((16, 4096)), jnp.bfloat16)
-    want = jnp.dot(check_x, int8[4].astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    want = jnp.dot(check_x, int8[4].T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
     for rows in (1, 16):
         x = jnp.asarray(rs.standard_normal((rows, 14336)), jnp.bfloat16)
         cases = [
-            ("XLA bf16 kernels (2 bytes each)", all_products(lambda x, w: jnp.dot(x, w)), bf16, 2 * floor),
+            ("XLA bf16 kernels (2 bytes each)", all_products(lambda x, w: jnp.dot(x, w), 0), bf16, 2 * floor),
             ("XLA int8 -> bf16, f32 out", all_products(
-                lambda x, w: jnp.dot(x, w.astype(x.dtype), preferred_element_type=jnp.float32)), int8, floor),
+                lambda x, w: jnp.dot(x, w.astype(x.dtype).T, preferred_element_type=jnp.float32), 1), int8, floor),
         ]
         for name, f, ws, fl in cases:
             t = time_of(f, x, ws)
             xla.append((rows, name, t, fl))
             print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / fl:.2f}x its floor)", flush=True)
         for setting in SWEEP + [{"weights": "bf16"}]:
-            weights = bf16 if setting.get("weights") else int8
+            weights = [w.T for w in bf16] if setting.get("weights") else int8
             for attr, value in {**shipped, **setting}.items():
                 if attr == "weights":
                     continue
@@ -92,7 +95,7 @@ def main():
                 got = kernel.int8_matmul(check_x[:rows], weights[4])
                 err = float(jnp.max(jnp.abs(got - want[:rows])) / jnp.max(jnp.abs(want[:rows])))
                 assert err < 1e-5, f"wrong products: max |diff| / max |y| = {err:.2e}"
-                t = time_of(all_products(kernel.int8_matmul), x, weights)
+                t = time_of(all_products(kernel.int8_matmul, 1), x, weights)
             except Exception as e:  # a setting Triton cannot lower: report and go on
                 print(f"rows {rows} {setting}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
                 continue
@@ -100,7 +103,7 @@ def main():
             print(f"rows {rows} Pallas {setting}: {t * 1e6:.1f} us ({t / floor:.2f}x)", flush=True)
     for attr, value in shipped.items():
         setattr(kernel, attr, value)
-    assert q8.int8_product(check_x, int8[4], 1).shape == (16, 14336)
+    assert q8.int8_product(check_x, int8[4].T, 1).shape == (16, 14336)
     both = {s for (_, s) in pallas if (1, s) in pallas and (16, s) in pallas and "weights" not in dict(s)}
     best = min(both, key=lambda s: pallas[1, s] + pallas[16, s]) if both else None
     if best and args.best_out:
