@@ -42,7 +42,6 @@ import numpy as np  # noqa: E402
 from tp_zoo.layers import attention_ops  # noqa: E402
 from tp_zoo.layers import decode_kernel  # noqa: E402
 from tp_zoo.layers import int8_matmul_kernel  # noqa: E402
-from tp_zoo.layers import rms_norm_kernel  # noqa: E402
 
 # (batch, prompt, new tokens, also run KerasHub)
 PER_TOKEN = [
@@ -73,13 +72,11 @@ def main():
     parser.add_argument("--quantized-only", action="store_true", help="only the int8 forms (a 70B shape on one GPU)")
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     parser.add_argument("--no-int8-kernel", action="store_true", help="XLA's int8 products on GPUs too")
-    parser.add_argument("--no-norm-kernel", action="store_true", help="XLA's RMS norms on GPUs too")
     parser.add_argument("--int8-kernel-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the int8 kernel's settings (as bench_int8_matmul.py --best-out writes them)")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
     int8_matmul_kernel.ENABLED = not args.no_int8_kernel
-    rms_norm_kernel.ENABLED = not args.no_norm_kernel
     for setting in args.int8_kernel_settings:
         key, value = setting.split("=")
         setattr(int8_matmul_kernel, key, type(getattr(int8_matmul_kernel, key))(value))
@@ -114,8 +111,7 @@ def main():
                 print(f"{name} tp={tp} {case}: {seconds:.3f} s", flush=True)
 
     on = lambda flag: "on" if flag else "off"
-    where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(decode_kernel.ENABLED)}, "
-             f"norm kernel {on(rms_norm_kernel.ENABLED)}"
+    where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(decode_kernel.ENABLED)}"
              + (f", int8 kernel {on(int8_matmul_kernel.ENABLED)} {' '.join(args.int8_kernel_settings)}"
                 if args.quantize else ""))
     print()

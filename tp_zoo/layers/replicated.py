@@ -4,14 +4,10 @@ They go through `ShardedLayer.add_sharded_weight` (with nothing split) so
 that checkpoints stream into them like into the sharded layers.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import keras
 
-from tp_zoo import parallel
-from tp_zoo.layers import rms_norm_kernel
 from tp_zoo.layers.base import ShardedLayer
 
 
@@ -45,31 +41,6 @@ class LayerNorm(ShardedLayer):
         return {**super().get_config(), "epsilon": self.epsilon, "use_bias": self.use_bias}
 
 
-def rms_norm(x, scale, epsilon):
-    """Llama's RMS norm: in float32, cast back to x's dtype, then scaled."""
-    x32 = x.astype("float32")
-    y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + epsilon)
-    return scale * y.astype(x.dtype)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _rms_norm_by_kernel(epsilon, scale, x):
-    """`rms_norm` by the GPU kernel (few rows); its gradient is the plain
-    norm's."""
-    return rms_norm_kernel.rms_norm(x, scale, epsilon)
-
-
-def _rms_norm_by_kernel_forward(epsilon, scale, x):
-    return _rms_norm_by_kernel(epsilon, scale, x), (scale, x)
-
-
-def _rms_norm_by_kernel_backward(epsilon, residuals, grad):
-    return jax.vjp(lambda scale, x: rms_norm(x, scale, epsilon), *residuals)[1](grad)
-
-
-_rms_norm_by_kernel.defvjp(_rms_norm_by_kernel_forward, _rms_norm_by_kernel_backward)
-
-
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class RMSNorm(ShardedLayer):
     """Root-mean-square normalization (variable `scale`), as Llama's: in
@@ -83,13 +54,9 @@ class RMSNorm(ShardedLayer):
         self.scale = self.add_sharded_weight("scale", (input_shape[-1],), (None,), "ones")
 
     def call(self, x):
-        if not rms_norm_kernel.applies(x):
-            return rms_norm(x, self.scale.value, self.epsilon)
-        layout = (parallel.BATCH,) + (None,) * (x.ndim - 1)
-        return self.run_sharded(self._local_norm_by_kernel, ((None,), layout), layout, self.scale.value, x)
-
-    def _local_norm_by_kernel(self, scale, x):
-        return _rms_norm_by_kernel(self.epsilon, scale, x)
+        x32 = x.astype("float32")
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return self.scale.value * y.astype(x.dtype)
 
     def get_config(self):
         return {**super().get_config(), "epsilon": self.epsilon}
