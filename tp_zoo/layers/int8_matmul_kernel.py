@@ -34,10 +34,6 @@ TARGET_PROGRAMS = 132
 NUM_WARPS = 4
 NUM_STAGES = 4
 
-# The weights as the matrix unit's first operand ((BLOCK_N, K) @ x.T), which
-# lets Hopper take them from registers: measured against x @ w.T.
-SWAPPED = False
-
 # Set to False to compare with XLA's int8 product (as a benchmark does).
 ENABLED = True
 
@@ -63,8 +59,7 @@ def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
         x = x_ref[:, ks]
         w = w_ref[:, ks].astype(jnp.bfloat16)
-        product = plgpu.dot(w, x, trans_b=True) if SWAPPED else plgpu.dot(x, w, trans_b=True)
-        return acc + product.astype(jnp.float32)
+        return acc + plgpu.dot(x, w, trans_b=True).astype(jnp.float32)
 
     first = split * blocks_per_split
     acc = jax.lax.fori_loop(first, first + blocks_per_split, body, jnp.zeros(o_ref.shape, jnp.float32))
@@ -96,14 +91,10 @@ def int8_matmul(x, values, interpret=False):
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
             pl.BlockSpec((BLOCK_N, k), lambda i, s: (i, 0)),
         ],
-        out_specs=(
-            pl.BlockSpec((None, BLOCK_N, rows), lambda i, s: (s, i, 0)) if SWAPPED
-            else pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i))
-        ),
-        out_shape=parallel.kernel_result((splits, n, rows) if SWAPPED else (splits, rows, n), jnp.float32, x, values),
+        out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
+        out_shape=parallel.kernel_result((splits, rows, n), jnp.float32, x, values),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="tp_zoo_int8_matmul",
     )(x, values)
-    out = out.sum(axis=0)
-    return (out.T if SWAPPED else out)[:m]
+    return out.sum(axis=0)[:m]
