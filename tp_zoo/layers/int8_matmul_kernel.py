@@ -9,10 +9,11 @@ to the matrix unit without being rearranged byte by byte in shared memory
 memory bandwidth: docs/performance-notes.md).
 
 One program handles one (block of `BLOCK_N` output channels, split of the
-reduction dim); the rows are padded to 16, the smallest tile the matrix
-unit takes. Products accumulate in float32; the splits are summed outside
-the kernel. There are only as many splits as it takes to reach
-`TARGET_PROGRAMS` programs: each writes a (rows, N) float32 partial.
+reduction dim) for a block of at least 16 rows, the smallest tile the
+matrix unit takes: rows past x's are masked, not padded in memory.
+Products accumulate in float32; the splits are summed outside the kernel.
+There are only as many splits as it takes to reach `TARGET_PROGRAMS`
+programs: each writes a (rows, N) float32 partial.
 """
 
 import functools
@@ -52,18 +53,20 @@ def applies(x, values):
     )
 
 
-def _kernel(x_ref, w_ref, o_ref, *, blocks_per_split):
+def _kernel(x_ref, w_ref, o_ref, *, rows, blocks_per_split):
     split = pl.program_id(1)
+    # The block has rows past x's last one: masked out of loads and stores.
+    real_rows = (jnp.arange(o_ref.shape[0]) < rows)[:, None]
 
     def body(j, acc):
         ks = pl.ds(j * BLOCK_K, BLOCK_K)
-        x = x_ref[:, ks]
+        x = plgpu.load(x_ref.at[:, ks], mask=real_rows, other=0.0)
         w = w_ref[:, ks].astype(jnp.bfloat16)
         return acc + plgpu.dot(x, w, trans_b=True).astype(jnp.float32)
 
     first = split * blocks_per_split
     acc = jax.lax.fori_loop(first, first + blocks_per_split, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc
+    plgpu.store(o_ref, acc, mask=real_rows)
 
 
 def _splits(n_blocks, k_blocks):
@@ -80,21 +83,22 @@ def int8_matmul(x, values, interpret=False):
     products x @ values.T (unscaled)."""
     m, k = x.shape
     n = values.shape[0]
+    # Blocks of `rows` rows over the m there are (loads and stores past
+    # them masked in the kernel), so no padded copy of x is made.
     rows = max(_MIN_ROWS, pl.next_power_of_2(m))
-    x = jnp.pad(x, ((0, rows - m), (0, 0)))
     n_blocks, k_blocks = n // BLOCK_N, k // BLOCK_K
     splits = _splits(n_blocks, k_blocks)
     out = pl.pallas_call(
-        functools.partial(_kernel, blocks_per_split=k_blocks // splits),
+        functools.partial(_kernel, rows=m, blocks_per_split=k_blocks // splits),
         grid=(n_blocks, splits),
         in_specs=[
             pl.BlockSpec((rows, k), lambda i, s: (0, 0)),
             pl.BlockSpec((BLOCK_N, k), lambda i, s: (i, 0)),
         ],
         out_specs=pl.BlockSpec((None, rows, BLOCK_N), lambda i, s: (s, 0, i)),
-        out_shape=parallel.kernel_result((splits, rows, n), jnp.float32, x, values),
+        out_shape=parallel.kernel_result((splits, m, n), jnp.float32, x, values),
         compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
         interpret=interpret,
         name="tp_zoo_int8_matmul",
     )(x, values)
-    return out.sum(axis=0)[:m]
+    return out.sum(axis=0)
