@@ -1,32 +1,54 @@
-"""Weight-only int8 (`quantize("int8")`): the int8 values and scales are the
+"""Weight-only int8 (`quantize("int8")`): the int8 values are stored
+output-major, (*out_dims, *in_dims), split as the kernel's dims were, and
+get_weights shows them in the kernel's order; the values and scales are the
 same at every tp (the scale is a max over the whole reduction dim, taken on
 the global array), quantized logits agree across tp within the float32
-tolerance and stay within 5% of the float model's, generation and .keras
-files work, and bad requests leave the model as it was.
+tolerance and stay within 5% of the float model's, generation, .keras files
+and training checkpoints work (older ones, int8 in the kernel's order, are
+converted as they load), and bad requests leave the model as it was.
 """
 
+import io
+import json
+import zipfile
+
+import h5py
 import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+import safetensors.numpy
 
 import tp_zoo
 from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
+from tp_zoo.checkpoint.training_state import restore_training_state
+from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.layers import int8_matmul_kernel
+from tp_zoo.layers import quantize as q8
+from tp_zoo.layers.attention import padded_heads
+from tp_zoo.layers.base import AxisPadding
+from tp_zoo.layers.base import inputs_last
+from tp_zoo.layers.base import true_value
+from tp_zoo.layers.base import weight_views
+
+M = tp_zoo.parallel.MODEL
 
 RS = np.random.RandomState(0)
 VOCAB = ckpts.CASES["llama_gqa_llama3_rope"][2]["vocab_size"]
 
-# (make layer, input shape, kernel shape, bias shape)
+# (make layer, input shape, kernel shape, bias shape, the int8 values' shape and layout)
 LAYERS = {
-    "column": (lambda: layers.ColumnParallelDense(16), (2, 3, 8), (8, 16), (16,)),
-    "row": (lambda: layers.RowParallelDense(8), (2, 3, 16), (16, 8), (8,)),
-    "head_split": (lambda: layers.HeadSplitDense(4, 6), (2, 3, 8), (8, 4, 6), (4, 6)),
-    "head_split_replicated": (lambda: layers.HeadSplitDense(4, 6, replicated=True), (2, 3, 8), (8, 4, 6), (4, 6)),
-    "head_merge": (lambda: layers.HeadMergeDense(8), (2, 3, 4, 6), (4, 6, 8), (8,)),
+    "column": (lambda: layers.ColumnParallelDense(16), (2, 3, 8), (8, 16), (16,), (16, 8), (M, None)),
+    "row": (lambda: layers.RowParallelDense(8), (2, 3, 16), (16, 8), (8,), (8, 16), (None, M)),
+    "head_split": (lambda: layers.HeadSplitDense(4, 6), (2, 3, 8), (8, 4, 6), (4, 6), (4, 6, 8), (M, None, None)),
+    "head_split_replicated": (
+        lambda: layers.HeadSplitDense(4, 6, replicated=True), (2, 3, 8), (8, 4, 6), (4, 6), (4, 6, 8),
+        (None, None, None),
+    ),
+    "head_merge": (lambda: layers.HeadMergeDense(8), (2, 3, 4, 6), (4, 6, 8), (8,), (8, 4, 6), (None, M, None)),
 }
 
 
@@ -47,6 +69,20 @@ def test_int8_matmul_kernel_applies_only_on_gpu_to_few_rows_of_whole_blocks():
     assert not int8_matmul_kernel.applies(jnp.zeros((1, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.int8))
 
 
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_int8_product_of_output_major_values_is_x_times_the_kernel(n_in):
+    """int8_product(x, values) with output-major values (*out, *in): x times
+    the kernel (*in, *out) they stand for, exact on integer operands."""
+    rs = np.random.RandomState(3)
+    kernel = rs.randint(-127, 128, (4, 6, 5)).astype("int8")  # in dims (4,) or (4, 6)
+    x = rs.randint(-8, 9, (2, 3) + kernel.shape[:n_in]).astype("float32")
+    values = q8.to_output_major(kernel, n_in)
+    assert values.shape == kernel.shape[n_in:] + kernel.shape[:n_in]
+    got = np.asarray(q8.int8_product(jnp.asarray(x), jnp.asarray(values), n_in))
+    expected = np.tensordot(x.astype("int64"), kernel.astype("int64"), axes=n_in)
+    np.testing.assert_array_equal(got, expected)
+
+
 def _quantized_layer(name, tp, kernel, bias):
     make, in_shape, *_ = LAYERS[name]
     with mesh_scope(tp):
@@ -61,7 +97,7 @@ def _quantized_layer(name, tp, kernel, bias):
 
 @pytest.mark.parametrize("name", list(LAYERS))
 def test_layer_int8_values_and_scales_identical_at_every_tp(name):
-    _, in_shape, kernel_shape, bias_shape = LAYERS[name]
+    _, in_shape, kernel_shape, bias_shape, values_shape, values_layout = LAYERS[name]
     kernel = RS.standard_normal(kernel_shape).astype("float32")
     kernel[..., 0] *= 50.0  # channels of very different ranges
     bias = RS.standard_normal(bias_shape).astype("float32")
@@ -69,14 +105,14 @@ def test_layer_int8_values_and_scales_identical_at_every_tp(name):
     for tp in (1, 2, 4):
         layer, x, float_y = _quantized_layer(name, tp, kernel, bias)
         assert layer.kernel.dtype == "int8" and layer.kernel_scale.dtype == "float32"
-        assert tuple(layer.kernel.shape) == kernel_shape
+        assert tuple(layer.kernel.shape) == values_shape  # output-major
         n_in = len(layer.in_trailing)
         assert tuple(layer.kernel_scale.shape) == kernel_shape[n_in:]
-        if tp > 1:  # split exactly like the float kernel's output dims
-            for var, layout in ((layer.kernel, layer.kernel_layout), (layer.kernel_scale, layer.kernel_layout[n_in:])):
+        if tp > 1:  # the values split as the kernel's dims were, the scale as its output dims
+            for var, layout in ((layer.kernel, values_layout), (layer.kernel_scale, layer.kernel_layout[n_in:])):
                 wanted = tp_zoo.parallel.sharding(layer.mesh_info, layout)
                 assert var.value.sharding.is_equivalent_to(wanted, len(layout)), (var.path, var.value.sharding)
-        values, scale = layer.kernel.numpy(), layer.kernel_scale.numpy()
+        values, scale = q8.to_kernel_order(layer.kernel.numpy(), n_in), layer.kernel_scale.numpy()
         assert np.abs(values.astype(int)).max() == 127
         y = np.asarray(layer(x))
         if ref is None:
@@ -89,9 +125,54 @@ def test_layer_int8_values_and_scales_identical_at_every_tp(name):
             np.testing.assert_array_equal(values, ref[0], err_msg=f"{name} tp={tp}")
             np.testing.assert_array_equal(scale, ref[1], err_msg=f"{name} tp={tp}")
             assert_close(ref[2], y, f"{name} int8 output at tp={tp}")
-        weights = layer.get_weights()  # bias, kernel, kernel_scale: true shapes, same at every tp
+        weights = layer.get_weights()  # true shapes, the same at every tp
+        (shown,) = [w for w in weights if w.dtype == np.int8]
+        np.testing.assert_array_equal(shown, values)  # in the kernel's order
         layer.set_weights(weights)
         np.testing.assert_array_equal(np.asarray(layer(x)), y)
+
+
+def _qkv(tp, **kwargs):
+    """q/k/v of 9 query heads over 3 kv heads (padded to 4 at tp=4)."""
+    kv, group = padded_heads(9, 3, tp)
+    return layers.QKVParallelDense(4, AxisPadding(3, kv, 3, group), replicated=kv % tp != 0, **kwargs)
+
+
+def _in_kernel_order(store, n_in):
+    """A layer's saved weights as tp_zoo saved them before int8 values were
+    stored output-major: the values in their kernel's order, no mark."""
+    return {k: q8.to_kernel_order(v, n_in) if v.dtype == np.int8 else v
+            for k, v in store.items() if k != q8.OUTPUT_MAJOR_MARK}
+
+
+@pytest.mark.parametrize("make,in_shape,tp", [
+    (lambda tp, **kw: layers.ColumnParallelDense(8, **kw), (2, 3, 8), 2),  # square: (8, 8) either way
+    (_qkv, (2, 3, 16), 4),  # fused, padded heads
+])
+def test_layer_weights_saved_in_the_kernels_order_load_turned(make, in_shape, tp):
+    """Saved int8 weights carry a mark that their values are output-major;
+    without it (files saved before), the values are in the kernel's order
+    and load transposed: the mark decides, not the shape (a square kernel's
+    values fit either way)."""
+    rs = np.random.RandomState(5)
+    x = rs.randint(-4, 5, in_shape).astype("float32")
+    with mesh_scope(tp):
+        layer = make(tp)
+        layer.build(in_shape)
+        layer.set_weights([rs.randint(-9, 10, w.shape).astype("float32") for w in layer.get_weights()])
+        layer.quantize("int8")
+        quantized = make(tp, quantized="int8")
+        quantized.build(in_shape)
+    store = {}
+    layer.save_own_variables(store)
+    assert store[q8.OUTPUT_MAJOR_MARK]
+    y = np.asarray(layer(x))
+    for saved in (store, _in_kernel_order(store, len(layer.in_trailing))):
+        quantized.load_own_variables(saved)
+        np.testing.assert_array_equal(quantized.kernel.numpy(), layer.kernel.numpy())
+        for a, b in zip(layer.get_weights(), quantized.get_weights()):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(np.asarray(quantized(x)), y)
 
 
 # --- the tiny Llama ------------------------------------------------------------------
@@ -135,6 +216,40 @@ def test_quantized_logits_same_at_every_tp_and_close_to_float(quantized_models):
     head = models[2][0].lm_head  # untied here: int8 too, a scale per vocab column, split on the vocab
     assert head.kernel.dtype == "int8" and head.kernel_scale.shape == (backbone.vocab_size,)
     assert backbone.token_embedding.embeddings.dtype == "float32"  # the token table stays float
+
+
+def _int8_layers(lm):
+    """The first block's q/k/v, o, gate/up and down, and the LM head."""
+    block = lm.backbone.transformer_layers[0]
+    return [block.attention.qkv, block.attention.output_dense, block.mlp.up, block.mlp.down, lm.lm_head]
+
+
+def test_int8_values_stored_output_major_split_as_the_kernels_at_tp2(quantized_models, llama_path):
+    """Each int8 variable of the tp=2 model: output-major, (*out_dims,
+    *in_dims), each dim split as in the float kernel; get_weights shows
+    the values in the kernel's order: the float kernels' shapes, each
+    within half a scale of the float weight."""
+    models, _ = quantized_models
+    lm = models[2][0]
+    b = lm.backbone
+    expected = [  # (values shape, layout) of _int8_layers
+        ((b.num_kv_heads, 2 + b.num_heads // b.num_kv_heads, b.head_dim, b.hidden_dim), (M, None, None, None)),
+        ((b.hidden_dim, b.num_heads, b.head_dim), (None, M, None)),
+        ((2, b.intermediate_dim, b.hidden_dim), (None, M, None)),
+        ((b.hidden_dim, b.intermediate_dim), (None, M)),
+        ((b.vocab_size, b.hidden_dim), (M, None)),
+    ]
+    float_lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
+    for layer, float_layer, (shape, layout) in zip(_int8_layers(lm), _int8_layers(float_lm), expected):
+        assert layer.kernel.dtype == "int8" and tuple(layer.kernel.shape) == shape, layer.name
+        sharding = tp_zoo.parallel.sharding(layer.mesh_info, layout)
+        assert layer.kernel.value.sharding.is_equivalent_to(sharding, len(shape)), layer.name
+        local = tuple(n // 2 if d == M else n for n, d in zip(shape, layout))
+        assert {s.data.shape for s in layer.kernel.value.addressable_shards} == {local}, layer.name
+        views = zip(weight_views(layer.kernel), weight_views(layer.kernel_scale), weight_views(float_layer.kernel))
+        for (path, values), (_, scale), (_, kernel) in views:
+            assert values.shape == kernel.shape, path
+            assert np.abs(values * scale - kernel).max() <= scale.max() / 2 * (1 + 1e-6), path
 
 
 def test_quantized_at_dp_2_and_in_bfloat16(quantized_models, llama_path):
@@ -225,6 +340,106 @@ def test_keras_file_of_quantized_model_reloads_quantized_at_another_tp(quantized
     loaded = tp_zoo.from_preset(tmp_path / "preset", tp=4)
     assert loaded.backbone.quantized == "int8"
     assert_close(ref[real], np.asarray(loaded(x))[real], "int8 preset saved at tp=2, loaded at tp=4")
+
+
+def _keras_file_in_kernel_order(path, out):
+    """The .keras file `path` written to `out` as tp_zoo saved int8 models
+    before their values were stored output-major: each layer's int8 values
+    in its kernel's order, no mark. Returns how many layers it rewrote."""
+    with zipfile.ZipFile(path) as source:
+        files = {item: source.read(item) for item in source.infolist()}
+    weights = next(item for item in files if item.filename == "model.weights.h5")
+    buffer = io.BytesIO(files[weights])
+    with h5py.File(buffer, "r+") as f:
+        marked = []
+
+        def collect(_, obj):  # the groups of layers with int8 values
+            if isinstance(obj, h5py.Group) and q8.OUTPUT_MAJOR_MARK in obj:
+                marked.append(obj)
+
+        f.visititems(collect)
+        for group in marked:
+            del group[q8.OUTPUT_MAJOR_MARK]
+            (key,) = [k for k in group if group[k].dtype == np.int8]
+            values = group[key][()]
+            n_out = min(group[k].ndim for k in group if k != key)  # the scale's (and bias') dims
+            del group[key]
+            group[key] = q8.to_kernel_order(values, values.ndim - n_out)
+    files[weights] = buffer.getvalue()
+    with zipfile.ZipFile(out, "w") as target:
+        for item, data in files.items():
+            target.writestr(item, data)
+    return len(marked)
+
+
+def test_keras_file_saved_with_int8_in_the_kernels_order_loads_turned(quantized_models, tmp_path):
+    """A .keras file of the int8 model as tp_zoo saved it before the values
+    were stored output-major loads, at another tp, into the same model."""
+    models, _ = quantized_models
+    lm, ref = models[2]
+    x, real = _inputs(VOCAB)
+    lm.save(tmp_path / "q.keras")
+    rewritten = _keras_file_in_kernel_order(tmp_path / "q.keras", tmp_path / "old.keras")
+    assert rewritten == 4 * lm.backbone.num_layers + 1  # the projections and the LM head
+    with mesh_scope(4):
+        loaded = keras.saving.load_model(tmp_path / "old.keras")
+    for a, b in zip(lm.weights, loaded.weights):
+        assert a.path == b.path and a.shape == b.shape
+        np.testing.assert_array_equal(true_value(a), true_value(b), err_msg=a.path)
+    assert_close(ref[real], np.asarray(loaded(x))[real], "int8 .keras in the kernel's order, loaded at tp=4")
+
+
+def _checkpoint_in_kernel_order(lm, path):
+    """The training checkpoint `path` of `lm` rewritten as tp_zoo saved them
+    before int8 values were stored output-major: their blocks, shapes,
+    paddings and block indices in the kernel's order, no mark."""
+    turns = {v.path: inputs_last(v) for v in lm.weights if inputs_last(v)}
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest[q8.OUTPUT_MAJOR_MARK]
+    for key, n_in in turns.items():
+        saved = manifest["variables"][key]
+        saved["shape"], saved["padding"] = (list(q8.kernel_order(saved[k], n_in)) for k in ("shape", "padding"))
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    for listing in path.glob("pieces-*.json"):
+        pieces = json.loads(listing.read_text())
+        for piece in pieces.values():
+            if piece["key"] in turns:
+                piece["index"] = list(q8.kernel_order(piece["index"], turns[piece["key"]]))
+        listing.write_text(json.dumps(pieces))
+    for file in path.glob("shard-*.safetensors"):
+        tensors = safetensors.numpy.load_file(file)
+        for name in tensors:
+            key = name.split("@")[0]
+            if key in turns:
+                tensors[name] = np.ascontiguousarray(q8.to_kernel_order(tensors[name], turns[key]))
+        safetensors.numpy.save_file(tensors, file)
+
+
+def _lora_on_int8(llama_path, tp):
+    lm = tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", quantize="int8", progress=False)
+    lm.backbone.enable_lora(2)
+    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
+    return lm
+
+
+def test_training_checkpoint_saved_with_int8_in_the_kernels_order_restores_turned(llama_path, tmp_path):
+    """A training checkpoint of LoRA on the int8 base at tp=2, as tp_zoo
+    saved it before the values were stored output-major, restores at tp=4
+    into a model whose weights were all zeroed: every value back."""
+    x, _ = _inputs(VOCAB)
+    lm = _lora_on_int8(llama_path, 2)
+    lm.train_on_batch(x, x["token_ids"])
+    saved = save_training_state(lm, tmp_path, 1)
+    _checkpoint_in_kernel_order(lm, saved)
+    again = _lora_on_int8(llama_path, 4)
+    for variable in again.weights:
+        variable.assign(jnp.zeros_like(variable.value))
+    assert restore_training_state(again, saved) == 1
+    for a, b in zip(lm.weights, again.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(true_value(a), true_value(b), err_msg=a.path)
+    losses = [float(m.train_on_batch(x, x["token_ids"], return_dict=True)["loss"]) for m in (lm, again)]
+    assert_close(losses[0], losses[1], "loss of the step after restoring at tp=4")
 
 
 def test_lora_on_quantized_base(llama_path):

@@ -319,7 +319,10 @@ def _force_gpu_kernels(monkeypatch, interpret):
     monkeypatch.setattr(decode_kernel, "decode_step_fused", counted("decode step", decode_kernel.decode_step_fused))
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
     monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
-    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, v: v.shape[0] % 16 == 0 and v.shape[1] % 16 == 0)
+    # The values are output-major, (N, K): whole blocks of outputs and of the reduction.
+    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, values: (
+        values.shape[0] % int8_matmul_kernel.BLOCK_N == 0 and values.shape[1] % int8_matmul_kernel.BLOCK_K == 0
+    ))
     monkeypatch.setattr(int8_matmul_kernel, "int8_matmul", counted("int8 product", int8_matmul_kernel.int8_matmul))
     return calls
 
@@ -368,5 +371,7 @@ def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch, quantize):
     assert len(kernels) == layers
     assert all(line.count("stablehlo.output_operand_alias<") == 2 for line in kernels)
     assert (text.count('name = "tp_zoo_int8_matmul"') > layers) == (quantize == "int8")
+    # int8 values are stored as the kernel reads them: none is transposed per step.
+    assert not [line for line in text.splitlines() if "stablehlo.transpose" in line and "xi8>" in line]
     assert "stablehlo.scatter" not in text and "stablehlo.dynamic_update_slice" not in text
     assert "stablehlo.pad" not in text

@@ -1,8 +1,9 @@
 """from_preset(..., quantize="int8") streams int8 blocks that are exactly
-what `lm.quantize("int8")` makes from the float model: every int8 value and
-scale bitwise equal, at tp 1, 2 and 4 (GQA kv heads replicated at 4, GPT-2's
-fused q/k/v, OPT's biases) and at tp values that pad the heads and MLP
-(padded channels: int8 zeros), and the same logits."""
+what `lm.quantize("int8")` makes from the float model: every int8 value
+(output-major) and scale bitwise equal, at tp 1, 2 and 4 (GQA kv heads
+replicated at 4, GPT-2's fused q/k/v, OPT's biases) and at tp values that
+pad the heads and MLP (padded channels: int8 zeros), and the same logits.
+Export writes int8 kernels dequantized, in the checkpoint's layout."""
 
 import json
 import shutil
@@ -17,6 +18,7 @@ import tp_zoo
 from tests.helpers import padded_entries
 from tests.models import checkpoints as ckpts
 from tp_zoo.checkpoint.export import export_to_hf
+from tp_zoo.checkpoint.export import hf_tensors
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import UnsupportedConfigError
 
@@ -109,3 +111,20 @@ def test_export_of_a_quantized_model_dequantizes_and_says_so(checkpoint_dirs, tm
         warnings.simplefilter("ignore")
         diff = np.abs(np.asarray(back(x)) - np.asarray(lm(x))).max()
     assert diff <= 1e-5 * max(1.0, float(np.abs(np.asarray(lm(x))).max()))
+
+
+@pytest.mark.parametrize("name", ["llama_gqa_llama3_rope", "gpt2"])
+def test_export_of_int8_writes_each_kernel_in_its_tensors_layout(checkpoint_dirs, name):
+    """The exported int8 kernels (dequantized from output-major values) have
+    the float export's shapes and values, each within half a scale: in the
+    kernel's order, turned into the tensors' (Llama's Linear weights,
+    transposed; GPT-2's Conv1D ones, not)."""
+    path = checkpoint_dirs[name]
+    lm = tp_zoo.from_preset(path, tp=2, dtype="float32", quantize="int8", progress=False)
+    with pytest.warns(UserWarning, match="exported dequantized"):
+        exported = dict(hf_tensors(lm))
+    expected = dict(hf_tensors(tp_zoo.from_preset(path, tp=2, dtype="float32", progress=False)))
+    assert {k: v.shape for k, v in exported.items()} == {k: v.shape for k, v in expected.items()}
+    for key, tensor in exported.items():
+        half_scale = np.abs(expected[key]).max() / 254 * (1 + 1e-6)  # max |w| / 127 / 2, over every channel
+        assert np.abs(tensor - expected[key]).max() <= half_scale, key

@@ -51,7 +51,8 @@ def hf_tensors(causal_lm):
             "backbone.merge_lora() before exporting (or save them alone with "
             "backbone.save_lora_weights)."
         )
-    # int8 kernels are written dequantized (values x scales) in the layer's dtype.
+    # int8 kernels are written dequantized (values x scales) in the layer's
+    # dtype, in the kernel's order (weight_views turns output-major values).
     quantized = {id(l.kernel): l for l in causal_lm._flatten_layers() if getattr(l, "kernel_scale", None) is not None}
     if quantized:
         warnings.warn(

@@ -40,7 +40,9 @@ from rich.progress import TransferSpeedColumn
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.layers.base import scatter_real
 from tp_zoo.layers.quantize import int8_values
+from tp_zoo.layers.quantize import kernel_order
 from tp_zoo.layers.quantize import scale_from_absmax
+from tp_zoo.layers.quantize import to_output_major
 
 
 class StreamingLoader:
@@ -88,6 +90,13 @@ class StreamingLoader:
     def __call__(self, path, shape, padding, dtype, sharding):
         if path.endswith("/kernel_scale"):
             return self._int8_scale(path[: -len("_scale")], padding, sharding)
+        if jnp.dtype(dtype) == jnp.int8:
+            return self._int8_values(path, shape, padding, sharding)
+        return self._read(path, shape, padding, dtype, sharding)
+
+    def _read(self, path, shape, padding, dtype, sharding, scale=None):
+        """The variable's value from its tensor; int8 quantized from the
+        float blocks with the kernel's `scale`."""
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -109,7 +118,6 @@ class StreamingLoader:
                 f"Checkpoint tensor {name} has shape {tuple(found)}, expected shape "
                 f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
             )
-        scale = self._scales.pop(path) if jnp.dtype(dtype) == jnp.int8 else None
         value = self._place(entry, name, tuple(shape), padding, dtype, sharding, scale)
         if name not in self.used:
             self.used.add(name)
@@ -157,6 +165,21 @@ class StreamingLoader:
         scale = scatter_real(scale, padding, fill=1.0)
         self._scales[kernel_path] = scale
         return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
+
+    def _int8_values(self, path, shape, padding, sharding):
+        """An int8 kernel's values, stored output-major (*out, *in): read and
+        quantized block by block in the kernel's order (the layout map's),
+        then each device's block transposed on its device."""
+        scale = self._scales.pop(path)
+        n_in = len(shape) - scale.ndim
+        kernel_sharding = None
+        if sharding is not None:
+            kernel_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+                *kernel_order(sharding.spec, n_in)))
+        kernel = self._read(
+            path, kernel_order(shape, n_in), kernel_order(padding, n_in), jnp.int8, kernel_sharding, scale
+        )
+        return _output_major(n_in, sharding)(kernel)
 
     def _place(self, entry, name, shape, padding, dtype, sharding, scale=None):
         if sharding is None:
@@ -299,6 +322,13 @@ _scale_from_absmax = jax.jit(scale_from_absmax)
 @jax.jit
 def _quantize_block(block, scale):
     return int8_values(block.astype(jnp.float32), scale)
+
+
+@functools.lru_cache(maxsize=None)
+def _output_major(n_in, sharding):
+    """int8 values in the kernel's order -> output-major, placed as
+    `sharding` says (each device turns its own block)."""
+    return jax.jit(functools.partial(to_output_major, n_in=n_in), out_shardings=sharding)
 
 
 @functools.lru_cache(maxsize=None)

@@ -8,6 +8,9 @@ checkpoint as the latest one. Restoring assembles each device's block from
 the saved blocks that overlap it, matching entries by their index among the
 real ones (the manifest records where each variable's tp padding sits), so
 a checkpoint saved at one tp restores at another, whatever each pads.
+Checkpoints saved before int8 values were stored output-major (their
+manifest lacks `OUTPUT_MAJOR_MARK`) hold them in their kernel's order: they
+restore turned.
 """
 
 import json
@@ -23,7 +26,12 @@ from tp_zoo.checkpoint.export import _write_safetensors
 from tp_zoo.checkpoint.tensor_files import SafetensorsFile
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.layers.base import AxisPadding
+from tp_zoo.layers.base import inputs_last
 from tp_zoo.layers.base import paddings
+from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
+from tp_zoo.layers.quantize import kernel_order
+from tp_zoo.layers.quantize import output_major
+from tp_zoo.layers.quantize import to_output_major
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -71,7 +79,7 @@ def save_training_state(causal_lm, directory, step, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(f"tp_zoo save {step} begin")
-    manifest = {"step": step, "model": _fingerprint(causal_lm), "variables": {}}
+    manifest = {"step": step, "model": _fingerprint(causal_lm), OUTPUT_MAJOR_MARK: True, "variables": {}}
     pieces = []
     for key, variable, padding in _state(causal_lm):
         value = variable.value
@@ -130,17 +138,19 @@ def restore_training_state(causal_lm, path):
     for listing in sorted(path.glob("pieces-*.json")):
         for name, piece in json.loads(listing.read_text()).items():
             by_key.setdefault(piece["key"], []).append((name, piece))
+    kernel_ordered = OUTPUT_MAJOR_MARK not in manifest  # int8 values saved in their kernel's order
     for key, variable, padding in _state(causal_lm):
         if key not in manifest["variables"]:
             raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
         saved = manifest["variables"][key]
-        saved_padding = _saved_padding(saved, padding)
+        turn = inputs_last(variable) if kernel_ordered else 0  # saved dims moved to the variable's order
+        saved_padding = output_major(_saved_padding(saved, kernel_order(padding, turn)), turn)
         if _real(saved_padding) != _real(padding):
             raise CheckpointMismatchError(
                 f"Saved {key} has shape {tuple(saved['shape'])} ({_real(saved_padding)} real), the model's is "
                 f"{tuple(variable.shape)} ({_real(padding)} real)."
             )
-        variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path))
+        variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path, turn))
     return manifest["step"]
 
 
@@ -156,9 +166,11 @@ def _saved_padding(saved, padding):
     return tuple(AxisPadding.trailing(min(p.true_size, n), n) for p, n in zip(padding, saved["shape"]))
 
 
-def _assemble(variable, padding, saved_padding, pieces, files, path):
+def _assemble(variable, padding, saved_padding, pieces, files, path, turn=0):
     """The variable's value for its current sharding, from the saved blocks,
-    entry by entry of the same real index (zeros at this tp's padding)."""
+    entry by entry of the same real index (zeros at this tp's padding);
+    `turn`: how many leading dims of the saved blocks are the variable's
+    trailing ones (int8 values saved in their kernel's order)."""
     value = variable.value
     sharding = value.sharding
     mine = [p.real_index() for p in padding]
@@ -170,7 +182,7 @@ def _assemble(variable, padding, saved_padding, pieces, files, path):
         for name, piece in pieces:
             # Per dim: where the block and the piece hold the same real entries.
             dst, src = [], []
-            for (a, b), (p0, p1), m, t in zip(block, piece["index"], mine, theirs):
+            for (a, b), (p0, p1), m, t in zip(block, output_major(piece["index"], turn), mine, theirs):
                 common, d, s_ = np.intersect1d(m[a:b], t[p0:p1], return_indices=True)
                 dst.append(d[common >= 0])
                 src.append(s_[common >= 0])
@@ -178,7 +190,7 @@ def _assemble(variable, padding, saved_padding, pieces, files, path):
                 continue
             if piece["file"] not in files:
                 files[piece["file"]] = SafetensorsFile(path / piece["file"])
-            saved = np.asarray(files[piece["file"]].array(name))
+            saved = to_output_major(np.asarray(files[piece["file"]].array(name)), turn)
             out[np.ix_(*dst)] = saved[np.ix_(*src)]
         arrays.append(jax.device_put(out, device))
     return jax.make_array_from_single_device_arrays(value.shape, sharding, arrays)

@@ -14,6 +14,10 @@ from keras.src.backend.common.name_scope import current_path
 from tp_zoo import parallel
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import ShardingError
+from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
+from tp_zoo.layers.quantize import kernel_order
+from tp_zoo.layers.quantize import to_kernel_order
+from tp_zoo.layers.quantize import to_output_major
 
 _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 
@@ -120,6 +124,14 @@ def paddings(variable):
     )
 
 
+def inputs_last(variable):
+    """How many trailing dims of `variable` are the leading (input) dims of
+    the weight it stands for: int8 values are stored output-major
+    (quantize.py), and get/set_weights and export show them in the kernel's
+    order. 0 for a variable stored in its weight's order."""
+    return getattr(variable, "_tp_zoo_inputs_last", 0)
+
+
 def true_shape(variable):
     """The shape a variable stands for: its own, less its tp padding."""
     return tuple(p.true_size for p in paddings(variable))
@@ -215,13 +227,16 @@ def part_path(path, part):
 def weight_views(variable, value=None):
     """(path, true-shape numpy value) of each weight a variable stands for:
     itself, or each part of a fused variable at the path and shape a
-    separate layer's variable would have. `value` (padded) defaults to the
-    variable's own."""
+    separate layer's variable would have, in the weight's order (see
+    `inputs_last`). `value` (padded, in the variable's order) defaults to
+    the variable's own."""
     value = variable.numpy() if value is None else np.asarray(value)
     parts = fused(variable)
     if parts is None:
-        return [(variable.path, real_part(value, paddings(variable)))]
-    return [(part_path(variable.path, p), real_part(block, p.padding)) for p, block in parts.blocks(value)]
+        views = [(variable.path, real_part(value, paddings(variable)))]
+    else:
+        views = [(part_path(variable.path, p), real_part(block, p.padding)) for p, block in parts.blocks(value)]
+    return [(path, to_kernel_order(view, inputs_last(variable))) for path, view in views]
 
 
 def _views_count(variable):
@@ -236,10 +251,17 @@ def get_weights(variables):
     return [value for v in variables for _, value in weight_views(v)]
 
 
+def _stored(path, value, axis_paddings, n_in):
+    """A weight's true-shape value, in the weight's order, as the variable
+    (or part) of `axis_paddings` stores it: padded, its first `n_in` dims
+    moved last (see `inputs_last`)."""
+    return to_output_major(_padded(path, value, kernel_order(axis_paddings, n_in)), n_in)
+
+
 def set_weights(variables, values):
     """Keras' set_weights from true-shape values (fused variables' parts one
-    by one, as get_weights gives them); a wrong count or shape names the
-    variable and both shapes."""
+    by one, each in its weight's order, as get_weights gives them); a wrong
+    count or shape names the variable and both shapes."""
     values = list(values)
     expected = sum(_views_count(v) for v in variables)
     if len(values) != expected:
@@ -248,10 +270,10 @@ def set_weights(variables, values):
     for v in variables:  # check all before assigning any
         parts = fused(v)
         if parts is None:
-            padded.append(padded_value(v, values[start]))
+            padded.append(_stored(v.path, values[start], paddings(v), inputs_last(v)))
         else:
             blocks = [
-                _padded(part_path(v.path, p), w, p.padding)
+                _stored(part_path(v.path, p), w, p.padding, inputs_last(v))
                 for p, w in zip(parts.parts, values[start : start + len(parts.parts)])
             ]
             padded.append(parts.join(blocks, tuple(v.shape)))
@@ -309,7 +331,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
     def add_sharded_weight(
-        self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None, parts=None
+        self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None, parts=None, inputs_last=0
     ):
         """A variable of global `shape`, its dims split as `layout` says.
 
@@ -325,7 +347,9 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         scales). `parts` (a `Fused`) makes a fused variable: the checkpoint
         source is asked for each part, at the path, shape and split of a
         separate layer's variable, and get/set_weights and export show the
-        parts.
+        parts. `inputs_last`: how many trailing dims are the leading dims of
+        the weight the variable stands for (int8 values, output-major), for
+        get/set_weights and export to show it in the weight's order.
         """
         shape = tuple(int(s) for s in shape)
         padding = tuple(
@@ -360,6 +384,8 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         variable._tp_zoo_padding = padding
         if parts is not None:
             variable._tp_zoo_fused = parts
+        if inputs_last:
+            variable._tp_zoo_inputs_last = inputs_last
         if value is None and trainable and any(p.is_padded for p in padding):
             variable.assign(variable.value * real_mask(padding).astype(variable.dtype))
         return variable
@@ -387,14 +413,21 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         return self._trainable_variables + self._non_trainable_variables
 
     def save_own_variables(self, store):
-        for i, variable in enumerate(self._own_variables()):
+        own = self._own_variables()
+        for i, variable in enumerate(own):
             store[str(i)] = true_value(variable)
+        if any(inputs_last(v) for v in own):
+            store[OUTPUT_MAJOR_MARK] = True
 
     def load_own_variables(self, store):
         own = self._own_variables()
-        if len(store.keys()) != len(own):
-            raise ValueError(f"{self.name}: the saved file has {len(store.keys())} variables, the layer {len(own)}.")
-        assign_true_values(own, [store[str(i)] for i in range(len(own))])
+        saved = len([key for key in store.keys() if key != OUTPUT_MAJOR_MARK])
+        if saved != len(own):
+            raise ValueError(f"{self.name}: the saved file has {saved} variables, the layer {len(own)}.")
+        values = [store[str(i)] for i in range(len(own))]
+        if OUTPUT_MAJOR_MARK not in store.keys():  # saved before int8 values were output-major: kernel's order
+            values = [to_output_major(value, inputs_last(v)) for v, value in zip(own, values)]
+        assign_true_values(own, values)
 
     def run_sharded(self, fn, in_layouts, out_layouts, *args, key=None):
         """`parallel.run_sharded` over this layer's mesh; eager calls reuse one

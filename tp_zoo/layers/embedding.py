@@ -84,8 +84,11 @@ class VocabParallelLMHead(ShardedLayer):
     Tied: multiplies by the table of `tied_embedding` (a
     `VocabParallelEmbedding`). Untied: owns a `kernel` of shape
     (hidden, vocab) split on the vocab dim, which `quantize("int8")` makes
-    int8 with a float32 scale per vocab column (as the linear layers do).
+    int8 values stored output-major, (vocab, hidden), with a float32 scale
+    per vocab entry (as the linear layers do).
     """
+
+    kernel_layout = (None, M)  # the float kernel's (hidden, vocab)
 
     def __init__(
         self,
@@ -115,30 +118,24 @@ class VocabParallelLMHead(ShardedLayer):
         if self.tied_embedding is not None:
             if not self.tied_embedding.built:
                 self.tied_embedding.build()
-        elif self.quantized:  # made quantized: the values come from a file (scale first, as quantize() does)
+        elif self.quantized:  # made quantized: the values come from a file
             self.kernel_scale, self.kernel = self._add_int8_kernel(input_shape[-1], "ones", "zeros")
         else:
             self.kernel = self.add_sharded_weight(
                 "kernel",
                 (input_shape[-1], self.padded_vocab_size),
-                (None, M),
+                self.kernel_layout,
                 self.kernel_initializer,
                 padding=(None, self.vocab_padding),
             )
 
     def _add_int8_kernel(self, hidden, scale, values):
-        kernel_scale = self.add_sharded_weight(
-            "kernel_scale", (self.padded_vocab_size,), (M,), scale, trainable=False,
-            padding=(self.vocab_padding,), dtype="float32",
+        return q8.add_int8_weights(
+            self, (hidden, self.padded_vocab_size), self.kernel_layout, (None, self.vocab_padding), 1, scale, values
         )
-        kernel = self.add_sharded_weight(
-            "kernel", (hidden, self.padded_vocab_size), (None, M), values, trainable=False,
-            padding=(None, self.vocab_padding), dtype="int8",
-        )
-        return kernel_scale, kernel
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """int8 kernel with a per-vocab-column float32 scale (untied heads)."""
+        """int8 values (vocab, hidden) with a per-vocab-entry float32 scale (untied heads)."""
         q8.check_mode(mode, self.name)
         if self.tied_embedding is not None or self.quantized or not self.built or config is not None:
             raise ValueError(f"{self.name}: only a built, untied, float LM head can be quantized, with no config.")
@@ -149,22 +146,22 @@ class VocabParallelLMHead(ShardedLayer):
     def _kernel(self):
         if self.tied_embedding is not None:
             return self.tied_embedding.embeddings.value, (M, None), "...d,vd->...v"
-        return self.kernel.value, (None, M), "...d,dv->...v"
+        return self.kernel.value, self.kernel_layout, "...d,dv->...v"
 
     def call(self, x):
-        kernel, kernel_layout, equation = self._kernel()
         layout = (B,) + (None,) * (x.ndim - 2)
         if self.quantized:
             logits = self.run_sharded(
                 lambda k, s, h: (q8.int8_product(h, k, 1) * s).astype(h.dtype),
-                (kernel_layout, (M,), layout + (None,)),
+                (q8.output_major(self.kernel_layout, 1), (M,), layout + (None,)),
                 layout + (M,),
-                kernel,
+                self.kernel.value,
                 self.kernel_scale.value,
                 x,
-                key=("int8", equation),
+                key="int8",
             )
         else:
+            kernel, kernel_layout, equation = self._kernel()
             logits = self.run_sharded(
                 lambda k, h: jnp.einsum(equation, h, k),
                 (kernel_layout, layout + (None,)),

@@ -79,7 +79,8 @@ class _ParallelLinear(ShardedLayer):
         if quantized is not None:
             q8.check_mode(quantized, self.name)
         # None, or the quantization mode ("int8"): the kernel is then int8
-        # with a float32 per-output-channel `kernel_scale` (see quantize()).
+        # values, output-major, with a float32 per-output-channel
+        # `kernel_scale` (see quantize()).
         self.quantized = quantized
         q8.use_own_quantize(self)
         self.activation = keras.activations.get(activation)
@@ -103,12 +104,8 @@ class _ParallelLinear(ShardedLayer):
             )
         if self.quantized:
             # Made quantized (a saved quantized model, or from_preset(quantize=)):
-            # the values come from the file. The scale is made first, as
-            # quantize() makes it: variable order is what saved files follow.
-            self.kernel_scale = self._add_quantized_weight(
-                "kernel_scale", "ones", self.scale_shape(shape), self.scale_layout, "float32"
-            )
-            self.kernel = self._add_quantized_weight("kernel", "zeros", shape, self.kernel_layout, "int8")
+            # the values come from the file.
+            self.kernel_scale, self.kernel = self._add_int8_weights("ones", "zeros")
         else:
             self.kernel = self.add_sharded_weight(
                 "kernel", shape, self.kernel_layout, self.kernel_initializer, padding=self._padding(len(shape)),
@@ -136,24 +133,26 @@ class _ParallelLinear(ShardedLayer):
         """The scale's layout: that of the kernel's output dims."""
         return tuple(self.kernel_layout[len(self.in_trailing) :])
 
-    def scale_shape(self, kernel_shape):
-        return tuple(kernel_shape[len(self.in_trailing) :])
+    @property
+    def values_layout(self):
+        """The int8 values' layout: the kernel's, output-major."""
+        return q8.output_major(self.kernel_layout, len(self.in_trailing))
 
-    def _add_quantized_weight(self, name, initializer, shape, layout, dtype):
-        """A non-trainable variable of `dtype` (int8 values or their float32
-        scale), split as `layout` says; `initializer` may be a global array.
-        A checkpoint source (from_preset(quantize="int8")) fills it instead."""
-        padding = self._padding(len(self.kernel_layout))[len(self.kernel_layout) - len(shape) :]
-        parts = self.parts_of(self.kernel_shape_built, kernel=name == "kernel")
-        return self.add_sharded_weight(
-            name, shape, layout, initializer, trainable=False, dtype=dtype, padding=padding, parts=parts
+    def _add_int8_weights(self, scale, values):
+        """(kernel_scale, kernel) of the int8 kernel, from initializers or
+        global arrays (see `quantize.add_int8_weights`)."""
+        shape = self.kernel_shape_built
+        return q8.add_int8_weights(
+            self, shape, self.kernel_layout, self._padding(len(shape)), len(self.in_trailing), scale, values,
+            kernel_parts=self.parts_of(shape, kernel=True), scale_parts=self.parts_of(shape),
         )
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """Replaces the float kernel by int8 values of the same shape and
-        layout and a float32 per-output-channel `kernel_scale` (max |w| over
-        the whole reduction dims / 127, the same at every tp). Checks
-        everything before changing anything."""
+        """Replaces the float kernel by int8 values, stored output-major
+        (shape (*out_dims, *in_dims), split as the kernel's dims were), and a
+        float32 per-output-channel `kernel_scale` (max |w| over the whole
+        reduction dims / 127, the same at every tp). Checks everything before
+        changing anything."""
         q8.check_mode(mode, self.name)
         if config is not None:
             raise ValueError(f"{self.name}: a quantization config is not supported; call quantize({mode!r}).")
@@ -164,12 +163,7 @@ class _ParallelLinear(ShardedLayer):
         if self.lora_enabled:
             raise ValueError(f"{self.name}: cannot quantize a layer with LoRA enabled; merge or quantize first.")
         values, scale = q8.quantize_int8(self.kernel.value, len(self.in_trailing))
-        shape = tuple(self.kernel.shape)
-        kernel_scale = self._add_quantized_weight(
-            "kernel_scale", scale, self.scale_shape(shape), self.scale_layout, "float32"
-        )
-        kernel = self._add_quantized_weight("kernel", values, shape, self.kernel_layout, "int8")
-        q8.install(self, kernel_scale, kernel, mode)
+        q8.install(self, *self._add_int8_weights(scale, values), mode)
 
     # --- LoRA ---------------------------------------------------------------
     lora_enabled = False
@@ -204,7 +198,7 @@ class _ParallelLinear(ShardedLayer):
                 raise ValueError(f"{self.name}: LoRA parts {parts} must be some of {names}.")
             self.lora_parts = tuple(p for p in fused.parts if p.layer in parts)
         n_in = len(self.in_trailing)
-        shape, layout = tuple(self.kernel.shape), self.kernel_layout
+        shape, layout = self.kernel_shape_built, self.kernel_layout
         padding = self._padding(len(shape))
         self._tracker.unlock()
         self._lora_layouts = {}
@@ -258,7 +252,7 @@ class _ParallelLinear(ShardedLayer):
     def weights_and_layouts(self):
         """The variables' current values and layouts, for enclosing layers."""
         values = [self.kernel.value]
-        layouts = [self.kernel_layout]
+        layouts = [self.values_layout if self.quantized else self.kernel_layout]
         if self.use_bias:
             values.append(self.bias.value)
             layouts.append(self.bias_layout)
@@ -270,28 +264,31 @@ class _ParallelLinear(ShardedLayer):
             layouts.append(self._lora_layouts[name])
         return tuple(values), tuple(layouts)
 
-    def _lora_update(self, weights):
-        """The (local) kernel's LoRA update; a fused kernel's is zero outside
-        the parts that have adapters."""
+    def _lora_update(self, weights, kernel_shape):
+        """The LoRA update of the local kernel (of `kernel_shape`); a fused
+        kernel's is zero outside the parts that have adapters."""
         pairs = weights[len(weights) - len(self._lora_layouts) :]
         scale = self.lora_alpha / self.lora_rank
         updates = [jnp.tensordot(a, b, axes=1) * scale for a, b in zip(pairs[::2], pairs[1::2])]
         if not self.lora_parts:
             return updates[0]
         fused = self.parts_of(self.kernel_shape_built, kernel=True)
-        kernel = weights[0]
         by_part = dict(zip((p.layer for p in self.lora_parts), updates))
         blocks = []
         for part in fused.parts:
-            block = kernel.shape[: fused.axis] + (part.size,) + kernel.shape[fused.axis + 1 :]
+            block = kernel_shape[: fused.axis] + (part.size,) + kernel_shape[fused.axis + 1 :]
             update = by_part.get(part.layer)
             blocks.append(jnp.zeros(block, updates[0].dtype) if update is None else update.reshape(block))
         return jnp.concatenate(blocks, axis=fused.axis)
 
     def _merged_float(self, weights):
-        """A quantized kernel dequantized in float32, LoRA update added."""
-        kernel = q8.dequantize(weights[0], weights[2 if self.use_bias else 1])
-        return kernel + self._lora_update(weights).astype(jnp.float32) if self.lora_enabled else kernel
+        """A quantized kernel dequantized in float32 in the kernel's order,
+        LoRA update added."""
+        values = q8.dequantize(weights[0], weights[2 if self.use_bias else 1])
+        kernel = q8.to_kernel_order(values, len(self.in_trailing))
+        if not self.lora_enabled:
+            return kernel
+        return kernel + self._lora_update(weights, kernel.shape).astype(jnp.float32)
 
     def effective(self, weights):
         """(kernel, bias or None) from local weights, the LoRA update folded
@@ -304,7 +301,7 @@ class _ParallelLinear(ShardedLayer):
                 return q8.QuantizedKernel(kernel, weights[2 if self.use_bias else 1]), bias
             return self._merged_float(weights).astype(self.compute_dtype), bias
         if self.lora_enabled:
-            kernel = kernel + self._lora_update(weights).astype(kernel.dtype)
+            kernel = kernel + self._lora_update(weights, kernel.shape).astype(kernel.dtype)
         return kernel, bias
 
     def apply(self, kernel, bias, x):
@@ -503,9 +500,9 @@ class _FusedColumnDense(_ParallelLinear):
     out so that each device's shard holds its slice of every projection
     side by side: one product per device where there were several (vLLM's
     QKVParallelLinear / MergedColumnParallelLinear). Each projection is a
-    `Part` of the kernel (and of the bias and int8 scale): checkpoints load
-    it, get/set_weights and export show it, and LoRA adapts it as the
-    variable of a separate layer.
+    `Part` of the kernel (and of the bias, int8 values and scale):
+    checkpoints load it, get/set_weights and export show it, and LoRA adapts
+    it as the variable of a separate layer.
 
     Subclasses set `out_shape` (the padded output dims), `out_layout`,
     `out_padding` (an `AxisPadding` or None per output dim), `fused_axis`
@@ -614,8 +611,8 @@ class QKVParallelDense(_FusedColumnDense):
             q = jax.lax.dynamic_slice_in_dim(a, 2 + first_query, queries, axis=axis + 1)
             return jnp.concatenate([kv, q], axis=axis + 1)
 
-        if isinstance(kernel, q8.QuantizedKernel):
-            kernel = q8.QuantizedKernel(cut(kernel.values, 1), cut(kernel.scale, 0))
+        if isinstance(kernel, q8.QuantizedKernel):  # output-major values: the kv heads first
+            kernel = q8.QuantizedKernel(cut(kernel.values, 0), cut(kernel.scale, 0))
         else:
             kernel = cut(kernel, 1)
         return kernel, (None if bias is None else cut(bias, 0))

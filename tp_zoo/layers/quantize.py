@@ -1,14 +1,22 @@
 """Weight-only int8: per-output-channel absmax quantization of kernels.
 
-A kernel of shape (*in_dims, *out_dims) becomes int8 values of the same
-shape and layout plus a float32 scale of shape out_dims, split like the
-kernel's output dims. The scale is the max |w| over the whole reduction
-(input) dims / 127, computed on the global array (XLA adds the collective
-where the reduction dim is split), so the int8 values and scales are the
-same at every tp. The layer computes x @ int8 values in float32
-(`int8_product`), times the scale (after the all-reduce of a row-parallel
-layer: the scale is per output channel, the same on every device), plus
-the bias.
+A kernel of shape (*in_dims, *out_dims) becomes int8 values stored
+output-major, of shape (*out_dims, *in_dims): each output channel's
+weights contiguous along the reduction, the order the GPU product kernel
+reads (`int8_matmul_kernel`). The values' layout and padding are the
+kernel's, permuted the same way (`output_major`); get_weights/set_weights
+and export show them in the kernel's order. The float32 scale has shape
+out_dims, split like the kernel's output dims. The scale is the max |w|
+over the whole reduction (input) dims / 127, computed on the global array
+(XLA adds the collective where the reduction dim is split), so the int8
+values and scales are the same at every tp. The layer computes x @ int8
+values in float32 (`int8_product`), times the scale (after the all-reduce
+of a row-parallel layer: the scale is per output channel, the same on
+every device), plus the bias.
+
+Files saved before the values were stored output-major (.keras files,
+presets, training checkpoints without `OUTPUT_MAJOR_MARK`) hold them in the
+kernel's order: they are transposed as they load.
 """
 
 import functools
@@ -21,6 +29,11 @@ import jax.numpy as jnp
 from tp_zoo.layers import int8_matmul_kernel
 
 SUPPORTED_MODES = ("int8",)
+
+# Saved with int8 values (in a layer's saved weights, in a training
+# checkpoint's manifest) to say they are output-major; older files, without
+# it, hold them in the kernel's order.
+OUTPUT_MAJOR_MARK = "int8_values_output_major"
 
 
 def check_mode(mode, what="quantize"):
@@ -40,7 +53,8 @@ def use_own_quantize(obj):
 
 
 class QuantizedKernel(NamedTuple):
-    """An int8 kernel (local shard) and its float32 per-output-channel scale."""
+    """An int8 kernel's local shard, output-major values and their float32
+    per-output-channel scale."""
 
     values: jax.Array
     scale: jax.Array
@@ -52,20 +66,75 @@ def scale_from_absmax(amax):
     return jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
 
 
+def output_major(dims, n_in):
+    """A kernel's per-dim entries (*in, *out) -- its shape, layout, paddings
+    or axes -- in the order of its int8 values: (*out, *in)."""
+    return tuple(dims[n_in:]) + tuple(dims[:n_in])
+
+
+def kernel_order(dims, n_in):
+    """Int8 values' per-dim entries (*out, *in) in the kernel's order (*in, *out)."""
+    return output_major(dims, len(dims) - n_in)
+
+
+def to_output_major(kernel, n_in):
+    """A kernel (numpy or jax array) transposed to its values' order."""
+    return kernel.transpose(output_major(range(kernel.ndim), n_in))
+
+
+def to_kernel_order(values, n_in):
+    """Output-major values (numpy or jax array) transposed to the kernel's order."""
+    return values.transpose(kernel_order(range(values.ndim), n_in))
+
+
+def output_major_parts(parts, n_in):
+    """A fused kernel's `Fused` parts (None: not fused) as its output-major
+    values hold them: each part output-major, the fused axis moved with it."""
+    if parts is None:
+        return None
+    turn = lambda p: p._replace(
+        shape=output_major(p.shape, n_in), padding=output_major(p.padding, n_in), layout=output_major(p.layout, n_in)
+    )
+    return parts._replace(axis=parts.axis - n_in, parts=tuple(map(turn, parts.parts)))
+
+
 @functools.partial(jax.jit, static_argnums=1)
 def quantize_int8(kernel, n_in):
     """(int8 values, float32 scale) of `kernel`, reducing over its first
     `n_in` dims: scale = max |w| / 127 (1 where a channel is all zeros),
-    values = round(w / scale) clipped to [-127, 127]."""
+    values = round(w / scale) clipped to [-127, 127], output-major."""
     w = kernel.astype(jnp.float32)
     amax = jnp.max(jnp.abs(w), axis=tuple(range(n_in)))
     scale = scale_from_absmax(amax)
-    return int8_values(w, scale), scale
+    return to_output_major(int8_values(w, scale), n_in), scale
 
 
 def int8_values(w, scale):
-    """round(w / scale) clipped to [-127, 127], as int8 (w in float32)."""
+    """round(w / scale) clipped to [-127, 127], as int8 (w in float32, in
+    the kernel's order)."""
     return jnp.clip(jnp.round(w / scale), -127, 127).astype(jnp.int8)
+
+
+def add_int8_weights(layer, kernel_shape, kernel_layout, kernel_padding, n_in, scale, values,
+                     kernel_parts=None, scale_parts=None):
+    """`layer`'s (kernel_scale, kernel) for an int8 kernel of `kernel_shape`
+    (*in_dims, *out_dims), split as `kernel_layout` says and padded as
+    `kernel_padding` (an `AxisPadding` or None per dim): the float32 scale
+    of the output dims, made first (the order saved files follow), and the
+    int8 values output-major. Both non-trainable; `scale` and `values` are
+    initializers or global arrays (a checkpoint source fills them instead).
+    `kernel_parts`, `scale_parts`: the layer's `Fused` parts of the float
+    kernel and of its output dims (None: not fused)."""
+    kernel_scale = layer.add_sharded_weight(
+        "kernel_scale", kernel_shape[n_in:], kernel_layout[n_in:], scale, trainable=False, dtype="float32",
+        padding=kernel_padding[n_in:], parts=scale_parts,
+    )
+    kernel = layer.add_sharded_weight(
+        "kernel", output_major(kernel_shape, n_in), output_major(kernel_layout, n_in), values, trainable=False,
+        dtype="int8", padding=output_major(kernel_padding, n_in), parts=output_major_parts(kernel_parts, n_in),
+        inputs_last=n_in,
+    )
+    return kernel_scale, kernel
 
 
 def install(layer, kernel_scale, kernel, mode):
@@ -81,21 +150,24 @@ def install(layer, kernel_scale, kernel, mode):
 
 
 def dequantize(values, scale, dtype=jnp.float32):
-    """values * scale (broadcast on the output dims) in `dtype`."""
+    """values * scale in `dtype`, in the values' (output-major) order: the
+    scale broadcast on their leading (output) dims."""
+    scale = scale.reshape(scale.shape + (1,) * (values.ndim - scale.ndim))
     return (values.astype(jnp.float32) * scale).astype(dtype)
 
 
 def int8_product(x, values, n_in):
-    """x @ values in float32, unscaled: x's trailing `n_in` dims against
-    values' leading `n_in` dims. A few rows on a GPU (decode) go through
+    """x @ kernel in float32, unscaled, for the kernel's output-major int8
+    `values` (*out_dims, *in_dims): x's trailing `n_in` dims against the
+    values' trailing `n_in` dims. A few rows on a GPU (decode) go through
     the Pallas kernel, which reads each int8 byte once; otherwise XLA, the
     values converted to x's dtype (exact) and accumulated in float32."""
-    in_dims, out_dims = values.shape[:n_in], values.shape[n_in:]
+    out_dims = values.shape[: values.ndim - n_in]
     lead = x.shape[: x.ndim - n_in]
-    x2 = x.reshape(-1, math.prod(in_dims))
-    w2 = values.reshape(x2.shape[1], math.prod(out_dims))
-    if int8_matmul_kernel.applies(x2, w2.T):
-        y = int8_matmul_kernel.int8_matmul(x2, w2.T)
+    x2 = x.reshape(-1, math.prod(x.shape[x.ndim - n_in :]))
+    w2 = values.reshape(math.prod(out_dims), x2.shape[1])  # (N, K), as stored: no copy
+    if int8_matmul_kernel.applies(x2, w2):
+        y = int8_matmul_kernel.int8_matmul(x2, w2)
     else:
-        y = jnp.dot(x2, w2.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum("rk,nk->rn", x2, w2.astype(x.dtype), preferred_element_type=jnp.float32)
     return y.reshape(lead + out_dims)
