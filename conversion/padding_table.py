@@ -42,6 +42,16 @@ SIZES = {
     "tinyllama_1.1b": (2048, 32, 4, 5632, None),
     "smollm2_135m": (576, 9, 3, 1536, None),
     "smollm2_1.7b": (2048, 32, 32, 8192, None),
+    "llama3.1_8b_instruct": (4096, 32, 8, 14336, None),
+    "llama3.2_1b_instruct": (2048, 32, 8, 8192, None),
+    "llama3.2_3b_instruct": (3072, 24, 8, 8192, None),
+    "qwen2.5_0.5b_instruct": (896, 14, 2, 4864, None),
+    "qwen2.5_1.5b_instruct": (1536, 12, 2, 8960, None),
+    "qwen2.5_7b_instruct": (3584, 28, 4, 18944, None),
+    "smollm2_135m_instruct": (576, 9, 3, 1536, None),
+    "smollm2_360m_instruct": (960, 15, 5, 2560, None),
+    "smollm2_1.7b_instruct": (2048, 32, 32, 8192, None),
+    "mistral_7b_instruct_v0.3": (4096, 32, 8, 14336, None),
 }
 
 

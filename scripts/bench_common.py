@@ -137,13 +137,22 @@ def generate_call(lm, lengths, new):
     return lambda: lm.generate(inputs, max_length=max(lengths) + new, stop_token_ids=None)
 
 
-def per_token_ms(lm, batch, prompt, new, repeats):
+def stream_call(lm, lengths, new):
+    """tp_zoo's streamed generation of `new` tokens per row (`stream_ids`:
+    STREAM_STEPS decode steps per compiled call), read to the end."""
+    from tp_zoo.models import generation
+
+    inputs = batch_of(lengths, max(lengths))
+    return lambda: list(generation.stream_ids(lm, inputs, max_new_tokens=new, stop_token_ids=None))
+
+
+def per_token_ms(lm, batch, prompt, new, repeats, call=generate_call):
     """Milliseconds per new token of a batch of `prompt`-token prompts:
     (t(prompt + new) - t(prompt + 1)) / (new - 1), each t the best of
-    `repeats` generate() calls after a warm-up, so that prefill and
-    compilation cancel out."""
-    t_long = best_time(generate_call(lm, [prompt] * batch, new), repeats)
-    t_one = best_time(generate_call(lm, [prompt] * batch, 1), repeats)
+    `repeats` calls (`call`: generate_call or stream_call) after a warm-up,
+    so that prefill and compilation cancel out."""
+    t_long = best_time(call(lm, [prompt] * batch, new), repeats)
+    t_one = best_time(call(lm, [prompt] * batch, 1), repeats)
     return 1000 * (t_long - t_one) / (new - 1)
 
 

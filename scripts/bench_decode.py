@@ -5,6 +5,7 @@ own single-device Llama, each figure beside the memory-bandwidth floor.
     python scripts/bench_decode.py --shape llama3_8b --tp 1 --quantize int8 --only per-token --rows 0 1
     python scripts/bench_decode.py --shape llama3_70b --tp 1 --quantize int8 --quantized-only --skip-keras-hub \
         --only per-token --rows 0
+    python scripts/bench_decode.py --shape llama3_8b --tp 1 --skip-keras-hub --only per-token --rows 0 1 --stream
 
 Both models get the same shapes and random weights and the greedy sampler.
 
@@ -14,6 +15,9 @@ Both models get the same shapes and random weights and the greedy sampler.
   KV bytes per token) / --bandwidth, per device.
 - whole-call rows: seconds of one generate() call (best of --repeats), for
   long prompts, a ragged batch and the prefill rate.
+- --stream: each per-token row of tp_zoo's also streamed (`stream_ids`, 16
+  decode steps per compiled call, the host reading each call's tokens), in
+  ms per token the same way, beside the one-program figure.
 
 The table comes last.
 """
@@ -36,6 +40,7 @@ from bench_common import generate_call  # noqa: E402
 from bench_common import header  # noqa: E402
 from bench_common import hf_config  # noqa: E402
 from bench_common import per_token_ms  # noqa: E402
+from bench_common import stream_call  # noqa: E402
 
 import numpy as np  # noqa: E402
 
@@ -74,6 +79,7 @@ def main():
     parser.add_argument("--no-int8-kernel", action="store_true", help="XLA's int8 products on GPUs too")
     parser.add_argument("--int8-kernel-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="the int8 kernel's settings (as bench_int8_matmul.py --best-out writes them)")
+    parser.add_argument("--stream", action="store_true", help="also tp_zoo's streamed generation, per-token rows")
     args = parser.parse_args()
     decode_kernel.ENABLED = not args.no_decode_kernel
     int8_matmul_kernel.ENABLED = not args.no_int8_kernel
@@ -103,6 +109,11 @@ def main():
                 per_token.append((name, tp, batch, prompt, new, ms, floor))
                 print(f"{name} tp={tp} batch {batch} prompt {prompt} +{new}: {ms:.3f} ms/token "
                       f"(floor {floor:.3f}, {ms / floor:.2f}x)", flush=True)
+                if args.stream and ours:
+                    streamed = per_token_ms(lm, batch, prompt, new, args.repeats, call=stream_call)
+                    per_token.append((f"{name} streamed", tp, batch, prompt, new, streamed, floor))
+                    print(f"{name} streamed tp={tp} batch {batch} prompt {prompt} +{new}: {streamed:.3f} ms/token "
+                          f"({streamed / ms:.3f}x the one-program figure)", flush=True)
         if args.only != "per-token" and ours:
             for case, lengths, new in WHOLE_CALL:
                 lengths = [max(1, n // scale) for n in lengths]

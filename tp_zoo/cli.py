@@ -32,28 +32,96 @@ def _sampler(args):
     return keras_hub.samplers.GreedySampler()
 
 
+def _load_for_generation(args, console):
+    import time
+
+    import tp_zoo
+
+    start = time.perf_counter()
+    # The loading bar only on a terminal: piped, stdout holds the generated text alone.
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype, quantize=args.quantize,
+                            progress=sys.stdout.isatty())
+    console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
+    lm.compile(sampler=_sampler(args))
+    return lm
+
+
+def _write(text):
+    """Model text to stdout as it comes (not through rich, which would read
+    brackets in it as markup)."""
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
 def _generate(args):
     import time
 
     from rich.console import Console
 
-    import tp_zoo
-
     console = Console()
+    lm = _load_for_generation(args, console)
     start = time.perf_counter()
-    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype, quantize=args.quantize)
-    console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
-    lm.compile(sampler=_sampler(args))
-    start = time.perf_counter()
-    text = lm.generate(args.prompt, max_length=args.max_length, max_new_tokens=args.max_new_tokens)
+    pieces = lm.generate(args.prompt, max_length=args.max_length, max_new_tokens=args.max_new_tokens, stream=True)
+    prompt_ids = lm.tokenizer.encode(args.prompt)
+    text = lm.tokenizer.decode(prompt_ids)  # what the streamed pieces continue
+    _write(text)
+    for piece in pieces:
+        _write(piece)
+        text += piece
+    _write("\n")
     seconds = time.perf_counter() - start
-    prompt_tokens = len(lm.tokenizer.encode(args.prompt))
-    new_tokens = max(0, len(lm.tokenizer.encode(text)) - prompt_tokens)
-    console.print(text)
+    new_tokens = max(0, len(lm.tokenizer.encode(text)) - len(prompt_ids))
     console.print(
         f"[dim]{new_tokens} new tokens in {seconds:.2f} s = {new_tokens / seconds:.1f} tokens/s "
         "(this first call includes compiling the decode loop)[/dim]"
     )
+
+
+def _chat(args):
+    """Reads user lines from stdin and prints each reply as it streams; the
+    conversation is kept until /reset, /exit or the end of the input."""
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from tp_zoo.models.chat_template import ChatTemplate
+
+    console = Console(stderr=True)  # status and errors; replies go to stdout
+    lm = _load_for_generation(args, console)
+    if args.chat_template and not Path(args.chat_template).is_file():
+        raise ValueError(f"--chat-template {args.chat_template}: no such file.")
+    template = Path(args.chat_template).read_text() if args.chat_template else None
+    ChatTemplate(lm.tokenizer, template)  # a missing or broken template fails here, before any input
+    start = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(start)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        console.print("[dim]/reset clears the conversation, /exit (or Ctrl-D) ends it[/dim]")
+    while True:
+        if interactive:
+            _write("> ")
+        line = sys.stdin.readline()
+        if not line or line.strip() == "/exit":
+            return
+        if line.strip() == "/reset":
+            messages = list(start)
+            console.print("[dim](conversation cleared)[/dim]")
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = ""
+        try:
+            for piece in lm.generate(messages, max_new_tokens=args.max_new_tokens, chat_template=template,
+                                     stream=True):
+                _write(piece)
+                reply += piece
+        except ValueError as error:  # e.g. a conversation grown past the model's positions
+            messages.pop()
+            print(f"tp-zoo: error: {error}", file=sys.stderr)
+            continue
+        _write("\n")
+        messages.append({"role": "assistant", "content": reply})
 
 
 def _finetune(args):
@@ -89,6 +157,16 @@ def _presets(args):
     Console().print(table)
 
 
+def _add_generation_arguments(parser):
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=None)
+    parser.add_argument("--temperature", type=float, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8, quantized while loading")
+
+
 def main(argv=None):
     _simulate_cpu_devices()
     # Only tp_zoo's output: XLA's C++ logging reads this when jax starts its
@@ -105,17 +183,20 @@ def main(argv=None):
     commands.add_parser("presets", help="list the checkpoints known by name").set_defaults(run=_presets)
     gen = commands.add_parser("generate", help="generate text from a preset or checkpoint directory")
     gen.add_argument("preset", metavar="PRESET_OR_DIR")
-    gen.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-length", type=int, default=None, help="prompt + new tokens")
     gen.add_argument("--max-new-tokens", type=int, default=None, help="new tokens (default 64)")
-    gen.add_argument("--top-k", type=int, default=None)
-    gen.add_argument("--top-p", type=float, default=None)
-    gen.add_argument("--temperature", type=float, default=None)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
-    gen.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8, quantized while loading")
+    _add_generation_arguments(gen)
     gen.set_defaults(run=_generate)
+    chat = commands.add_parser("chat", help="chat with an instruct checkpoint (user lines from stdin)")
+    chat.add_argument("preset", metavar="PRESET_OR_DIR")
+    chat.add_argument("--system", default=None, help="a system message to start the conversation with")
+    chat.add_argument("--max-new-tokens", type=int, default=None,
+                      help="tokens per reply (default: up to 512, as the model's positions allow)")
+    chat.add_argument("--chat-template", default=None, metavar="FILE",
+                      help="a Jinja chat template in place of the checkpoint's")
+    _add_generation_arguments(chat)
+    chat.set_defaults(run=_chat)
     ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
     ft.add_argument("preset", metavar="PRESET_OR_DIR")
     ft.add_argument("--tp", type=int, default=1)

@@ -29,3 +29,8 @@ class ShardingError(ValueError):
 class DeviceMemoryError(ValueError):
     """A request that would not fit in the devices' memory; the message gives
     the estimate of bytes needed and what is free."""
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that is missing, does not compile, or fails on (or
+    refuses) a conversation; the message names the problem."""

@@ -27,6 +27,7 @@ def test_presets_and_hf_urls_download_only_needed_files(fake_hub, preset, repo):
     (called_repo, patterns), = fake_hub
     assert called_repo == repo
     assert "*.safetensors" in patterns and "config.json" in patterns
+    assert {"generation_config.json", "chat_template.jinja", "special_tokens_map.json"} <= set(patterns)
     assert not any(p.endswith(".bin") for p in patterns)
 
 
@@ -47,3 +48,13 @@ def test_every_issue_preset_is_listed_with_a_repo():
     known = source.presets()
     assert names <= set(known)
     assert all("/" in known[n]["hf"] and known[n]["family"] in ("opt", "gpt2", "llama") for n in names)
+
+
+def test_instruct_presets_are_listed_as_llama_style():
+    names = {"llama3.1_8b_instruct", "llama3.2_1b_instruct", "llama3.2_3b_instruct", "qwen2.5_0.5b_instruct",
+             "qwen2.5_1.5b_instruct", "qwen2.5_7b_instruct", "smollm2_135m_instruct", "smollm2_360m_instruct",
+             "smollm2_1.7b_instruct", "mistral_7b_instruct_v0.3"}
+    known = source.presets()
+    assert names <= set(known)
+    assert all(known[n]["hf"].endswith("Instruct") or known[n]["hf"].endswith("Instruct-v0.3") for n in names)
+    assert all(known[n]["family"] == known[n]["layout"] == "llama" for n in names)

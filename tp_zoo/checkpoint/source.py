@@ -10,7 +10,8 @@ from tp_zoo.checkpoint.layout import presets_dir
 from tp_zoo.checkpoint.tensor_files import InMemoryTensors
 from tp_zoo.checkpoint.tensor_files import TensorFiles
 
-# Only the files a model needs: config, safetensors weights, tokenizer.
+# Only the files a model needs: config, safetensors weights, tokenizer (and
+# its chat template, in a file of its own in newer checkpoints).
 _NEEDED = [
     "config.json",
     "generation_config.json",
@@ -20,6 +21,7 @@ _NEEDED = [
     "vocab.json",
     "merges.txt",
     "special_tokens_map.json",
+    "chat_template.jinja",
 ]
 _PICKLED = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
 

@@ -168,9 +168,18 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         self.train_function = self.test_function = self.predict_function = None
         self.generate_function = None
 
-    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
-        """Generates from prompts, sharded; see `tp_zoo.models.generation.generate`."""
+    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False,
+                 chat_template=None, stream=False):
+        """Generates from prompts or conversations, sharded; see `tp_zoo.models.generation.generate`.
+
+        ```python
+        lm.generate("The capital of France is")                 # the prompt and its continuation
+        lm.generate([{"role": "user", "content": "Hi!"}])        # the assistant's reply
+        for piece in lm.generate("Once upon a time", stream=True):
+            print(piece, end="", flush=True)
+        ```
+        """
         return generation.generate(
             self, inputs, max_length=max_length, max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids, strip_prompt=strip_prompt,
+            stop_token_ids=stop_token_ids, strip_prompt=strip_prompt, chat_template=chat_template, stream=stream,
         )
