@@ -9,6 +9,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from tp_zoo import parallel
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.base import TrueShapeWeights
 from tp_zoo.losses import VocabParallelCrossEntropy
@@ -54,6 +55,20 @@ def _checks_batch(method):
                     f"Labels outside the vocab [0, {self.backbone.vocab_size}): {sorted(set(bad.tolist()))[:5]}."
                 )
         return method(self, x, y, *args, **kwargs)
+
+    return wrapper
+
+
+def _places_state_on_mesh(make_function):
+    """Runs Keras' make_*_function once the model's, optimizer's and metrics'
+    variables all sit on the model's mesh."""
+
+    @functools.wraps(make_function)
+    def wrapper(self, *args, **kwargs):
+        optimizer = getattr(self, "optimizer", None)
+        state = self.variables + (optimizer.variables if optimizer is not None else []) + self.metrics_variables
+        parallel.place_on_mesh(self.distribution, state)
+        return make_function(self, *args, **kwargs)
 
     return wrapper
 
@@ -145,6 +160,12 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    # Keras compiles each step for the placements its variables have when it
+    # makes the step (see parallel.place_on_mesh).
+    make_train_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_train_function)
+    make_test_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_test_function)
+    make_predict_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_predict_function)
 
     # Strings are preprocessed first (eagerly: the tokenizer is Python), then
     # checked and run like ids.
