@@ -59,20 +59,6 @@ def _checks_batch(method):
     return wrapper
 
 
-def _places_state_on_mesh(make_function):
-    """Runs Keras' make_*_function once the model's, optimizer's and metrics'
-    variables all sit on the model's mesh."""
-
-    @functools.wraps(make_function)
-    def wrapper(self, *args, **kwargs):
-        optimizer = getattr(self, "optimizer", None)
-        state = self.variables + (optimizer.variables if optimizer is not None else []) + self.metrics_variables
-        parallel.place_on_mesh(self.distribution, state)
-        return make_function(self, *args, **kwargs)
-
-    return wrapper
-
-
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
     """A `DecoderBackbone` with a vocab-parallel LM head.
@@ -162,10 +148,23 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
             self.optimizer.build(self.trainable_variables)
 
     # Keras compiles each step for the placements its variables have when it
-    # makes the step (see parallel.place_on_mesh).
-    make_train_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_train_function)
-    make_test_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_test_function)
-    make_predict_function = _places_state_on_mesh(keras_hub.models.CausalLM.make_predict_function)
+    # makes the step: all on the model's mesh (see parallel.place_on_mesh).
+    def make_train_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_predict_function(force)
+
+    def _place_state_on_mesh(self):
+        optimizer = getattr(self, "optimizer", None)
+        state = self.variables + (optimizer.variables if optimizer is not None else []) + self.metrics_variables
+        parallel.place_on_mesh(self.distribution, state)
 
     # Strings are preprocessed first (eagerly: the tokenizer is Python), then
     # checked and run like ids.
