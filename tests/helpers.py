@@ -1,7 +1,9 @@
 """Comparison helpers shared by the tests."""
 
 import contextlib
+import sys
 
+import huggingface_hub
 import numpy as np
 
 import tp_zoo
@@ -39,3 +41,21 @@ def padded_entries(variable, value=None):
 
 def is_padded(variable):
     return any(p.is_padded for p in paddings(variable))
+
+
+def hub_error(cls, status, repo_id):
+    """A huggingface_hub HTTP error of class `cls` (GatedRepoError...), as
+    the Hub's answer of `status` for `repo_id` makes it."""
+    response_cls = huggingface_hub.errors.Response  # httpx's, whichever package huggingface_hub uses
+    http = sys.modules[response_cls.__module__.split(".")[0]]
+    request = http.Request("GET", f"https://huggingface.co/api/models/{repo_id}")
+    return cls(f"{status} Client Error.\n\nRepository {repo_id} ...", response=response_cls(status, request=request))
+
+
+def raising_snapshot_download(error):
+    """A stand-in for huggingface_hub.snapshot_download that raises `error`."""
+
+    def snapshot_download(repo_id, **kwargs):
+        raise error
+
+    return snapshot_download

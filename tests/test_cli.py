@@ -5,10 +5,15 @@ import pathlib
 import re
 import subprocess
 import sys
+from types import SimpleNamespace
 
+import huggingface_hub
 import pytest
 
+from tests.helpers import hub_error
+from tests.helpers import raising_snapshot_download
 from tp_zoo import cli
+from tp_zoo import demo
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -58,3 +63,58 @@ def test_start_up_prints_no_tensorflow_logs():
         assert noise not in run.stderr, run.stderr
     # No absl/glog-format line ("I0000 00:00:1795599008.895946   13230 port.cc:153] ...") at all.
     assert not re.search(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] ", run.stderr, re.M), run.stderr
+
+
+def test_demo_takes_every_gpu_up_to_what_its_model_splits_and_two_simulated_cpus():
+    gpus = lambda n: [SimpleNamespace(platform="gpu")] * n
+    assert [demo.default_tp(gpus(n)) for n in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
+    assert demo.default_tp([SimpleNamespace(platform="cpu")] * 8) == 2
+
+
+def _error_line(err):
+    """The CLI's whole stderr: one line, tp-zoo's error, no traceback."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("tp-zoo: error: "), err
+    return lines[0]
+
+
+def test_unreachable_hub_is_one_line_and_exits_non_zero(tmp_path):
+    # A fresh process, as a user runs it, against an endpoint that refuses
+    # connections (the real huggingface_hub path), with an empty cache.
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path), "HF_HUB_ETAG_TIMEOUT": "2"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    run = subprocess.run(
+        [sys.executable, "-c", "import sys; from tp_zoo.cli import main; sys.exit(main(sys.argv[1:]))",
+         "generate", "opt_125m", "--prompt", "hi"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 2
+    line = _error_line(run.stderr)
+    assert "facebook/opt-125m" in line and "could not be reached" in line
+
+
+def test_gated_repo_is_one_line(monkeypatch, capsys):
+    error = hub_error(huggingface_hub.errors.GatedRepoError, 403, "meta-llama/Meta-Llama-3-8B")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising_snapshot_download(error))
+    assert cli.main(["generate", "llama3_8b", "--prompt", "hi"]) == 2
+    assert "accept its license" in _error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "name,content,problem",
+    [("missing.jsonl", None, "does not exist"),
+     ("bad.jsonl", '{"text": "fine"}\nnot json\n', r"bad.jsonl:2: expected a JSON object"),
+     ("empty.txt", "\n\n", "is empty"),
+     ("data.csv", "a,b", "must be .txt or .jsonl")],
+)
+def test_finetune_refuses_bad_data_before_loading_the_model(monkeypatch, capsys, tmp_path, name, content, problem):
+    import tp_zoo
+
+    def from_preset(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data was checked")
+
+    monkeypatch.setattr(tp_zoo, "from_preset", from_preset)
+    if content is not None:
+        (tmp_path / name).write_text(content)
+    assert cli.main(["finetune", "opt_125m", "--data", str(tmp_path / name)]) == 2
+    assert re.search(problem, _error_line(capsys.readouterr().err))

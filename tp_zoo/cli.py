@@ -6,8 +6,9 @@ import sys
 
 
 def _simulate_cpu_devices(count=8):
-    # Only affects the CPU platform (GPUs are used as they are); must be set
-    # before jax starts its backends.
+    # Only affects the CPU platform: where JAX finds GPUs, they are the
+    # devices (the demo runs on them). Must be set before jax starts its
+    # backends.
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
@@ -128,9 +129,11 @@ def _finetune(args):
     from rich.console import Console
 
     import tp_zoo
+    from tp_zoo.finetune import check_data
     from tp_zoo.finetune import finetune
 
     console = Console()
+    check_data(args.data)  # before the model loads, which can take minutes
     lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
     losses = finetune(lm, args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, lora_rank=args.lora_rank, save_every=args.save_every, out=args.out,
@@ -174,8 +177,9 @@ def main(argv=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="offline demo on a small sharded model")
-    demo.add_argument("--tp", type=int, default=2, help="tensor-parallel degree (default 2)")
+    demo = commands.add_parser("demo", help="offline demo on a small sharded model, over the GPUs if any")
+    demo.add_argument("--tp", type=int, default=None,
+                      help="tensor-parallel degree (default: every GPU, up to 8; 2 simulated CPU devices without GPUs)")
     demo.add_argument("--steps", type=int, default=600, help="fine-tuning steps (about)")
     demo.add_argument("--prompt", default="Four score and seven years ago")
     demo.add_argument("--out", default=None, help="where to write the demo checkpoint (default: a temp dir)")

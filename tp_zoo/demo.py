@@ -4,7 +4,9 @@
    public-domain text shipped with tp_zoo, and write a small Llama-style
    checkpoint in the Hugging Face layout (config.json, model.safetensors,
    tokenizer.json), random-initialised.
-2. Load it with `tp_zoo.from_preset(path, tp=2)`: streamed into shards.
+2. Load it with `tp_zoo.from_preset(path, tp=...)`: streamed into shards,
+   over the machine's GPUs (all of them, up to 8), or over 2 simulated CPU
+   devices on a machine without any.
 3. Fine-tune it briefly with `tp_zoo.finetune` (the vocab-parallel loss).
 4. Generate from a prompt, sharded, and report the speed.
 """
@@ -92,17 +94,30 @@ def _device_table(lm, tp):
         table.add_row(str(device), f"{nbytes / 1e6:.2f} MB", f"{nbytes / total:.1%}")
     table.caption = (
         f"Sharded weights are split {tp} ways; norms (and nothing else) are replicated, so "
-        "each share is a little over 1/tp."
+        "each share is a little over 1/tp." if tp > 1 else "One device holds the whole model (tp=1)."
     )
     return table
 
 
-def run(tp=2, steps=600, prompt="Four score and seven years ago", out=None):
+def default_tp(devices):
+    """The demo's tp over `devices`: every GPU, up to 8, in a power of two
+    (which the demo model's 8 heads and 4 kv heads split with no padding),
+    or 2 simulated devices on a CPU."""
+    if devices[0].platform == "cpu":
+        return 2
+    return max(t for t in (1, 2, 4, 8) if t <= len(devices))
+
+
+def run(tp=None, steps=600, prompt="Four score and seven years ago", out=None):
     console = Console()
     import jax
 
     devices = jax.devices()
-    kind = "simulated CPU devices" if devices[0].platform == "cpu" else f"{devices[0].device_kind} devices"
+    tp = default_tp(devices) if tp is None else tp
+    if devices[0].platform == "cpu":
+        kind = "simulated CPU devices"
+    else:
+        kind = f"{devices[0].device_kind} devices ({devices[0].platform}, {len(devices)} found)"
     console.rule(f"[bold]tp_zoo demo: tensor-parallel over {tp} {kind}")
 
     text = demo_text()

@@ -19,7 +19,24 @@ class CheckpointMismatchError(ValueError):
 
 
 class CorruptCheckpointError(ValueError):
-    """A checkpoint file is truncated or its header is unreadable."""
+    """A checkpoint file is truncated or unreadable: a safetensors header, a
+    config.json that is not a JSON object."""
+
+
+class CheckpointNotFoundError(ValueError):
+    """No checkpoint where a name points: an unknown preset, a directory
+    without config.json, a Hugging Face repo that does not exist (or is
+    private to the token used)."""
+
+
+class GatedCheckpointError(ValueError):
+    """A gated Hugging Face repo, asked for without a token of an account
+    that has accepted its license."""
+
+
+class HubUnreachableError(ValueError):
+    """The Hugging Face Hub could not serve a checkpoint (no network,
+    HF_HUB_OFFLINE, an error of the Hub) and the local cache has no copy."""
 
 
 class ShardingError(ValueError):
@@ -34,3 +51,8 @@ class DeviceMemoryError(ValueError):
 class ChatTemplateError(ValueError):
     """A chat template that is missing, does not compile, or fails on (or
     refuses) a conversation; the message names the problem."""
+
+
+class DataFileError(ValueError):
+    """A fine-tuning data file that is missing, unreadable or not in its
+    format (.txt, or .jsonl of {"text": ...} objects)."""

@@ -8,6 +8,7 @@ takes `batch_size` windows in an order fixed by the seed, so a resumed run
 sees exactly the batches an uninterrupted one would.
 """
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -25,25 +26,51 @@ from tp_zoo.checkpoint.export import export_to_hf
 from tp_zoo.checkpoint.training_state import latest_checkpoint
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
+from tp_zoo.errors import DataFileError
+
+
+def _lines(path, limit=None):
+    """The data file's first `limit` lines (all by default), newlines kept."""
+    path = Path(path)
+    if path.suffix not in (".txt", ".jsonl"):
+        raise DataFileError(f"Data file {path} must be .txt or .jsonl.")
+    if not path.exists():
+        raise DataFileError(f"Data file {path} does not exist.")
+    try:
+        with path.open(encoding="utf-8") as f:
+            return list(itertools.islice(f, limit))
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataFileError(f"Data file {path} cannot be read: {error}.") from None
+
+
+def _jsonl_texts(path, lines):
+    texts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            text = None
+        if not isinstance(text, str):
+            raise DataFileError(f"{path}:{number}: expected a JSON object with a 'text' field (a string).")
+        texts.append(text)
+    return texts
 
 
 def read_texts(path):
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"Data file {path} does not exist.")
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                texts.append(json.loads(line)["text"])
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise ValueError(f"{path}:{number}: expected a JSON object with a 'text' field.") from None
-        return texts
-    if path.suffix == ".txt":
-        return [path.read_text()]
-    raise ValueError(f"Data file {path} must be .txt or .jsonl.")
+    lines = _lines(path)
+    return _jsonl_texts(path, lines) if Path(path).suffix == ".jsonl" else ["".join(lines)]
+
+
+def check_data(path, lines=100):
+    """Fails fast, before a model is loaded, on a data file that is missing,
+    unreadable, empty or (its first `lines` lines) not in its format."""
+    head = _lines(path, lines)
+    if not any(line.strip() for line in head):
+        raise DataFileError(f"Data file {path} is empty.")
+    if Path(path).suffix == ".jsonl":
+        _jsonl_texts(path, head)
 
 
 def windows(causal_lm, texts, seq_len, stride=None):

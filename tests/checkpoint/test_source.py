@@ -1,9 +1,17 @@
 """Where checkpoints come from: preset names and hf:// go through huggingface_hub."""
 
+import re
+
 import huggingface_hub
 import pytest
 
+from tests.helpers import hub_error
+from tests.helpers import raising_snapshot_download
 from tp_zoo.checkpoint import source
+from tp_zoo.errors import CheckpointNotFoundError
+from tp_zoo.errors import CorruptCheckpointError
+from tp_zoo.errors import GatedCheckpointError
+from tp_zoo.errors import HubUnreachableError
 
 
 @pytest.fixture
@@ -58,3 +66,79 @@ def test_instruct_presets_are_listed_as_llama_style():
     assert names <= set(known)
     assert all(known[n]["hf"].endswith("Instruct") or known[n]["hf"].endswith("Instruct-v0.3") for n in names)
     assert all(known[n]["family"] == known[n]["layout"] == "llama" for n in names)
+
+
+# --- a new user's first errors: one line each, naming the repo or file and the fix ---
+@pytest.fixture
+def hub_out_of_reach(monkeypatch, tmp_path):
+    """The real huggingface_hub against an endpoint that refuses connections
+    (at once, whatever the machine's network), with an empty cache."""
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+
+
+def _one_line(error):
+    message = str(error.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_unreachable_hub_names_the_repo_and_what_to_do(hub_out_of_reach):
+    with pytest.raises(HubUnreachableError) as raised:
+        source.checkpoint_directory("opt_125m")
+    message = _one_line(raised)
+    assert "facebook/opt-125m" in message and "could not be reached" in message
+    assert "local directory" in message and "cache" in message
+
+
+def test_offline_mode_without_a_cached_copy_says_so(hub_out_of_reach, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUnreachableError) as raised:
+        source.checkpoint_directory("hf://org/some-model")
+    message = _one_line(raised)
+    assert "org/some-model" in message and "HF_HUB_OFFLINE is set" in message
+
+
+def test_gated_repo_says_to_accept_the_license_and_log_in(monkeypatch):
+    repo = "meta-llama/Meta-Llama-3-8B"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        raising_snapshot_download(hub_error(huggingface_hub.errors.GatedRepoError, 403, repo)))
+    with pytest.raises(GatedCheckpointError) as raised:
+        source.checkpoint_directory("llama3_8b")
+    message = _one_line(raised)
+    assert repo in message and "license" in message and "HF_TOKEN" in message and "hf auth login" in message
+
+
+def test_missing_repo_says_to_check_the_name(monkeypatch):
+    monkeypatch.setattr(huggingface_hub, "snapshot_download",
+                        raising_snapshot_download(hub_error(huggingface_hub.errors.RepositoryNotFoundError, 401, "org/nope")))
+    with pytest.raises(CheckpointNotFoundError) as raised:
+        source.checkpoint_directory("hf://org/nope")
+    message = _one_line(raised)
+    assert "org/nope" in message and "Check the name" in message and "private" in message
+
+
+def test_a_repo_name_without_hf_prefix_is_pointed_to_it(fake_hub):
+    with pytest.raises(CheckpointNotFoundError, match=r"hf://facebook/opt-125m"):
+        source.checkpoint_directory("facebook/opt-125m")
+    assert not fake_hub
+
+
+@pytest.mark.parametrize(
+    "content,problem",
+    [('{"model_type": "llama",', r"is not valid JSON: .* \(line 1, column 24\)"),
+     ('["llama"]', "holds a JSON list, not an object"),
+     (b"\xff\xfe{}", "cannot be read")],
+)
+def test_invalid_config_names_the_file_and_the_problem(tmp_path, content, problem):
+    config = tmp_path / "config.json"
+    config.write_bytes(content if isinstance(content, bytes) else content.encode())
+    with pytest.raises(CorruptCheckpointError, match=rf"{re.escape(str(config))} {problem}") as raised:
+        source.read_config(tmp_path)
+    _one_line(raised)
+
+
+def test_unreadable_config_names_the_file(tmp_path):
+    (tmp_path / "config.json").mkdir()  # a directory where the file should be
+    with pytest.raises(CorruptCheckpointError, match="config.json cannot be read"):
+        source.read_config(tmp_path)

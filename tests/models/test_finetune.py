@@ -79,6 +79,22 @@ def test_optimizer_state_is_sharded_like_its_parameter(llama_path):
     assert checked == 2 * len(by_path)
 
 
+@pytest.mark.parametrize("tp", [1, 2])
+def test_no_warning_of_a_mix_of_local_and_mesh_variables(llama_path, recwarn, tp):
+    # On a mesh of one device (tp=1 on a chosen device) Keras kept the values it
+    # made (LoRA adapters, AdamW slots, metric totals) on that device, beside
+    # loaded values placed on the mesh, and warned at every compiled step.
+    lm = tp_zoo.from_preset(llama_path, tp=tp, devices=jax.devices()[:tp], progress=False)
+    lm.backbone.enable_lora(2)
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-3))
+    x, y, mask = _batch(100)
+    lm.train_on_batch(x, y, sample_weight=mask)
+    lm.test_on_batch(x, y, sample_weight=mask)
+    lm.predict_on_batch(x)
+    assert not [str(w.message) for w in recwarn if "mix of local" in str(w.message)]
+    assert {type(v.value.sharding) for v in lm.variables + lm.optimizer.variables} == {jax.sharding.NamedSharding}
+
+
 def test_mixed_bfloat16_trains(llama_path):
     lm, losses = _train(llama_path, 100, 2, 1, dtype="mixed_bfloat16")
     assert all(v.dtype == "float32" for v in lm.weights)

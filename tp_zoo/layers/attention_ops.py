@@ -21,6 +21,7 @@ import jax.numpy as jnp
 
 from tp_zoo import parallel
 from tp_zoo.layers import decode_kernel
+from tp_zoo.layers.precision import product_precision
 
 _MASKED = -1e30
 
@@ -58,10 +59,12 @@ def dense_attention(q, k, v, mask):
     `mask` broadcasts to (batch, q, k)."""
     b, s, h, d = q.shape
     kv = k.shape[2]
-    scores = jnp.einsum("bskgd,btkd->bkgst", _grouped(q, kv), k, preferred_element_type=jnp.float32)
+    scores = jnp.einsum(
+        "bskgd,btkd->bkgst", _grouped(q, kv), k, precision=product_precision(q, k), preferred_element_type=jnp.float32
+    )
     scores = jnp.where(mask[:, None, None], scores * (1.0 / d**0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgst,btkd->bskgd", probs, v)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs, v, precision=product_precision(v))
     return out.reshape(b, s, h, d)
 
 
@@ -93,6 +96,7 @@ def blockwise_attention(q, k, v, window=None, block=512):
     vb = v.reshape(b, n, block, kv, d)
     scale = 1.0 / d**0.5
     offsets = jnp.arange(block)
+    precision = product_precision(q, k, v)
 
     def query_block(i):
         qi = qb[:, i]
@@ -100,14 +104,19 @@ def blockwise_attention(q, k, v, window=None, block=512):
 
         def key_block(j, carry):
             acc, m, l = carry
-            scores = jnp.einsum("bskgd,btkd->bkgst", qi, kb[:, j], preferred_element_type=jnp.float32)
+            scores = jnp.einsum(
+                "bskgd,btkd->bkgst", qi, kb[:, j], precision=precision, preferred_element_type=jnp.float32
+            )
             mask = causal_mask(q_pos, j * block + offsets, window)
             scores = jnp.where(mask, scores * scale, _MASKED)
             m_new = jnp.maximum(m, scores.max(axis=-1))
             correction = jnp.exp(m - m_new)
             p = jnp.exp(scores - m_new[..., None])
             l = l * correction + p.sum(axis=-1)
-            pv = jnp.einsum("bkgst,btkd->bkgsd", p.astype(v.dtype), vb[:, j], preferred_element_type=jnp.float32)
+            pv = jnp.einsum(
+                "bkgst,btkd->bkgsd", p.astype(v.dtype), vb[:, j], precision=precision,
+                preferred_element_type=jnp.float32,
+            )
             return acc * correction[..., None] + pv, m_new, l
 
         # Made from qi so that the loop's carry varies over devices as qi does.
@@ -145,14 +154,15 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
     b, h, d = q.shape
     kv, t = k_cache.shape[1], k_cache.shape[2]
     qg = q.reshape(b, kv, h // kv, d)
-    scores = jnp.einsum("bkgd,bktd->bkgt", qg, k_cache, preferred_element_type=jnp.float32)
+    precision = product_precision(q, k_cache)
+    scores = jnp.einsum("bkgd,bktd->bkgt", qg, k_cache, precision=precision, preferred_element_type=jnp.float32)
     keys = jnp.arange(t)
     visible = keys[None, :] <= positions[:, None]
     if starts is not None:
         visible &= keys[None, :] >= starts[:, None]
     scores = jnp.where(visible[:, None, None], scores * (1.0 / d**0.5), _MASKED)
     probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-    out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgt,bktd->bkgd", probs, v_cache, precision=precision, preferred_element_type=jnp.float32)
     return out.reshape(b, h, d).astype(q.dtype), k_cache, v_cache
 
 

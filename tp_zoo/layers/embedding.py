@@ -19,6 +19,7 @@ from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import round_up
+from tp_zoo.layers.precision import product_precision
 
 M = parallel.MODEL
 B = parallel.BATCH
@@ -163,7 +164,7 @@ class VocabParallelLMHead(ShardedLayer):
         else:
             kernel, kernel_layout, equation = self._kernel()
             logits = self.run_sharded(
-                lambda k, h: jnp.einsum(equation, h, k),
+                lambda k, h: jnp.einsum(equation, h, k, precision=product_precision(h, k)),
                 (kernel_layout, layout + (None,)),
                 layout + (M,),
                 kernel,

@@ -30,6 +30,7 @@ from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import check_divisible
 from tp_zoo.layers.base import real_mask
 from tp_zoo.layers.base import round_up
+from tp_zoo.layers.precision import product_precision
 
 M = parallel.MODEL
 B = parallel.BATCH
@@ -269,7 +270,10 @@ class _ParallelLinear(ShardedLayer):
         kernel's is zero outside the parts that have adapters."""
         pairs = weights[len(weights) - len(self._lora_layouts) :]
         scale = self.lora_alpha / self.lora_rank
-        updates = [jnp.tensordot(a, b, axes=1) * scale for a, b in zip(pairs[::2], pairs[1::2])]
+        updates = [
+            jnp.tensordot(a, b, axes=1, precision=product_precision(a, b)) * scale
+            for a, b in zip(pairs[::2], pairs[1::2])
+        ]
         if not self.lora_parts:
             return updates[0]
         fused = self.parts_of(self.kernel_shape_built, kernel=True)
@@ -308,14 +312,15 @@ class _ParallelLinear(ShardedLayer):
         """The layer's math on local shards (inside a sharded region)."""
         if isinstance(kernel, q8.QuantizedKernel):
             return self._apply_quantized(kernel, bias, x)
+        precision = product_precision(x, kernel)
         if bias is None and not (self.reduces and self.tp > 1):
-            y = jnp.einsum(self.equation, x, kernel)
+            y = jnp.einsum(self.equation, x, kernel, precision=precision)
         else:
             # Summed over devices and biased in float32, then rounded once (as
             # torch's addmm): rounding the product before its bias, or each
             # device's partial sum, costs visible bf16 accuracy. Only here: a
             # float32 product is much slower for batch-1 decode on GPUs.
-            y = jnp.einsum(self.equation, x, kernel, preferred_element_type=jnp.float32)
+            y = jnp.einsum(self.equation, x, kernel, precision=precision, preferred_element_type=jnp.float32)
             if self.reduces:
                 y = parallel.all_reduce(y)
             if bias is not None:

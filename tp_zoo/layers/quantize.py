@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from tp_zoo.layers import int8_matmul_kernel
+from tp_zoo.layers.precision import product_precision
 
 SUPPORTED_MODES = ("int8",)
 
@@ -169,5 +170,7 @@ def int8_product(x, values, n_in):
     if int8_matmul_kernel.applies(x2, w2):
         y = int8_matmul_kernel.int8_matmul(x2, w2)
     else:
-        y = jnp.einsum("rk,nk->rn", x2, w2.astype(x.dtype), preferred_element_type=jnp.float32)
+        y = jnp.einsum(
+            "rk,nk->rn", x2, w2.astype(x.dtype), precision=product_precision(x2), preferred_element_type=jnp.float32
+        )
     return y.reshape(lead + out_dims)

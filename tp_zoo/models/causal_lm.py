@@ -9,6 +9,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from tp_zoo import parallel
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.base import TrueShapeWeights
 from tp_zoo.losses import VocabParallelCrossEntropy
@@ -145,6 +146,25 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    # Keras compiles each step for the placements its variables have when it
+    # makes the step: all on the model's mesh (see parallel.place_on_mesh).
+    def make_train_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_train_function(force)
+
+    def make_test_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_test_function(force)
+
+    def make_predict_function(self, force=False):
+        self._place_state_on_mesh()
+        return super().make_predict_function(force)
+
+    def _place_state_on_mesh(self):
+        optimizer = getattr(self, "optimizer", None)
+        state = self.variables + (optimizer.variables if optimizer is not None else []) + self.metrics_variables
+        parallel.place_on_mesh(self.distribution, state)
 
     # Strings are preprocessed first (eagerly: the tokenizer is Python), then
     # checked and run like ids.

@@ -14,5 +14,6 @@ from tp_zoo.parallel.mesh import MeshInfo
 from tp_zoo.parallel.mesh import active_mesh
 from tp_zoo.parallel.mesh import distribution
 from tp_zoo.parallel.mesh import on_gpu
+from tp_zoo.parallel.mesh import place_on_mesh
 from tp_zoo.parallel.processes import global_replicated
 from tp_zoo.parallel.processes import initialize

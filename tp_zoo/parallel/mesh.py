@@ -4,6 +4,8 @@ import dataclasses
 
 import jax
 import keras
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 BATCH_AXIS = "batch"
 MODEL_AXIS = "model"
@@ -98,3 +100,23 @@ def active_mesh():
         tp=shape[MODEL_AXIS],
         dp=shape.get(BATCH_AXIS, 1),
     )
+
+
+def place_on_mesh(distribution, variables):
+    """Puts on the mesh of `distribution` (a Keras distribution, or None)
+    the values of `variables` that Keras left on its one device.
+
+    On a mesh of one device, JAX deems an array committed to that device
+    placed as the mesh's sharding, so Keras keeps the values it makes or is
+    given (initializers under 250 MB, LoRA adapters, optimizer slots, metric
+    totals, assigned arrays) as they are, beside values placed on the mesh
+    (checkpoint loads, larger variables); its trainer then warns of "a mix of
+    local and distributed variables" that cannot fail. On a mesh of several
+    devices Keras places every value itself.
+    """
+    if distribution is None or distribution.device_mesh.backend_mesh.size != 1:
+        return
+    placed = NamedSharding(distribution.device_mesh.backend_mesh, PartitionSpec())
+    for variable in variables:
+        if isinstance(variable.value.sharding, jax.sharding.SingleDeviceSharding):
+            variable.assign(jax.device_put(variable.value, placed))
