@@ -103,7 +103,10 @@ def test_gated_repo_is_one_line(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "name,content,problem",
     [("missing.jsonl", None, "does not exist"),
-     ("bad.jsonl", '{"text": "fine"}\nnot json\n', r"bad.jsonl:2: expected a JSON object"),
+     ("bad.jsonl", '{"text": "fine"}\nnot json\n', r"bad.jsonl:2: not JSON"),
+     ("chats.jsonl", '{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "beep"}]}\n',
+      r"chats.jsonl:1: Message 1 has the unknown role 'robot'"),
+     ("pairs.jsonl", '{"prompt": "2 + 2 ="}\n', r"pairs.jsonl:1 has the keys \['prompt'\]"),
      ("empty.txt", "\n\n", "is empty"),
      ("data.csv", "a,b", "must be .txt or .jsonl")],
 )

@@ -103,8 +103,9 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path):
     "kwargs,files,match",
     [
         ({"seq_len": 4096}, {"data.txt": "hello"}, "beyond the model's 128 positions"),
-        ({}, {"data.txt": ""}, "not enough for one sequence"),
-        ({}, {"data.jsonl": '{"text": "a"}\n{"oops": 1}\n'}, r"data.jsonl:2: expected a JSON object with a 'text'"),
+        ({}, {"data.txt": ""}, "is empty"),
+        ({}, {"data.txt": "hello"}, "not enough for one sequence"),
+        ({}, {"data.jsonl": '{"text": "a"}\n{"oops": 1}\n'}, r"data.jsonl:2 has the keys \['oops'\]"),
         ({}, {"data.csv": "a,b"}, "must be .txt or .jsonl"),
         ({"batch_size": 3}, {"data.txt": "x"}, r"batch_size=3 is not divisible by dp=2"),
         ({"lora_rank": 0}, {"data.txt": demo.demo_text()}, "LoRA rank must be a positive integer"),

@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _simulate_cpu_devices(count=8):
@@ -78,20 +79,26 @@ def _generate(args):
     )
 
 
+def _chat_template_file(path):
+    """The text of --chat-template FILE (None without one)."""
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"--chat-template {path}: cannot be read ({error}).") from None
+
+
 def _chat(args):
     """Reads user lines from stdin and prints each reply as it streams; the
     conversation is kept until /reset, /exit or the end of the input."""
-    from pathlib import Path
-
     from rich.console import Console
 
     from tp_zoo.models.chat_template import ChatTemplate
 
     console = Console(stderr=True)  # status and errors; replies go to stdout
+    template = _chat_template_file(args.chat_template)
     lm = _load_for_generation(args, console)
-    if args.chat_template and not Path(args.chat_template).is_file():
-        raise ValueError(f"--chat-template {args.chat_template}: no such file.")
-    template = Path(args.chat_template).read_text() if args.chat_template else None
     ChatTemplate(lm.tokenizer, template)  # a missing or broken template fails here, before any input
     start = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(start)
@@ -134,10 +141,11 @@ def _finetune(args):
 
     console = Console()
     check_data(args.data)  # before the model loads, which can take minutes
+    template = _chat_template_file(args.chat_template)
     lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
     losses = finetune(lm, args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       lr=args.lr, lora_rank=args.lora_rank, save_every=args.save_every, out=args.out,
-                      stride=args.stride)
+                      stride=args.stride, packing=args.packing, chat_template=template)
     if losses:
         console.print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     if args.out:
@@ -205,12 +213,19 @@ def main(argv=None):
     ft.add_argument("preset", metavar="PRESET_OR_DIR")
     ft.add_argument("--tp", type=int, default=1)
     ft.add_argument("--dp", type=int, default=1)
-    ft.add_argument("--data", required=True, help=".txt (one document) or .jsonl ({'text': ...} per line)")
+    ft.add_argument("--data", required=True,
+                    help=".txt (one document) or .jsonl, a line each: {'text': ...}, {'messages': [...]} (only the "
+                         "assistant's replies trained) or {'prompt': ..., 'completion': ...} (only the completion)")
     ft.add_argument("--lora-rank", type=int, default=None)
     ft.add_argument("--steps", type=int, default=100)
     ft.add_argument("--batch-size", type=int, default=8)
     ft.add_argument("--seq-len", type=int, default=128)
-    ft.add_argument("--stride", type=int, default=None, help="window start every N tokens (default: seq-len)")
+    ft.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                    help="join examples into full rows, or pad one per row (default: pack plain text, pad the rest)")
+    ft.add_argument("--stride", type=int, default=None,
+                    help="packed rows start every N tokens (default: seq-len)")
+    ft.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="a Jinja chat template for 'messages' data in place of the checkpoint's")
     ft.add_argument("--lr", type=float, default=1e-4)
     ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
     ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")

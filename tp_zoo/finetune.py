@@ -1,14 +1,22 @@
-"""`tp-zoo finetune`: fine-tune a checkpoint on a text file, sharded and resumable.
+"""`tp-zoo finetune`: fine-tune a checkpoint on a data file, sharded and resumable.
 
-The data is a .txt file (one document) or a .jsonl file (one {"text": ...}
-per line). Documents are tokenized with the checkpoint's tokenizer, joined
-with its EOS token and cut into windows of `seq_len + 1` tokens (starting
-every `stride` tokens: seq_len by default, less for overlapping windows); each step
-takes `batch_size` windows in an order fixed by the seed, so a resumed run
-sees exactly the batches an uninterrupted one would.
+The data is a .txt file (one document) or a .jsonl file of examples, one
+per line, in TRL's formats (`tp_zoo.models.training_examples`):
+{"text": ...} (every token trained), {"messages": [...]} (a conversation
+through the chat template; only the assistant's replies trained) and
+{"prompt": ..., "completion": ...} (only the completion trained). Every
+line is checked before the model loads, and every example encoded before
+the first step, so a bad line stops the run before anything is trained.
+
+Examples are packed (joined and cut into windows of `seq_len + 1` tokens,
+starting every `stride` tokens: seq_len by default) or padded (one per
+row; one longer than seq_len + 1 is refused). By default plain text is
+packed and instruction data padded. The loss is the mean over the trained
+tokens of a batch. Each step takes `batch_size` rows in an order fixed by
+the seed, so a resumed run sees exactly the batches an uninterrupted one
+would.
 """
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -27,10 +35,16 @@ from tp_zoo.checkpoint.training_state import latest_checkpoint
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
+from tp_zoo.models.chat_template import ChatTemplate
+from tp_zoo.models.training_examples import FORMATS
+from tp_zoo.models.training_examples import check_example
+from tp_zoo.models.training_examples import encode_example
+from tp_zoo.models.training_examples import packed_rows
+from tp_zoo.models.training_examples import padded_rows
 
 
-def _lines(path, limit=None):
-    """The data file's first `limit` lines (all by default), newlines kept."""
+def _lines(path):
+    """The data file's lines, newlines kept."""
     path = Path(path)
     if path.suffix not in (".txt", ".jsonl"):
         raise DataFileError(f"Data file {path} must be .txt or .jsonl.")
@@ -38,61 +52,67 @@ def _lines(path, limit=None):
         raise DataFileError(f"Data file {path} does not exist.")
     try:
         with path.open(encoding="utf-8") as f:
-            return list(itertools.islice(f, limit))
+            return list(f)
     except (OSError, UnicodeDecodeError) as error:
         raise DataFileError(f"Data file {path} cannot be read: {error}.") from None
 
 
-def _jsonl_texts(path, lines):
-    texts = []
+def read_examples(path):
+    """[(where, example)]: the data file's examples, each checked, with where
+    it is ("data.jsonl:7") for errors; a DataFileError names the first bad line."""
+    lines = _lines(path)
+    if not any(line.strip() for line in lines):
+        raise DataFileError(f"Data file {path} is empty.")
+    if Path(path).suffix == ".txt":
+        return [(str(path), "".join(lines))]
+    examples = []
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
+        where = f"{path}:{number}"
         try:
-            text = json.loads(line)["text"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            text = None
-        if not isinstance(text, str):
-            raise DataFileError(f"{path}:{number}: expected a JSON object with a 'text' field (a string).")
-        texts.append(text)
-    return texts
+            example = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataFileError(f"{where}: not JSON ({error.msg}).") from None
+        if not isinstance(example, dict):
+            raise DataFileError(f"{where}: a {type(example).__name__}, not a JSON object ({FORMATS}).")
+        try:
+            check_example(example, where)
+        except ValueError as error:
+            raise DataFileError(str(error)) from None
+        examples.append((where, example))
+    return examples
 
 
-def read_texts(path):
-    lines = _lines(path)
-    return _jsonl_texts(path, lines) if Path(path).suffix == ".jsonl" else ["".join(lines)]
-
-
-def check_data(path, lines=100):
+def check_data(path):
     """Fails fast, before a model is loaded, on a data file that is missing,
-    unreadable, empty or (its first `lines` lines) not in its format."""
-    head = _lines(path, lines)
-    if not any(line.strip() for line in head):
-        raise DataFileError(f"Data file {path} is empty.")
-    if Path(path).suffix == ".jsonl":
-        _jsonl_texts(path, head)
+    unreadable, empty or with a line not in one of its formats."""
+    read_examples(path)
 
 
-def windows(causal_lm, texts, seq_len, stride=None):
-    """(token_ids, labels) windows of seq_len tokens from the joined documents."""
+def training_rows(causal_lm, examples, seq_len, packing=None, stride=None, chat_template=None):
+    """({"token_ids", "padding_mask"}, labels) rows of seq_len tokens from
+    `read_examples`' examples: packed or padded (None: packed if they are
+    all plain text); labels are -100 where nothing is trained."""
     if causal_lm.tokenizer is None:
         raise ValueError("This checkpoint has no tokenizer files: tp-zoo finetune needs one.")
     limit = causal_lm.backbone.max_sequence_length
     if seq_len > limit:
         raise ValueError(f"seq_len={seq_len} is beyond the model's {limit} positions.")
-    eos = list(causal_lm.tokenizer.eos_ids[:1])
-    stream = []
-    for text in texts:
-        stream += causal_lm.tokenizer.encode(text) + eos
-    if len(stream) < seq_len + 1:
-        raise ValueError(
-            f"The dataset has {len(stream)} tokens: not enough for one sequence of {seq_len} + 1 tokens."
-        )
-    ids = np.asarray(stream, "int32")
-    starts = range(0, len(ids) - seq_len, stride or seq_len)
-    x = np.stack([ids[s : s + seq_len] for s in starts])
-    y = np.stack([ids[s + 1 : s + seq_len + 1] for s in starts])
-    return x, y
+    if packing is None:
+        packing = all(check_example(example) == "text" for _, example in examples)
+    if not packing and stride is not None:
+        raise ValueError("stride applies to packed examples; padded ones take a row each.")
+    template = None if chat_template is None else ChatTemplate(causal_lm.tokenizer, chat_template)
+    encoded = []
+    for where, example in examples:
+        try:
+            encoded.append(encode_example(causal_lm.tokenizer, example, template))
+        except ValueError as error:  # ChatTemplateError included: the line it failed on
+            raise type(error)(f"{where}: {error}") from None
+    if packing:
+        return packed_rows(encoded, seq_len, stride)
+    return padded_rows(encoded, seq_len, names=[where for where, _ in examples])
 
 
 def batch_for_step(step, count, batch_size, seed=0):
@@ -104,19 +124,22 @@ def batch_for_step(step, count, batch_size, seed=0):
 
 
 def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None,
-             save_every=None, out=None, seed=0, stride=None, progress=True):
+             save_every=None, out=None, seed=0, stride=None, packing=None, chat_template=None, progress=True):
     """Trains `causal_lm` in place; returns the losses of the steps it ran.
 
-    With `out`, checkpoints go to out/checkpoints every `save_every` steps
-    (and at the end); a run finding one there resumes from it. The final
-    model is exported to out/model in the Hugging Face layout.
+    `packing` and `stride` as in `training_rows`; `chat_template`: a Jinja
+    template for conversations in place of the checkpoint's. With `out`,
+    checkpoints go to out/checkpoints every `save_every` steps (and at the
+    end); a run finding one there resumes from it. The final model is
+    exported to out/model in the Hugging Face layout.
     """
     dp = causal_lm.data_parallel_degree
     if batch_size % dp:
         raise ValueError(f"batch_size={batch_size} is not divisible by dp={dp}.")
-    x, y = windows(causal_lm, read_texts(data), seq_len, stride)
-    if len(x) < batch_size:
-        raise ValueError(f"The dataset has {len(x)} sequences of {seq_len} tokens, fewer than batch_size={batch_size}.")
+    x, y = training_rows(causal_lm, read_examples(data), seq_len, packing, stride, chat_template)
+    rows = len(y)
+    if rows < batch_size:
+        raise ValueError(f"The dataset has {rows} sequences of {seq_len} tokens, fewer than batch_size={batch_size}.")
     if lora_rank is not None:
         causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=lr), weighted_metrics=[])
@@ -131,12 +154,12 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
         task = bar.add_task("steps", total=steps, completed=start, loss="-", speed="-")
         began = time.perf_counter()
         for step in range(start, steps):
-            rows = batch_for_step(step, len(x), batch_size, seed)
+            picked = batch_for_step(step, rows, batch_size, seed)
             if dp > 1 and jax.process_count() > 1:
                 # Processes along the "batch" axis each feed their own share.
-                rows = np.array_split(rows, jax.process_count())[jax.process_index()]
-            batch = {"token_ids": x[rows], "padding_mask": np.ones_like(x[rows])}
-            losses.append(float(causal_lm.train_on_batch(batch, y[rows])))
+                picked = np.array_split(picked, jax.process_count())[jax.process_index()]
+            batch = {name: value[picked] for name, value in x.items()}
+            losses.append(float(causal_lm.train_on_batch(batch, y[picked])))
             done = step + 1 - start
             speed = done * batch_size * seq_len / (time.perf_counter() - began)
             bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", speed=f"{speed:,.0f}")

@@ -425,6 +425,17 @@ TEMPLATES = {
     ),
 }
 
+# What each template writes for an assistant reply (its content stripped),
+# from the end of the generation prompt through its end-of-turn token.
+REPLIES = {
+    "llama3.1": "{}<|eot_id|>",
+    "llama3.2": "{}<|eot_id|>",
+    "qwen2.5": "{}<|im_end|>",
+    "smollm2": "{}<|im_end|>",
+    "mistral_v0.3": " {}</s>",
+    "tinyllama_zephyr": "{}</s>",
+}
+
 
 def write_tokenizer(directory, name, vocab_size=320):
     """Writes a small BPE tokenizer (trained on the demo text) with template

@@ -88,18 +88,6 @@ def test_template_special_tokens_and_stops(tokenizer_files):
     assert [ours.tokenizer.token(i) for i in ours.tokenizer.eos_ids] == expected
 
 
-# What each template writes for an assistant reply, from the end of the
-# generation prompt through its end-of-turn token.
-REPLIES = {
-    "llama3.1": "{}<|eot_id|>",
-    "llama3.2": "{}<|eot_id|>",
-    "qwen2.5": "{}<|im_end|>",
-    "smollm2": "{}<|im_end|>",
-    "mistral_v0.3": " {}</s>",
-    "tinyllama_zephyr": "{}</s>",
-}
-
-
 def test_assistant_spans_cover_each_reply_and_its_end_of_turn(tokenizer_files):
     name, directory, config = tokenizer_files
     ours = _ours(directory, config)
@@ -111,7 +99,7 @@ def test_assistant_spans_cover_each_reply_and_its_end_of_turn(tokenizer_files):
         text, spans = assistant_spans(ours, conversation)
         assert text == ours.render(conversation)
         replies = [m["content"].strip() for m in conversation if m["role"] == "assistant"]
-        assert [text[start:end] for start, end in spans] == [REPLIES[name].format(r) for r in replies]
+        assert [text[start:end] for start, end in spans] == [chat_templates.REPLIES[name].format(r) for r in replies]
         # Each span begins and ends on token boundaries, so a token mask from
         # the encoding's offsets covers it exactly.
         offsets = fast.encode(text, add_special_tokens=False).offsets

@@ -15,6 +15,10 @@ from tp_zoo import parallel
 M = parallel.MODEL
 B = parallel.BATCH
 
+# The label of a token the loss skips (transformers' value); what
+# `tp_zoo.models.training_examples` writes outside trained spans.
+IGNORED_LABEL = -100
+
 
 def _local_cross_entropy(logits, labels):
     logits = logits.astype("float32")

@@ -12,6 +12,7 @@ import numpy as np
 from tp_zoo import parallel
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.base import TrueShapeWeights
+from tp_zoo.layers.loss import IGNORED_LABEL
 from tp_zoo.losses import VocabParallelCrossEntropy
 from tp_zoo.models import generation
 from tp_zoo.models.backbone import DecoderBackbone
@@ -51,8 +52,11 @@ def _checks_batch(method):
             labels = np.asarray(y)
             bad = labels[((labels < 0) | (labels >= self.backbone.vocab_size)) & (labels != ignored)]
             if bad.size:
+                hint = (f" Labels of {IGNORED_LABEL} mark tokens to skip: compile with "
+                        f"loss=VocabParallelCrossEntropy(ignore_class={IGNORED_LABEL}) (the default)."
+                        if IGNORED_LABEL in bad else "")
                 raise ValueError(
-                    f"Labels outside the vocab [0, {self.backbone.vocab_size}): {sorted(set(bad.tolist()))[:5]}."
+                    f"Labels outside the vocab [0, {self.backbone.vocab_size}): {sorted(set(bad.tolist()))[:5]}.{hint}"
                 )
         return method(self, x, y, *args, **kwargs)
 
@@ -125,14 +129,16 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
 
     @_under_own_distribution
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):
-        """KerasHub's compile, with `VocabParallelCrossEntropy` as the default loss.
+        """KerasHub's compile, with `VocabParallelCrossEntropy` as the default
+        loss; it skips labels of -100 (`IGNORED_LABEL`), as transformers
+        does, which instruction examples put outside the trained replies.
 
         An optimizer made outside the model's distribution (its step counter
         and learning rate on one device) is remade from its config inside it,
         so that all training state lives on the mesh.
         """
         if loss == "auto":
-            loss = VocabParallelCrossEntropy()
+            loss = VocabParallelCrossEntropy(ignore_class=IGNORED_LABEL)
         # KerasHub's enable_lora freezes the backbone; the LM head lives here.
         if getattr(self.backbone, "_lora_enabled_layers", None):
             self.lm_head.trainable = False

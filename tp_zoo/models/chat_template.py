@@ -143,13 +143,22 @@ class ChatTemplate:
     def encode(self, messages, add_generation_prompt=False, **variables):
         """The conversation's token ids: the same as transformers'
         `apply_chat_template(messages)` on the same checkpoint."""
+        self._check_reads_special_tokens()
+        text = self.render(messages, add_generation_prompt=add_generation_prompt, **variables)
+        return self.encode_rendered(text)[0]
+
+    def encode_rendered(self, text):
+        """(ids, starts) of a rendered conversation: its ids and the offset in
+        `text` where each token starts."""
+        self._check_reads_special_tokens()
+        return self.tokenizer.encode_with_offsets(text, add_special_tokens=False)
+
+    def _check_reads_special_tokens(self):
         if not self.tokenizer.reads_special_tokens:
             raise ChatTemplateError(
                 "Chat needs the checkpoint's tokenizer.json: with only vocab.json + merges.txt or "
                 "tokenizer.model, the special tokens a chat template writes would be encoded as plain text."
             )
-        text = self.render(messages, add_generation_prompt=add_generation_prompt, **variables)
-        return self.tokenizer.encode(text, add_special_tokens=False)
 
 
 def check_conversation(messages, conversation=None):

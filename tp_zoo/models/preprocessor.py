@@ -16,7 +16,12 @@ import keras
 import keras_hub
 import numpy as np
 
+from tp_zoo.layers.loss import IGNORED_LABEL
+from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.tokenizer import CheckpointTokenizer
+from tp_zoo.models.training_examples import check_example
+from tp_zoo.models.training_examples import encode_example
+from tp_zoo.models.training_examples import padded_rows
 
 
 @keras.saving.register_keras_serializable(package="tp_zoo")
@@ -29,6 +34,15 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     first `sequence_length`, `y` the ids shifted by one and `sample_weight`
     the mask shifted by one. Outputs are numpy arrays.
 
+    Instruction examples (dicts: {"messages": [...]}, {"prompt",
+    "completion"} or {"text"}; see `tp_zoo.models.training_examples`) are
+    encoded whole, one per row, through the chat template for
+    conversations; `y` is the next token where the loss trains (the
+    assistant's replies, the completion) and -100 elsewhere, which the
+    default loss skips, so the loss is the mean over the trained tokens;
+    `sample_weight` marks the trained tokens (for metrics). An example
+    longer than `sequence_length + 1` tokens is refused rather than cut.
+
     An id batch ({"token_ids", "padding_mask"}) passes through unchanged, so
     a model with a preprocessor still trains on ids as before.
 
@@ -36,18 +50,24 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     lm = tp_zoo.from_preset("llama3.2_1b", tp=2)
     lm.preprocessor.sequence_length = 256
     lm.fit(["text one", "text two"], batch_size=2)
+    lm.fit([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}])
     x, y, sample_weight = lm.preprocessor(["The quick brown fox."])
     ```
 
     Args:
         tokenizer: a `tp_zoo.models.tokenizer.CheckpointTokenizer`.
         sequence_length: tokens per row.
-        add_start_token: False drops the BOS the tokenizer would start with.
-        add_end_token: end each string with the tokenizer's EOS.
+        add_start_token: False drops the BOS the tokenizer would start with
+            (strings).
+        add_end_token: end each string with the tokenizer's EOS (strings).
+        chat_template: a Jinja template for conversations in place of the
+            checkpoint's.
     """
 
-    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True, **kwargs):
+    def __init__(self, tokenizer, sequence_length=1024, add_start_token=True, add_end_token=True,
+                 chat_template=None, **kwargs):
         super().__init__(tokenizer, sequence_length, add_start_token, add_end_token, **kwargs)
+        self.chat_template = chat_template
         # keras_hub builds a StartEndPacker layer here; packing is plain numpy.
         self.built = True
 
@@ -67,16 +87,31 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             mask[row, : len(tokens)] = True
         return ids, mask
 
+    def __call__(self, *args, **kwargs):
+        # Plain numpy, run eagerly: Keras' Layer.__call__ adds nothing here
+        # but would wrap our errors (an example too long) in a dump of the
+        # call's arguments.
+        if len(args) == 1 and type(args[0]) is tuple and len(args[0]) in (2, 3):
+            args = args[0]  # an (x, y[, sample_weight]) element, unpacked as keras_hub does
+        return self.call(*args, **kwargs)
+
     def call(self, x, y=None, sample_weight=None, sequence_length=None):
-        if isinstance(x, dict):
+        if _is_id_batch(x):
             return keras.utils.pack_x_y_sample_weight(x, y, sample_weight)
-        texts, single = _as_texts(x)
         if y is not None or sample_weight is not None:
             raise ValueError(
                 "A causal LM makes its own labels from text (each next token) and weights (the "
-                "padding mask); pass strings alone, or ids with labels as a {'token_ids', "
+                "padding mask); pass strings or examples alone, or ids with labels as a {'token_ids', "
                 "'padding_mask'} batch."
             )
+        examples = _examples(x)
+        if examples is not None:
+            template = None if self.chat_template is None else ChatTemplate(self.tokenizer, self.chat_template)
+            encoded = [encode_example(self.tokenizer, e, template) for e in examples]
+            x, labels = padded_rows(encoded, sequence_length or self.sequence_length,
+                                    names=[f"Example {i}" for i in range(len(examples))])
+            return x, labels, labels != IGNORED_LABEL  # the weights count the trained tokens in metrics
+        texts, single = _as_texts(x)
         # One token more than the model sees: the labels are the ids shifted by one.
         ids, mask = self._pack(texts, (sequence_length or self.sequence_length) + 1, self.add_end_token)
         x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
@@ -106,6 +141,7 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             sequence_length=self.sequence_length,
             add_start_token=self.add_start_token,
             add_end_token=self.add_end_token,
+            chat_template=self.chat_template,
             config_file=self.config_file,
         )
         return config
@@ -141,6 +177,28 @@ def _strings(x):
     return None
 
 
+def _is_id_batch(x):
+    return isinstance(x, dict) and "token_ids" in x
+
+
+def _examples(x):
+    """`x` as a list of checked instruction examples if it is a batch of
+    dicts (a list or numpy array of them), else None."""
+    if _is_id_batch(x):
+        return None
+    if isinstance(x, np.ndarray) and x.dtype.kind == "O":
+        x = x.tolist()
+    if isinstance(x, dict):
+        raise ValueError("Pass a batch: a list of examples ({'messages': [...]}, {'prompt', 'completion'} or "
+                         "{'text'}), or ids as a {'token_ids', 'padding_mask'} batch.")
+    if not (isinstance(x, (list, tuple)) and x and all(isinstance(e, (str, dict)) for e in x)
+            and any(isinstance(e, dict) and not _is_id_batch(e) for e in x)):
+        return None  # (an (x, y, sample_weight) tuple of ids is not a batch of examples)
+    for index, example in enumerate(x):
+        check_example(example, f"Example {index}")
+    return list(x)
+
+
 def _as_texts(x):
     """(list of str, given as one string?)."""
     if isinstance(x, str):
@@ -157,8 +215,9 @@ def _as_texts(x):
 
 # --- the model's entry points -----------------------------------------------------------
 def _is_text(x, entry):
-    """Whether `x` is a batch of strings; refuses the ambiguous: a lone string,
-    an empty list, strings mixed with other values."""
+    """Whether `x` is a batch of strings or of instruction examples (dicts);
+    refuses the ambiguous: a lone string, an empty list, strings mixed with
+    other values."""
     if isinstance(x, str):
         raise ValueError(f"{entry}() takes a batch: wrap the string in a list.")
     if isinstance(x, (list, tuple)) and not x:
@@ -166,10 +225,11 @@ def _is_text(x, entry):
             f"{entry}() got an empty list: pass at least one string, or ids as a "
             "{'token_ids', 'padding_mask'} batch."
         )
-    texts = _strings(x)
-    if texts is None and isinstance(x, (list, tuple)) and any(isinstance(t, str) for t in x):
+    if _strings(x) is not None or _examples(x) is not None:
+        return True
+    if isinstance(x, (list, tuple)) and any(isinstance(t, str) for t in x):
         raise ValueError(f"{entry}() got a list mixing strings and other values; pass strings only.")
-    return texts is not None
+    return False
 
 
 def _preprocess(lm, texts, entry):

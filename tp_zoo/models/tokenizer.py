@@ -17,6 +17,8 @@ The tokenizer also carries what chat templates need
 tokens.
 """
 
+import bisect
+import itertools
 import json
 from pathlib import Path
 
@@ -66,6 +68,8 @@ class CheckpointTokenizer:
     `encode(text, add_special_tokens=False)` adds no BOS and, for a
     tokenizer.json (`reads_special_tokens`), maps special tokens written in
     the text (`<|eot_id|>`) to their ids: how a rendered chat is encoded.
+    `encode_with_offsets` also gives where each token starts in the text,
+    which is how a loss mask follows character spans (assistant replies).
     """
 
     def __init__(self, encode, decode, vocab_size, bos_id=None, eos_ids=(), add_bos=False, bos_in_encoding=False,
@@ -90,8 +94,15 @@ class CheckpointTokenizer:
         return self.eos_ids[0] if self.eos_ids else None
 
     def encode(self, text, add_special_tokens=True):
-        ids = list(self._encode(text, add_special_tokens))
-        return [self.bos_id] + ids if self.add_bos and add_special_tokens else ids
+        return self.encode_with_offsets(text, add_special_tokens)[0]
+
+    def encode_with_offsets(self, text, add_special_tokens=True):
+        """(ids, starts): the ids of `encode` and the character offset in
+        `text` where each token starts (0 for an added BOS)."""
+        ids, starts = self._encode(text, add_special_tokens)
+        if self.add_bos and add_special_tokens:
+            return [self.bos_id, *ids], [0, *starts]
+        return list(ids), list(starts)
 
     def decode(self, ids):
         return self._decode([int(i) for i in ids if int(i) not in self.special_ids])
@@ -101,8 +112,12 @@ class CheckpointTokenizer:
         """Wraps a Hugging Face `tokenizers.Tokenizer`; a BOS its post-processor
         already adds is not added again."""
         probe = tok.encode("a").ids
+        def encode(text, add_special_tokens):
+            encoding = tok.encode(text, add_special_tokens=add_special_tokens)
+            return encoding.ids, [start for start, _ in encoding.offsets]
+
         return cls(
-            lambda text, add_special_tokens: tok.encode(text, add_special_tokens=add_special_tokens).ids,
+            encode,
             lambda ids: tok.decode(ids, skip_special_tokens=True),
             tok.get_vocab_size(),
             bos_id,
@@ -157,7 +172,7 @@ class CheckpointTokenizer:
                 return i if sp.id_to_piece(i) == piece else None
 
             # sentencepiece adds BOS only when asked, and reads no special tokens in text.
-            return cls(lambda text, add_special_tokens: sp.encode(text), sp.decode, size, bos_id,
+            return cls(lambda text, add_special_tokens: _sentencepiece_encode(sp, text), sp.decode, size, bos_id,
                        _with_token_id(eos_ids, piece_id, chat["special_tokens"].get("eos_token")), add_bos,
                        token=lambda i: sp.id_to_piece(i) if 0 <= i < size else None, **chat)
         return None
@@ -203,6 +218,15 @@ class CheckpointTokenizer:
         """Reads the files `write_files` wrote into this object, in place (the
         model and its preprocessor share it)."""
         vars(self).update(vars(CheckpointTokenizer.from_directory(directory, **self.source)))
+
+
+def _sentencepiece_encode(sp, text):
+    """(ids, character starts); sentencepiece reports byte offsets."""
+    from sentencepiece import sentencepiece_pb2
+
+    pieces = sentencepiece_pb2.SentencePieceText.FromString(sp.encode(text, out_type="serialized_proto")).pieces
+    byte_starts = [0, *itertools.accumulate(len(c.encode("utf-8")) for c in text)]
+    return [p.id for p in pieces], [bisect.bisect_right(byte_starts, p.begin) - 1 for p in pieces]
 
 
 def _with_token_id(ids, token_id, token):
