@@ -25,10 +25,10 @@ every tp). Then:
    bf16 variables never move (the losses stay flat, at any tp).
 
 Tolerances (relative, as above):
-- float32: 1e-4 for logits and losses, with jax_default_matmul_precision
-  set to "highest" for this dtype: JAX's default on GPUs runs float32
-  matmuls in TF32 (10-bit mantissa), which alone moves logits by ~1e-3
-  between two summation orders. The tests' 1e-5 is for tiny models on CPUs.
+- float32: 1e-4 for logits and losses, at tp_zoo's own matmul precision
+  (float32 products at HIGHEST on GPUs, tp_zoo/layers/precision.py: JAX's
+  default TF32 alone would move logits by ~1e-3 between two summation
+  orders). The tests' 1e-5 is for tiny models on CPUs.
 - bfloat16: 5e-2 for logits, 2e-2 for losses (the precision's default
   setting): bf16 keeps 8 bits, ~4e-3 per rounding, and tp=2 rounds each
   row-parallel partial sum before its all-reduce; the tests hold
@@ -38,7 +38,6 @@ Exits 1 when a figure is past its tolerance. The table comes last.
 """
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -54,11 +53,11 @@ from bench_common import tp_zoo_model  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-# dtype: (logits tolerance, loss tolerance, matmul precision)
+# dtype: (logits tolerance, loss tolerance)
 TOLERANCES = {
-    "float32": (1e-4, 1e-4, "highest"),
-    "bfloat16": (5e-2, 2e-2, None),
-    "mixed_bfloat16": (5e-2, 2e-2, None),
+    "float32": (1e-4, 1e-4),
+    "bfloat16": (5e-2, 2e-2),
+    "mixed_bfloat16": (5e-2, 2e-2),
 }
 # bf16 variables do not train under Keras' Adam (see above).
 TRAINING_DTYPE = {"bfloat16": "mixed_bfloat16"}
@@ -115,42 +114,41 @@ def first_difference_gap(lm, inputs, row, ids_1, ids_2):
 
 def compare(config, dtype, args):
     """[(check, tp=1 figure, tp=2 figure, difference, tolerance, ok)] for one dtype."""
-    logits_tolerance, loss_tolerance, precision = TOLERANCES[dtype]
+    logits_tolerance, loss_tolerance = TOLERANCES[dtype]
     lengths = [args.prompt - (args.prompt * i) // (2 * args.prompts) for i in range(args.prompts)]
     inputs = batch_of(lengths, args.prompt)
     real = inputs["padding_mask"].astype(bool)
     results = []
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-        tp1, tp2 = same_weights(config, dtype)
-        logits_1, logits_2 = logits_of(tp1, inputs)[real], logits_of(tp2, inputs)[real]
-        scale = float(np.abs(logits_1).max())
-        diff = float(np.abs(logits_1 - logits_2).max())
-        results.append(("logits max |diff| / max |logit|", f"max |logit| {scale:.4f}", f"max |diff| {diff:.3e}",
-                        diff / scale, logits_tolerance, diff <= logits_tolerance * scale))
+    tp1, tp2 = same_weights(config, dtype)
+    logits_1, logits_2 = logits_of(tp1, inputs)[real], logits_of(tp2, inputs)[real]
+    scale = float(np.abs(logits_1).max())
+    diff = float(np.abs(logits_1 - logits_2).max())
+    results.append(("logits max |diff| / max |logit|", f"max |logit| {scale:.4f}", f"max |diff| {diff:.3e}",
+                    diff / scale, logits_tolerance, diff <= logits_tolerance * scale))
 
-        rows_1, rows_2 = greedy_ids(tp1, inputs, args.new), greedy_ids(tp2, inputs, args.new)
-        for row, (ids_1, ids_2) in enumerate(zip(rows_1, rows_2)):
-            if np.array_equal(ids_1, ids_2):
-                results.append((f"greedy ids, prompt {row} ({lengths[row]} tokens)", f"{len(ids_1)} ids",
-                                "equal", 0.0, logits_tolerance, True))
-                continue
-            gap, at = first_difference_gap(tp1, inputs, row, ids_1, ids_2)
+    rows_1, rows_2 = greedy_ids(tp1, inputs, args.new), greedy_ids(tp2, inputs, args.new)
+    for row, (ids_1, ids_2) in enumerate(zip(rows_1, rows_2)):
+        if np.array_equal(ids_1, ids_2):
             results.append((f"greedy ids, prompt {row} ({lengths[row]} tokens)", f"{len(ids_1)} ids",
-                            f"differ at {at}, logit gap {gap:.3e}", abs(gap) / scale, logits_tolerance,
-                            abs(gap) <= logits_tolerance * scale))
+                            "equal", 0.0, logits_tolerance, True))
+            continue
+        gap, at = first_difference_gap(tp1, inputs, row, ids_1, ids_2)
+        results.append((f"greedy ids, prompt {row} ({lengths[row]} tokens)", f"{len(ids_1)} ids",
+                        f"differ at {at}, logit gap {gap:.3e}", abs(gap) / scale, logits_tolerance,
+                        abs(gap) <= logits_tolerance * scale))
 
-        training_dtype = TRAINING_DTYPE.get(dtype, dtype)
-        if training_dtype != dtype:
-            weights = tp1.get_weights()
-            del tp1, tp2
-            keras.backend.clear_session()
-            tp1, tp2 = same_weights(config, training_dtype, weights)
-        losses_1, losses_2 = losses_of(tp1, inputs), losses_of(tp2, inputs)
-        for step, (loss_1, loss_2) in enumerate(zip(losses_1, losses_2), 1):
-            relative = abs(loss_1 - loss_2) / max(1.0, abs(loss_1))
-            check = f"AdamW step {step} loss" + (f" ({training_dtype})" if training_dtype != dtype else "")
-            results.append((check, f"{loss_1:.6f}", f"{loss_2:.6f}", relative, loss_tolerance,
-                            relative <= loss_tolerance))
+    training_dtype = TRAINING_DTYPE.get(dtype, dtype)
+    if training_dtype != dtype:
+        weights = tp1.get_weights()
+        del tp1, tp2
+        keras.backend.clear_session()
+        tp1, tp2 = same_weights(config, training_dtype, weights)
+    losses_1, losses_2 = losses_of(tp1, inputs), losses_of(tp2, inputs)
+    for step, (loss_1, loss_2) in enumerate(zip(losses_1, losses_2), 1):
+        relative = abs(loss_1 - loss_2) / max(1.0, abs(loss_1))
+        check = f"AdamW step {step} loss" + (f" ({training_dtype})" if training_dtype != dtype else "")
+        results.append((check, f"{loss_1:.6f}", f"{loss_2:.6f}", relative, loss_tolerance,
+                        relative <= loss_tolerance))
     del tp1, tp2
     keras.backend.clear_session()
     return results
@@ -178,8 +176,7 @@ def main():
 
     print()
     print(header(f"tp=2 against tp=1, same weights, shape {args.shape} with {config['num_hidden_layers']} layers, "
-                 f"{args.prompts} prompts of up to {args.prompt} tokens, {args.new} new; float32 matmuls at "
-                 f"precision 'highest'"))
+                 f"{args.prompts} prompts of up to {args.prompt} tokens, {args.new} new"))
     print(f"{'dtype':<16}{'check':<44}{'tp=1':<22}{'tp=2':<32}{'relative':>10}{'tolerance':>11}  ok")
     for dtype, check, one, two, relative, tolerance, ok in table:
         print(f"{dtype:<16}{check:<44}{one:<22}{two:<32}{relative:>10.2e}{tolerance:>11.0e}  {'ok' if ok else 'FAIL'}")
