@@ -69,13 +69,13 @@ def test_error_in_a_copying_thread_reaches_the_caller_after_every_copy_ended(che
     lock = threading.Lock()
     message = "the copy to the first device failed"
 
-    def failing_copy(out, chunk, start, device, transposed):
+    def failing_copy(out, chunk, start, shape, device, axes):
         if device.id == 0:
             raise CheckpointMismatchError(message)
         with lock:
             running.append(device)
-        time.sleep(0.2 if start == 0 else 0)  # still copying when the other device fails
-        result = copy_chunk(out, chunk, start, device, transposed)
+        time.sleep(0 if any(start) else 0.2)  # still copying when the other device fails
+        result = copy_chunk(out, chunk, start, shape, device, axes)
         with lock:
             running.remove(device)
             ended.append(device)

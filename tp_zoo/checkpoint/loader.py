@@ -6,9 +6,15 @@ layout map, reads for each device only the slice that device holds, and
 hands Keras the finished sharded array. No variable is first initialised at
 random, and no whole copy of a sharded tensor is made in host memory: the
 file is memory-mapped and each device's block is copied over in chunks of
-rows (transposed on the device). Where a variable is padded for tp (vocab
-rows, attention heads, MLP units), only the tensor's real rows are read,
-each contiguous run into its place in a block of zeros.
+rows, each written (transposed on the device) straight into its place in
+the block, a block of zeros made once on the device: no other copy of the
+block is made. Where a variable is padded for tp (vocab rows, attention
+heads, MLP units), only the tensor's real rows are read, each contiguous
+run into its place. A fused variable (q/k/v, gate/up) reads each part from
+its own tensor, as the separate variable it stands for, into its place
+among the others. int8 values (quantize="int8") are read the same way, in
+the float dtype, straight into output-major blocks (where a torch Linear
+weight's rows need no transpose), each block then quantized on its device.
 
 A variable's blocks are copied concurrently, so that every device's link
 is busy at once. Each block has a thread that reads its rows a chunk at a
@@ -25,7 +31,9 @@ import collections
 import concurrent.futures
 import functools
 import itertools
+import math
 import warnings
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,12 +45,27 @@ from rich.progress import TextColumn
 from rich.progress import TimeRemainingColumn
 from rich.progress import TransferSpeedColumn
 
+from tp_zoo.checkpoint.layout import LayoutEntry
 from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.layers.base import part_path
+from tp_zoo.layers.base import reshaped_box
 from tp_zoo.layers.base import scatter_real
 from tp_zoo.layers.quantize import int8_values
 from tp_zoo.layers.quantize import kernel_order
+from tp_zoo.layers.quantize import output_major
 from tp_zoo.layers.quantize import scale_from_absmax
-from tp_zoo.layers.quantize import to_output_major
+
+
+class _Tensor(NamedTuple):
+    """A checkpoint tensor that a variable reads: the whole variable, or its
+    part number `part` (of the variable's `Fused` parts), read as the
+    variable of `padding` that the part stands for (the layout map's
+    variable: for int8 values, the kernel, in the kernel's order)."""
+
+    entry: LayoutEntry
+    name: str
+    padding: tuple
+    part: int | None
 
 
 class StreamingLoader:
@@ -87,16 +110,42 @@ class StreamingLoader:
         self._copies.shutdown()
 
     # --- the weights_from protocol ---------------------------------------------
-    def __call__(self, path, shape, padding, dtype, sharding):
+    def __call__(self, path, shape, padding, dtype, sharding, parts=None):
+        # A fused variable's parts are read as the variables they stand for.
+        views = [(path, padding)] if parts is None else [(part_path(path, p), p.padding) for p in parts.parts]
         if path.endswith("/kernel_scale"):
-            return self._int8_scale(path[: -len("_scale")], padding, sharding)
-        if jnp.dtype(dtype) == jnp.int8:
-            return self._int8_values(path, shape, padding, sharding)
-        return self._read(path, shape, padding, dtype, sharding)
+            scales = [self._int8_scale(view[: -len("_scale")], view_padding) for view, view_padding in views]
+            scale = scales[0] if parts is None else parts.join(scales, shape)
+            self._scales[path[: -len("_scale")]] = scale
+            return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
+        scale = self._scales.pop(path) if jnp.dtype(dtype) == jnp.int8 else None
+        # int8 values are output-major (quantize.py), their last `inputs_last`
+        # dims the kernel's first: their tensors are found and read as the
+        # kernel's (the layout map's variable), into output-major blocks.
+        inputs_last = 0 if scale is None else len(shape) - scale.ndim
+        views = [(view, kernel_order(view_padding, inputs_last)) for view, view_padding in views]
+        found = [self._find(*view) for view in views]
+        if all(f is None for f in found):
+            return None
+        if any(f is None for f in found):
+            raise CheckpointMismatchError(
+                f"{path} joins {[view for view, _ in views]}, but the checkpoint has no tensor for "
+                f"{[view for (view, _), f in zip(views, found) if f is None]}: all of them or none are needed."
+            )
+        tensors = [
+            _Tensor(entry, name, view_padding, None if parts is None else index)
+            for index, ((entry, name), (_, view_padding)) in enumerate(zip(found, views))
+        ]
+        value = self._place(tensors, parts, tuple(shape), dtype, sharding, scale, inputs_last)
+        for tensor in tensors:
+            if tensor.name not in self.used:
+                self.used.add(tensor.name)
+                self._progress.advance(self._task, self.tensors.nbytes(tensor.name))
+        return value
 
-    def _read(self, path, shape, padding, dtype, sharding, scale=None):
-        """The variable's value from its tensor; int8 quantized from the
-        float blocks with the kernel's `scale`."""
+    def _find(self, path, padding):
+        """(layout entry, checkpoint tensor name) of the variable at `path`,
+        checked against its true shape; None for an optional tensor absent."""
         entry, tensor = self.layout.find(path)
         if entry is None:
             raise CheckpointMismatchError(
@@ -118,11 +167,7 @@ class StreamingLoader:
                 f"Checkpoint tensor {name} has shape {tuple(found)}, expected shape "
                 f"{tuple(expected)} for variable {path} of shape {tuple(true_shape)}."
             )
-        value = self._place(entry, name, tuple(shape), padding, dtype, sharding, scale)
-        if name not in self.used:
-            self.used.add(name)
-            self._progress.advance(self._task, self.tensors.nbytes(name))
-        return value
+        return entry, name
 
     def _check_float(self, name, path):
         """Every weight tp_zoo reads is stored as floats; int8 is made here,
@@ -135,10 +180,10 @@ class StreamingLoader:
                 "bfloat16), with quantize='int8' for int8 weights."
             )
 
-    def _int8_scale(self, kernel_path, padding, sharding):
-        """The per-output-channel scale of an int8 kernel (made before the
-        kernel): max |w| over the input dims / 127, read from the mapped file
-        in chunks of rows, so no whole tensor is held in host memory."""
+    def _int8_scale(self, kernel_path, padding):
+        """The per-output-channel scale (host) of an int8 kernel (made before
+        the kernel): max |w| over the input dims / 127, read from the mapped
+        file in chunks of rows, so no whole tensor is held in host memory."""
         entry, tensor = self.layout.find(kernel_path)
         name = self.layout.resolve(tensor, self.tensors.names()) if entry is not None else None
         if name is None:
@@ -152,8 +197,7 @@ class StreamingLoader:
         scale_shape = tuple(p.true_size for p in padding)
         rank = entry.variable_rank(host.ndim)
         n_in = rank - len(scale_shape)
-        tensor_groups = entry.groups(rank)[::-1] if entry.transposed else entry.groups(rank)
-        rows_are_inputs = tensor_groups[0][0] < n_in  # 2-D tensors: one input axis, one output axis
+        rows_are_inputs = _tensor_groups(entry, rank)[0][0] < n_in  # 2-D tensors: one input axis, one output axis
         rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
         maxima = []
         for start in range(0, host.shape[0], rows):
@@ -162,26 +206,9 @@ class StreamingLoader:
         amax = np.max(maxima, axis=0) if rows_are_inputs else np.concatenate(maxima)
         scale = np.asarray(_scale_from_absmax(amax)).reshape(scale_shape)
         # Padded output channels (vocab, heads, MLP units) get scale 1: they are zeros.
-        scale = scatter_real(scale, padding, fill=1.0)
-        self._scales[kernel_path] = scale
-        return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
+        return scatter_real(scale, padding, fill=1.0)
 
-    def _int8_values(self, path, shape, padding, sharding):
-        """An int8 kernel's values, stored output-major (*out, *in): read and
-        quantized block by block in the kernel's order (the layout map's),
-        then each device's block transposed on its device."""
-        scale = self._scales.pop(path)
-        n_in = len(shape) - scale.ndim
-        kernel_sharding = None
-        if sharding is not None:
-            kernel_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
-                *kernel_order(sharding.spec, n_in)))
-        kernel = self._read(
-            path, kernel_order(shape, n_in), kernel_order(padding, n_in), jnp.int8, kernel_sharding, scale
-        )
-        return _output_major(n_in, sharding)(kernel)
-
-    def _place(self, entry, name, shape, padding, dtype, sharding, scale=None):
+    def _place(self, tensors, parts, shape, dtype, sharding, scale, inputs_last):
         if sharding is None:
             indices = {jax.devices()[0]: tuple(slice(None) for _ in shape)}
         else:
@@ -190,12 +217,13 @@ class StreamingLoader:
         for device, index in indices.items():
             block = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
             by_block[block].append(device)
-        # int8: read in the float dtype, quantize on the device with the
-        # block's slice of the whole-tensor scale.
+        # int8: read in the float dtype, output-major, quantize on the device
+        # with the block's slice of the whole-tensor scale.
         read_dtype = self.float_dtype if scale is not None else dtype
-        pieces = {block: self._pieces(entry, name, block, padding) for block in by_block}
         jobs = [
-            self._blocks.submit(self._copy_block, pieces[block], block, read_dtype, devices, entry.transposed)
+            self._blocks.submit(
+                self._copy_block, self._chunks(tensors, parts, block, shape, inputs_last), block, read_dtype, devices
+            )
             for block, devices in by_block.items()
         ]
         shards = []
@@ -204,66 +232,75 @@ class StreamingLoader:
             if scale is None:
                 shards += floats
                 continue
-            out_block = block[len(shape) - scale.ndim :]
-            block_scale = scale[tuple(slice(a, b) for a, b in out_block)]
+            block_scale = scale[tuple(slice(a, b) for a, b in block[: scale.ndim])]
             shards += [_quantize_block(x, jax.device_put(block_scale, x.devices().pop())) for x in floats]
         if sharding is None:
             return shards[0]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
-    def _pieces(self, entry, name, block, padding):
-        """What one block of the variable reads: its real entries as a
+    def _chunks(self, tensors, parts, block, shape, inputs_last):
+        """What one block of the variable (of `shape`; `parts` its `Fused`
+        parts, or None; its last `inputs_last` dims the kernel's first, for
+        int8 values) reads, in chunks of rows, each straight into its place
+        in the block: (view of the mapped tensor, axes that turn its dims
+        into the block's order or None, start in the block, shape there)."""
+        chunks = []
+        for tensor in tensors:
+            own_block = block if parts is None else parts.in_part(tensor.part, block, shape)
+            axes = _tensor_axes(tensor.entry, len(own_block), inputs_last)
+            # The pieces are of the layout map's variable: the kernel, for int8 values.
+            for host, piece_start, piece_shape in self._pieces(tensor, kernel_order(own_block, inputs_last)):
+                host_shape, rows_axis = host.shape, 0
+                if axes is not None:
+                    host_shape, rows_axis = tuple(host.shape[a] for a in axes), axes.index(0)
+                rows = _chunk_rows(host[:1].nbytes, _row_stride(tensor.entry, piece_shape))
+                for first in range(0, host.shape[0], rows):
+                    last = min(first + rows, host.shape[0])
+                    in_host = [(first, last) if axis == rows_axis else (0, n) for axis, n in enumerate(host_shape)]
+                    in_piece = reshaped_box(in_host, host_shape, output_major(piece_shape, inputs_last))
+                    starts = output_major(piece_start, inputs_last)
+                    box = tuple((a + s, b + s) for (a, b), s in zip(in_piece, starts))
+                    if parts is not None:
+                        box = parts.in_fused(tensor.part, box, shape)
+                    start = tuple(a - s for (a, _), (s, _) in zip(box, block))
+                    chunks.append((host[first:last], axes, start, tuple(b - a for a, b in box)))
+        return chunks
+
+    def _pieces(self, tensor, block):
+        """What a block of a tensor's variable reads: its real entries as a
         product of each dim's contiguous runs, each a (view of the mapped
-        tensor, offset in the block, shape in the block)."""
-        true_shape = tuple(p.true_size for p in padding)
-        runs = [p.runs(start, stop) for p, (start, stop) in zip(padding, block)]
+        tensor, start in the variable, shape)."""
+        true_shape = tuple(p.true_size for p in tensor.padding)
+        runs = [p.runs(start, stop) for p, (start, stop) in zip(tensor.padding, block)]
         pieces = []
         for piece in itertools.product(*runs):
             ranges = [
                 None if (first == 0 and length == t) else (first, first + length)
                 for (_, length, first), t in zip(piece, true_shape)
             ]
-            slices, _ = entry.tensor_slices(self.tensors.shape(name), true_shape, ranges)
-            host = self.tensors.array(name)[slices]  # a view of the mapped file: nothing read yet
+            slices, _ = tensor.entry.tensor_slices(self.tensors.shape(tensor.name), true_shape, ranges)
+            host = self.tensors.array(tensor.name)[slices]  # a view of the mapped file: nothing read yet
             self.bytes_read += host.nbytes  # one read, however many devices hold the block
-            pieces.append((host, tuple(offset for offset, _, _ in piece), tuple(length for _, length, _ in piece)))
+            start = tuple(start + offset for (start, _), (offset, _, _) in zip(block, piece))
+            pieces.append((host, start, tuple(length for _, length, _ in piece)))
         return pieces
 
-    def _copy_block(self, pieces, block, dtype, devices, transposed):
+    def _copy_block(self, chunks, block, dtype, devices):
         """One block of the variable on each of `devices` (run in a thread of
-        its own): its pieces, each read once, zeros at its padding."""
-        block_shape = tuple(stop - start for start, stop in block)
-        whole = len(pieces) == 1 and pieces[0][2] == block_shape
-        if not whole:
-            out = [_zeros(block_shape, dtype, device) for device in devices]
-        for host, offsets, piece_shape in pieces:
-            finish = _finisher(piece_shape, jnp.dtype(host.dtype), jnp.dtype(dtype), in_place=whole)
-            values = [finish(x) for x in self._to_devices(host, devices, transposed)]
-            if whole:
-                return jax.block_until_ready(values)
-            out = jax.block_until_ready([_write_piece(o, x, offsets) for o, x in zip(out, values)])
-        return out
-
-    def _to_devices(self, host, devices, transposed):
-        """`host` (or its transpose) on each of `devices`, read in row chunks,
-        each chunk once: the devices copy a chunk concurrently while the
-        next one is read."""
-        rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
-        if host.shape[0] <= rows:
-            chunk = np.ascontiguousarray(host)
-            puts = [self._copies.submit(_put, chunk, device, transposed) for device in devices]
-            return [f.result() for f in puts]
-        out_shape = host.shape[::-1] if transposed else host.shape
-        out = [_zeros(out_shape, host.dtype, device) for device in devices]
-        copies = None
-        for start in range(0, host.shape[0], rows):
-            chunk = np.ascontiguousarray(host[start : start + rows])  # read while the last chunk is copied
-            if copies is not None:
+        its own): zeros, each chunk of rows written into its place, read once
+        while the devices copy the last one concurrently."""
+        out = [_zeros(tuple(stop - start for start, stop in block), dtype, device) for device in devices]
+        copies = []
+        for host, axes, start, shape in chunks:
+            chunk = np.ascontiguousarray(host)  # read while the last chunk is copied
+            if copies:
                 # This chunk's copies write into the last one's results; and
                 # waiting for them holds host memory to these two chunks.
                 out = [f.result() for f in copies]
-            copies = [self._copies.submit(_copy_chunk, o, chunk, start, d, transposed) for o, d in zip(out, devices)]
-        return [f.result() for f in copies]
+            copies = [
+                self._copies.submit(_copy_chunk, o, chunk, start, shape, d, axes) for o, d in zip(out, devices)
+            ]
+        return [f.result() for f in copies] if copies else out
 
     def unused_tensors(self):
         return sorted(
@@ -289,31 +326,74 @@ _CHUNK_BYTES = 32 << 20
 def _zeros(shape, dtype, device):
     """Zeros made on `device` itself: `jnp.zeros(device=...)` makes them on
     the default device and copies them over (a whole block's transient and
-    transfer for every other device)."""
+    transfer for every other device). Committed to `device` (no copy), as
+    the chunks written into them are: else the first write into a block
+    compiles once more than the others."""
     with jax.default_device(device):
-        return jnp.zeros(shape, dtype)
+        return jax.device_put(jnp.zeros(shape, dtype), device)
 
 
-def _put(host, device, transposed):
-    """`host` (or its transpose) on `device`: a piece that is one chunk."""
-    x = jax.device_put(host, device)
-    return (x.T if transposed else x).block_until_ready()
+def _chunk_rows(row_bytes, stride):
+    """Rows per chunk: as many as _CHUNK_BYTES holds, in whole multiples of
+    `stride` (the rows per entry of the variable dim they become) or else a
+    divisor of it, so that every chunk is one box of the variable."""
+    rows = max(1, _CHUNK_BYTES // max(1, row_bytes))
+    return rows - rows % stride if rows >= stride else math.gcd(rows, stride)
 
 
-def _copy_chunk(out, chunk, start, device, transposed):
-    """`chunk` written into `out` (on `device`) from row `start` (a column if transposed)."""
+def _tensor_groups(entry, rank):
+    """The variable dims (of a variable of `rank` dims) that each of the
+    tensor's dims becomes, in the tensor's order."""
+    groups = entry.groups(rank)
+    return groups[::-1] if entry.transposed else groups
+
+
+def _row_stride(entry, shape):
+    """The tensor's rows per entry of the first variable dim its rows become
+    (the variable, or its block, of `shape`): head_dim for (heads * head_dim, hidden)."""
+    return math.prod(shape[d] for d in _tensor_groups(entry, len(shape))[0][1:])
+
+
+def _tensor_axes(entry, rank, inputs_last):
+    """The axes that turn a tensor's dims into the order of its variable (of
+    `rank` dims) as stored: the kernel's (the layout map's), or output-major
+    for int8 values (the last `inputs_last` dims the kernel's first). None
+    where the tensor has them in that order already (output-major int8 of
+    a torch Linear weight)."""
+    tensor_groups = _tensor_groups(entry, rank)
+    stored = output_major(range(rank), inputs_last)
+    axes = tuple(sorted(range(len(tensor_groups)), key=lambda t: stored.index(tensor_groups[t][0])))
+    if [d for a in axes for d in tensor_groups[a]] != list(stored):
+        raise ValueError(f"{entry.variable}: a tensor dim holds both input and output dims of an int8 kernel.")
+    return None if axes == tuple(range(len(axes))) else axes
+
+
+def _copy_chunk(out, chunk, start, shape, device, axes):
+    """`chunk` (its dims turned by `axes`, unless None) as a box of `shape`,
+    written into `out` (on `device`) at `start`."""
     x = jax.device_put(chunk, device)
+    if axes is not None:
+        # A transpose of its own: XLA fuses one into the write, where it is
+        # copied entry by entry (twice as slow on a CPU).
+        x = _transpose(x, axes)
     # Done only once the device holds the chunk, so that a block's thread
     # waiting for its copies knows the host rows are free (asynchronous
     # dispatch would otherwise queue every chunk's copy at once).
-    return _write_chunk(out, x, start, transposed).block_until_ready()
+    return _write_chunk(out, x, np.asarray(start, np.int32), shape).block_until_ready()
+
+
+_transpose = jax.jit(jnp.transpose, static_argnums=1)
+_bitcast = jax.lax.bitcast_convert_type
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnums=3)
-def _write_chunk(out, chunk, start, transposed):
-    if transposed:
-        return jax.lax.dynamic_update_slice_in_dim(out, chunk.T, start, axis=1)
-    return jax.lax.dynamic_update_slice_in_dim(out, chunk, start, axis=0)
+def _write_chunk(out, chunk, start, shape):
+    chunk = chunk.reshape(shape).astype(out.dtype)
+    # Written as unsigned ints of the same width: XLA on a CPU writes
+    # bfloat16 entries one by one through float32, three times slower.
+    bits = jnp.dtype(f"uint{8 * out.dtype.itemsize}")
+    written = jax.lax.dynamic_update_slice(_bitcast(out, bits), _bitcast(chunk, bits), tuple(start))
+    return _bitcast(written, out.dtype)
 
 
 _scale_from_absmax = jax.jit(scale_from_absmax)
@@ -321,24 +401,6 @@ _scale_from_absmax = jax.jit(scale_from_absmax)
 
 @jax.jit
 def _quantize_block(block, scale):
+    """An output-major float block's int8 values, `scale` that of its leading (output) dims."""
+    scale = scale.reshape(scale.shape + (1,) * (block.ndim - scale.ndim))
     return int8_values(block.astype(jnp.float32), scale)
-
-
-@functools.lru_cache(maxsize=None)
-def _output_major(n_in, sharding):
-    """int8 values in the kernel's order -> output-major, placed as
-    `sharding` says (each device turns its own block)."""
-    return jax.jit(functools.partial(to_output_major, n_in=n_in), out_shardings=sharding)
-
-
-@functools.lru_cache(maxsize=None)
-def _finisher(shape, source_dtype, dtype, in_place):
-    """Reshape to the variable's block (or a run of it) and cast; in place
-    when the block is whole and keeps its dtype."""
-    finish = lambda x: x.reshape(shape).astype(dtype)
-    return jax.jit(finish, donate_argnums=0 if in_place and source_dtype == dtype else ())
-
-
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=2)
-def _write_piece(block, piece, offsets):
-    return jax.lax.dynamic_update_slice(block, piece, offsets)

@@ -2,17 +2,17 @@
 
 import contextlib
 import contextvars
-import functools
+import itertools
+import math
+import operator
 from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
 from keras.src.backend.common.name_scope import current_path
 
 from tp_zoo import parallel
-from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import ShardingError
 from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
 from tp_zoo.layers.quantize import kernel_order
@@ -26,13 +26,15 @@ _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 def weights_from(source):
     """Variables made in this scope take their values from `source`.
 
-    `source(path, shape, padding, dtype, sharding)` returns the variable's
-    value as a global array of `shape` already placed on the devices
-    (`sharding` is None when no mesh is active; `padding` has one
+    `source(path, shape, padding, dtype, sharding, parts)` returns the
+    variable's value as a global array of `shape` already placed on the
+    devices (`sharding` is None when no mesh is active; `padding` has one
     `AxisPadding` per dim, saying where that dim's real entries sit among
     its tp padding), or None to fall back to the layer's initializer. This
     is how checkpoints stream into shards: no variable is first filled at
-    random and then overwritten.
+    random and then overwritten. `parts` (a `Fused`, or None) makes the
+    variable of parts, each standing for the variable a separate layer
+    would have had (at `part_path`): the source writes each into its place.
     """
     token = _weight_source.set(source)
     try:
@@ -192,24 +194,93 @@ class Part(NamedTuple):
 
 class Fused(NamedTuple):
     """Parts laid side by side along `axis` of one variable (q/k/v, gate/up):
-    one product per device where there were several."""
+    one product per device where there were several. `axis` is never split
+    over devices: each device holds its slice of every part."""
 
     axis: int
     parts: tuple
 
+    def offsets(self):
+        """Where each part starts along `axis`."""
+        return list(itertools.accumulate((p.size for p in self.parts[:-1]), initial=0))
+
     def blocks(self, value):
         """(part, its block of `value` reshaped to the part's shape), in order."""
-        offset = 0
-        for part in self.parts:
+        for part, offset in zip(self.parts, self.offsets()):
             block = value[(slice(None),) * self.axis + (slice(offset, offset + part.size),)]
-            offset += part.size
             yield part, block.reshape(part.shape)
 
     def join(self, values, shape):
-        """The fused value of `shape` from one value per part (parts' shapes)."""
-        block = lambda part, v: v.reshape(shape[: self.axis] + (part.size,) + shape[self.axis + 1 :])
-        stack = jnp.concatenate if isinstance(values[0], jax.Array) else np.concatenate
-        return stack([block(p, v) for p, v in zip(self.parts, values)], axis=self.axis)
+        """The fused value (numpy) of `shape` from one value per part (parts' shapes)."""
+        return np.concatenate([v.reshape(self._slab_shape(p, shape)) for p, v in zip(self.parts, values)], self.axis)
+
+    def in_fused(self, index, box, shape):
+        """Where a box of part `index` (a (start, stop) per dim of the part's
+        shape) lies in the fused variable of `shape`: one box there too, for
+        the boxes the loader writes (ValueError for any other)."""
+        part, offset = self.parts[index], self.offsets()[index]
+        box = reshaped_box(box, part.shape, self._slab_shape(part, shape))
+        start, stop = box[self.axis]
+        return box[: self.axis] + ((start + offset, stop + offset),) + box[self.axis + 1 :]
+
+    def in_part(self, index, box, shape):
+        """The box of part `index` (as its own variable) that a box of the
+        fused variable of `shape` holds (a device's block: all of `axis`)."""
+        if box[self.axis] != (0, shape[self.axis]):
+            raise ValueError(f"A box of a fused variable is split along its fused axis {self.axis}: {box}.")
+        part = self.parts[index]
+        slab = box[: self.axis] + ((0, part.size),) + box[self.axis + 1 :]
+        return reshaped_box(slab, self._slab_shape(part, shape), part.shape)
+
+    def _slab_shape(self, part, shape):
+        """The shape of a part's slab of the fused variable of `shape`."""
+        return shape[: self.axis] + (part.size,) + shape[self.axis + 1 :]
+
+
+def reshaped_box(box, shape, new_shape):
+    """A box ((start, stop) per dim) of an array of `shape` as a box of the
+    array reshaped (row-major) to `new_shape`. The dims are cut where both
+    shapes' leading sizes multiply to the same number; between two cuts the
+    box must hold one contiguous range of entries, and that range must be
+    one box of the new dims (ValueError otherwise)."""
+    sizes = list(itertools.accumulate(shape, operator.mul, initial=1))
+    new_sizes = list(itertools.accumulate(new_shape, operator.mul, initial=1))
+    cuts = [(sizes.index(n), new_sizes.index(n)) for n in sorted(set(sizes) & set(new_sizes))[1:]]
+    cuts[-1:] = [(len(shape), len(new_shape))]  # trailing dims of size 1 end the last run
+    new_box, i, j = [], 0, 0
+    for next_i, next_j in cuts:
+        entries = _flat_range(box[i:next_i], shape[i:next_i])
+        run_box = None if entries is None else _range_as_box(*entries, new_shape[j:next_j])
+        if run_box is None:
+            raise ValueError(f"The box {box} of shape {shape} is no box of shape {new_shape}.")
+        new_box += run_box
+        i, j = next_i, next_j
+    return tuple(new_box)
+
+
+def _flat_range(box, shape):
+    """(first entry, count) of a box of `shape` if it is one row-major range, else None."""
+    start, count, stride, whole = 0, 1, 1, True  # whole: the dims inside are all whole
+    for (lo, hi), n in reversed(list(zip(box, shape))):
+        if hi - lo > 1 and not whole:
+            return None
+        start, count, stride = start + lo * stride, count * (hi - lo), stride * n
+        whole = whole and (lo, hi) == (0, n)
+    return start, count
+
+
+def _range_as_box(start, count, shape):
+    """The entries [start, start + count) of `shape` (row-major) as a box, or None."""
+    box = []
+    for k in range(len(shape)):
+        inner = math.prod(shape[k + 1 :])
+        if start % inner == 0 and count % inner == 0:
+            return box + [(start // inner, (start + count) // inner)] + [(0, n) for n in shape[k + 1 :]]
+        if start % inner + count > inner:
+            return None
+        box.append((start // inner, start // inner + 1))
+        start %= inner
+    return box
 
 
 def fused(variable):
@@ -345,9 +416,9 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         initializer (int8 values and scales come whole, their padding made).
         `dtype` overrides the layer's variable dtype (int8 kernels and their
         scales). `parts` (a `Fused`) makes a fused variable: the checkpoint
-        source is asked for each part, at the path, shape and split of a
-        separate layer's variable, and get/set_weights and export show the
-        parts. `inputs_last`: how many trailing dims are the leading dims of
+        source reads each part as a separate layer's variable (its path,
+        shape and padding) into its place, and get/set_weights and export
+        show the parts. `inputs_last`: how many trailing dims are the leading dims of
         the weight the variable stands for (int8 values, output-major), for
         get/set_weights and export to show it in the weight's order.
         """
@@ -366,11 +437,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             value = None
             source = _weight_source.get()
             if source is not None:
-                path = f"{current_path()}/{name}"
-                if parts is None:
-                    value = source(path, shape, padding, dtype, sharding)
-                else:
-                    value = self._fused_from_source(source, path, parts, shape, dtype, sharding)
+                value = source(f"{current_path()}/{name}", shape, padding, dtype, sharding, parts)
             variable = keras.Variable(
                 initializer=keras.initializers.get(initializer)
                 if value is None
@@ -389,24 +456,6 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         if value is None and trainable and any(p.is_padded for p in padding):
             variable.assign(variable.value * real_mask(padding).astype(variable.dtype))
         return variable
-
-    def _fused_from_source(self, source, path, parts, shape, dtype, sharding):
-        """A fused variable's value from one source call per part (each
-        placed as the part's own variable would be), joined on the devices;
-        None when the source has none of the parts."""
-        values = []
-        for part in parts.parts:
-            part_sharding = None if sharding is None else parallel.sharding(self.mesh_info, part.layout)
-            values.append(source(part_path(path, part), part.shape, part.padding, dtype, part_sharding))
-        missing = [part_path(path, p) for p, v in zip(parts.parts, values) if v is None]
-        if len(missing) == len(values):
-            return None
-        if missing:
-            raise CheckpointMismatchError(
-                f"{path} joins {[part_path(path, p) for p in parts.parts]}, but the checkpoint has no "
-                f"tensor for {missing}: all of them or none are needed."
-            )
-        return _joiner(parts, shape, sharding)(*values)
 
     # --- saving at true shapes, whatever the tp -------------------------------
     def _own_variables(self):
@@ -439,9 +488,3 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             compiled=self._sharded_programs, key=(fn if key is None else key, repr(in_layouts)),
         )
 
-
-@functools.lru_cache(maxsize=None)
-def _joiner(parts, shape, sharding):
-    """Joins parts (device arrays) into a fused variable's value, placed as
-    `sharding` says (each device joins its own slices)."""
-    return jax.jit(lambda *values: parts.join(values, shape), out_shardings=sharding)
