@@ -65,8 +65,9 @@ def tp_zoo_model(config, tp, dtype, quantized=None, dp=1):
         return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype, quantized=quantized))
 
 
-def keras_hub_model(config, dtype):
-    """KerasHub's own single-device Llama of the same shape."""
+def keras_hub_model(config, dtype, quantized=None):
+    """KerasHub's own single-device Llama of the same shape (quantized="int8":
+    then its own `quantize("int8")`)."""
     backbone = keras_hub.models.LlamaBackbone(
         vocabulary_size=config["vocab_size"], num_layers=config["num_hidden_layers"],
         num_query_heads=config["num_attention_heads"], hidden_dim=config["hidden_size"],
@@ -74,7 +75,10 @@ def keras_hub_model(config, dtype):
         rope_max_wavelength=config["rope_theta"], layer_norm_epsilon=config["rms_norm_eps"],
         tie_word_embeddings=config.get("tie_word_embeddings", False), dtype=dtype,
     )
-    return keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    model = keras_hub.models.LlamaCausalLM(backbone=backbone, preprocessor=None)
+    if quantized:
+        model.quantize(quantized)
+    return model
 
 
 def batch_of(lengths, width):
@@ -305,12 +309,6 @@ def add_model_arguments(parser):
     parser.add_argument("--skip-keras-hub", action="store_true")
 
 
-def _keras_hub_int8(config, dtype):
-    model = keras_hub_model(config, dtype)
-    model.quantize("int8")
-    return model
-
-
 def each_model(config, tps, dtype, skip_keras_hub=False, quantize=None, quantized_only=False):
     """Yields (name, tp, model): KerasHub's single-device Llama first (unless
     skipped), then tp_zoo at each tp; each is freed before the next is built.
@@ -320,7 +318,7 @@ def each_model(config, tps, dtype, skip_keras_hub=False, quantize=None, quantize
     if not skip_keras_hub and not quantized_only:
         candidates.append(("KerasHub LlamaCausalLM", 1, lambda: keras_hub_model(config, dtype)))
     if quantize and not skip_keras_hub:
-        candidates.append(("KerasHub LlamaCausalLM int8", 1, lambda: _keras_hub_int8(config, dtype)))
+        candidates.append(("KerasHub LlamaCausalLM int8", 1, lambda: keras_hub_model(config, dtype, quantize)))
     if not quantized_only:
         candidates += [("tp_zoo", tp, (lambda tp=tp: tp_zoo_model(config, tp, dtype))) for tp in tps]
     if quantize:

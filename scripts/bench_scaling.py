@@ -14,6 +14,9 @@ beside the tp=1 decode rows of the 8B shape unless --skip-keras-hub):
   decode70b_b1        Llama-3-70B shape, batch 1, prompt 128, +128, tp >= 2 only
                       (141 GB of bf16 weights do not fit one GPU)
   decode70b_b16       70B, batch 16, prompt 128, +64, tp >= 2 only
+  int8_decode8b_b1    the 8B rows with weight-only int8 (KerasHub's own int8 beside
+  int8_decode8b_b16     tp=1); `--rows int8` runs the three
+  int8_decode70b_b1   70B int8, batch 1 (66.7 GiB: fits one H200)
   prefill8b           8B, one forward pass (logits of every position) of 1 x 2048 tokens: ms
   train1b             Llama-3.2-1B shape, mixed_bfloat16, AdamW, 8 x 1024 tokens per
                       replica: tokens/s at tp=1, tp=2 and dp=2 (16 x 1024 in all; dp=2
@@ -65,6 +68,7 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import gc  # noqa: E402
+import itertools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -115,6 +119,7 @@ class Decode:
     prompt: int
     new: int
     min_tp: int = 1  # 70B: 141 GB of bf16 weights need two H200s
+    quantized: str = None  # "int8": weight-only int8 kernels
 
 
 @dataclasses.dataclass
@@ -146,6 +151,9 @@ ROWS = {
     "decode8b_b16_p1024": Decode("llama3_8b", 16, 1024, 64),
     "decode70b_b1": Decode("llama3_70b", 1, 128, 128, min_tp=2),
     "decode70b_b16": Decode("llama3_70b", 16, 128, 64, min_tp=2),
+    "int8_decode8b_b1": Decode("llama3_8b", 1, 128, 128, quantized="int8"),
+    "int8_decode8b_b16": Decode("llama3_8b", 16, 128, 64, quantized="int8"),
+    "int8_decode70b_b1": Decode("llama3_70b", 1, 128, 128, quantized="int8"),
     "prefill8b": Prefill("llama3_8b", 2048),
     "train1b": Train("llama3_1b", 8, 1024, extra_meshes=((1, 2),)),
     "train8b": Train("llama3_8b", 4, 1024, extra_meshes=(), min_tp=2),
@@ -248,7 +256,8 @@ class Bench:
         spec = ROWS[name]
         size = f"tiny({SHAPE_NAMES[spec.shape]})" if self.args.small else SHAPE_NAMES[spec.shape]
         if isinstance(spec, Decode):
-            return f"{size} decode b{spec.batch} p{spec.prompt // self.scale} +{spec.new}"
+            quantized = f" {spec.quantized}" if spec.quantized else ""
+            return f"{size}{quantized} decode b{spec.batch} p{spec.prompt // self.scale} +{spec.new}"
         if isinstance(spec, Prefill):
             return f"{size} prefill 1 x {spec.tokens // self.scale}"
         if isinstance(spec, Train):
@@ -336,12 +345,13 @@ def model_name(tp, dp):
     return f"tp_zoo tp={tp}" + (f" dp={dp}" if dp > 1 else "")
 
 
-def model_job(bench, shape, dtype, tp, dp, prepare, measured):
-    """A job on tp_zoo's Llama of `shape` on a (dp, tp) mesh, made ready by
-    `prepare`; `measured` lists (row, measure) pairs."""
+def model_job(bench, shape, dtype, tp, dp, prepare, measured, quantized=None):
+    """A job on tp_zoo's Llama of `shape` (its int8 form with quantized="int8")
+    on a (dp, tp) mesh, made ready by `prepare`; `measured` lists (row,
+    measure) pairs."""
     config = bench.config(shape)
     cells = [Cell(name, model_name(tp, dp), tp, dp) for name, _ in measured]
-    return Job(lambda: prepare(tp_zoo_model(config, tp, dtype, dp=dp)), cells, [m for _, m in measured])
+    return Job(lambda: prepare(tp_zoo_model(config, tp, dtype, quantized, dp=dp)), cells, [m for _, m in measured])
 
 
 def jobs(bench, rows, tps, skip_keras_hub):
@@ -354,14 +364,16 @@ def jobs(bench, rows, tps, skip_keras_hub):
             if tp < getattr(ROWS[name], "min_tp", 1):
                 impossible.append(Cell(name, model_name(tp, 1), tp,
                                        note=f"not run (tp >= {ROWS[name].min_tp} only: too big for one H200)"))
-    for shape in ("llama3_8b", "llama3_70b"):
+    for shape, quantized in itertools.product(("llama3_8b", "llama3_70b"), (None, "int8")):
         for tp in tps:
             measured = [(n, bench.decode(ROWS[n], tp)) for n in rows
-                        if isinstance(ROWS[n], Decode) and ROWS[n].shape == shape and tp >= ROWS[n].min_tp]
-            measured += [(n, bench.prefill(ROWS[n], tp)) for n in rows
-                         if isinstance(ROWS[n], Prefill) and ROWS[n].shape == shape]
+                        if isinstance(ROWS[n], Decode) and (ROWS[n].shape, ROWS[n].quantized) == (shape, quantized)
+                        and tp >= ROWS[n].min_tp]
+            if quantized is None:
+                measured += [(n, bench.prefill(ROWS[n], tp)) for n in rows
+                             if isinstance(ROWS[n], Prefill) and ROWS[n].shape == shape]
             if measured:
-                plan.append(model_job(bench, shape, DTYPE, tp, 1, greedy, measured))
+                plan.append(model_job(bench, shape, DTYPE, tp, 1, greedy, measured, quantized))
     for name in rows:
         spec = ROWS[name]
         if isinstance(spec, Train):
@@ -372,11 +384,14 @@ def jobs(bench, rows, tps, skip_keras_hub):
         if isinstance(spec, Load):
             cells = [Cell(name, model_name(tp, 1), tp) for tp in tps]
             plan.append(Job(lambda spec=spec: bench.checkpoint(spec.shape), cells, [bench.load(tp) for tp in tps]))
-    decode_rows = [n for n in rows if isinstance(ROWS[n], Decode) and ROWS[n].shape == "llama3_8b"]
-    if not skip_keras_hub and 1 in tps and decode_rows:
-        config = bench.config("llama3_8b")
-        plan.append(Job(lambda: greedy(keras_hub_model(config, DTYPE)), [Cell(n, "KerasHub tp=1", 1) for n in decode_rows],
-                        [bench.decode(ROWS[n], 1) for n in decode_rows]))
+    config = bench.config("llama3_8b")
+    for quantized in (None, "int8"):
+        decode_rows = [n for n in rows if isinstance(ROWS[n], Decode)
+                       and (ROWS[n].shape, ROWS[n].quantized) == ("llama3_8b", quantized)]
+        if not skip_keras_hub and 1 in tps and decode_rows:
+            plan.append(Job(lambda quantized=quantized: greedy(keras_hub_model(config, DTYPE, quantized)),
+                            [Cell(n, "KerasHub tp=1", 1) for n in decode_rows],
+                            [bench.decode(ROWS[n], 1) for n in decode_rows]))
     return plan, impossible
 
 
@@ -439,18 +454,18 @@ def against_bound(figure):
 
 def print_table(cells, bench):
     reference = {(c.row, f.unit): f.value for c in cells if c.model == "tp_zoo tp=1" for f in c.figures}
-    print(f"{'row':<30}{'model':<19}{'value':>10}  {'unit':<16}{'vs floor / bound':<26}{'speed-up vs tp=1':>16}")
+    print(f"{'row':<34}{'model':<19}{'value':>10}  {'unit':<16}{'vs floor / bound':<26}{'speed-up vs tp=1':>16}")
     for cell in cells:
         what = bench.describe(cell.row)
         if not cell.figures:
-            print(f"{what:<30}{cell.model:<19}{cell.note}")
+            print(f"{what:<34}{cell.model:<19}{cell.note}")
         for i, figure in enumerate(cell.figures):
             speed_up = ""
             ref = reference.get((cell.row, figure.unit))
             if figure.comparable and ref and cell.model not in ("tp_zoo tp=1", "KerasHub tp=1"):
                 speed_up = f"{(ref / figure.value if figure.lower_is_better else figure.value / ref):.2f}x"
             label = (what, cell.model) if i == 0 else ("", "")
-            print(f"{label[0]:<30}{label[1]:<19}{number(figure.value):>10}  {figure.unit:<16}"
+            print(f"{label[0]:<34}{label[1]:<19}{number(figure.value):>10}  {figure.unit:<16}"
                   f"{against_bound(figure):<26}{speed_up:>16}")
 
 
