@@ -2,7 +2,7 @@
 
 Greedy decoding of 32 new tokens must give exactly transformers' ids
 (`generate(do_sample=False)`, each prompt alone) for every family, at
-tp = 1, 2 and 4, from a right-padded batch of prompts of different lengths
+tp = 1 and 4, from a right-padded batch of prompts of different lengths
 (and at tp values that pad the heads, for 9/3, 25 and 14/2 heads); a seeded
 sampler must give the same ids at every tp.
 """
@@ -51,7 +51,7 @@ def _batch(max_length):
     return {"token_ids": ids, "padding_mask": mask}
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
+@pytest.mark.parametrize("tp", [1, 4])  # tp=2: the padded-heads cases below, and every other test here
 def test_greedy_matches_transformers(family, tp):
     _check_greedy(family, tp)
 
