@@ -35,10 +35,9 @@ from tp_zoo.checkpoint.training_state import latest_checkpoint
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
-from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.training_examples import FORMATS
 from tp_zoo.models.training_examples import check_example
-from tp_zoo.models.training_examples import encode_example
+from tp_zoo.models.training_examples import encode_examples
 from tp_zoo.models.training_examples import packed_rows
 from tp_zoo.models.training_examples import padded_rows
 
@@ -103,13 +102,7 @@ def training_rows(causal_lm, examples, seq_len, packing=None, stride=None, chat_
         packing = all(check_example(example) == "text" for _, example in examples)
     if not packing and stride is not None:
         raise ValueError("stride applies to packed examples; padded ones take a row each.")
-    template = None if chat_template is None else ChatTemplate(causal_lm.tokenizer, chat_template)
-    encoded = []
-    for where, example in examples:
-        try:
-            encoded.append(encode_example(causal_lm.tokenizer, example, template))
-        except ValueError as error:  # ChatTemplateError included: the line it failed on
-            raise type(error)(f"{where}: {error}") from None
+    encoded = encode_examples(causal_lm.tokenizer, examples, chat_template)
     if packing:
         return packed_rows(encoded, seq_len, stride)
     return padded_rows(encoded, seq_len, names=[where for where, _ in examples])

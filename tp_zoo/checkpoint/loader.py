@@ -254,11 +254,11 @@ class StreamingLoader:
                 if axes is not None:
                     host_shape, rows_axis = tuple(host.shape[a] for a in axes), axes.index(0)
                 rows = _chunk_rows(host[:1].nbytes, _row_stride(tensor.entry, piece_shape))
+                piece_shape, starts = output_major(piece_shape, inputs_last), output_major(piece_start, inputs_last)
                 for first in range(0, host.shape[0], rows):
                     last = min(first + rows, host.shape[0])
                     in_host = [(first, last) if axis == rows_axis else (0, n) for axis, n in enumerate(host_shape)]
-                    in_piece = reshaped_box(in_host, host_shape, output_major(piece_shape, inputs_last))
-                    starts = output_major(piece_start, inputs_last)
+                    in_piece = reshaped_box(in_host, host_shape, piece_shape)
                     box = tuple((a + s, b + s) for (a, b), s in zip(in_piece, starts))
                     if parts is not None:
                         box = parts.in_fused(tensor.part, box, shape)

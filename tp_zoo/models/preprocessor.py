@@ -17,10 +17,8 @@ import keras_hub
 import numpy as np
 
 from tp_zoo.layers.loss import IGNORED_LABEL
-from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.tokenizer import CheckpointTokenizer
-from tp_zoo.models.training_examples import check_example
-from tp_zoo.models.training_examples import encode_example
+from tp_zoo.models.training_examples import encode_examples
 from tp_zoo.models.training_examples import padded_rows
 
 
@@ -106,10 +104,9 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
             )
         examples = _examples(x)
         if examples is not None:
-            template = None if self.chat_template is None else ChatTemplate(self.tokenizer, self.chat_template)
-            encoded = [encode_example(self.tokenizer, e, template) for e in examples]
-            x, labels = padded_rows(encoded, sequence_length or self.sequence_length,
-                                    names=[f"Example {i}" for i in range(len(examples))])
+            named = [(f"Example {i}", example) for i, example in enumerate(examples)]
+            encoded = encode_examples(self.tokenizer, named, self.chat_template)
+            x, labels = padded_rows(encoded, sequence_length or self.sequence_length, names=[n for n, _ in named])
             return x, labels, labels != IGNORED_LABEL  # the weights count the trained tokens in metrics
         texts, single = _as_texts(x)
         # One token more than the model sees: the labels are the ids shifted by one.
@@ -182,8 +179,8 @@ def _is_id_batch(x):
 
 
 def _examples(x):
-    """`x` as a list of checked instruction examples if it is a batch of
-    dicts (a list or numpy array of them), else None."""
+    """`x` as a list of instruction examples (checked as they are encoded)
+    if it is a batch of dicts (a list or numpy array of them), else None."""
     if _is_id_batch(x):
         return None
     if isinstance(x, np.ndarray) and x.dtype.kind == "O":
@@ -194,8 +191,6 @@ def _examples(x):
     if not (isinstance(x, (list, tuple)) and x and all(isinstance(e, (str, dict)) for e in x)
             and any(isinstance(e, dict) and not _is_id_batch(e) for e in x)):
         return None  # (an (x, y, sample_weight) tuple of ids is not a batch of examples)
-    for index, example in enumerate(x):
-        check_example(example, f"Example {index}")
     return list(x)
 
 

@@ -112,6 +112,7 @@ class CheckpointTokenizer:
         """Wraps a Hugging Face `tokenizers.Tokenizer`; a BOS its post-processor
         already adds is not added again."""
         probe = tok.encode("a").ids
+
         def encode(text, add_special_tokens):
             encoding = tok.encode(text, add_special_tokens=add_special_tokens)
             return encoding.ids, [start for start, _ in encoding.offsets]

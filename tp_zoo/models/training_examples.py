@@ -77,7 +77,7 @@ def _check_messages(messages, where, name):
         raise ValueError(f"{where} has no assistant message: nothing to train on.")
 
 
-def encode_example(tokenizer, example, chat_template=None):
+def encode_example(tokenizer, example, chat_template=None, where="The example"):
     """(ids, trained): the example's token ids (int32) and, for each, whether
     the loss trains on predicting it.
 
@@ -86,8 +86,23 @@ def encode_example(tokenizer, example, chat_template=None):
         example: see the module's docstring.
         chat_template: a `ChatTemplate` for conversations (default: the
             tokenizer's own).
+        where: how errors name the example ("data.jsonl:7").
     """
-    kind = check_example(example)
+    kind = check_example(example, where)
+    try:
+        return _encode(tokenizer, example, kind, chat_template)
+    except ValueError as error:  # ChatTemplateError included
+        raise type(error)(f"{where}: {error}") from None
+
+
+def encode_examples(tokenizer, named_examples, chat_template=None):
+    """[(ids, trained)] of each (where, example) pair, as `encode_example`;
+    `chat_template`: a Jinja template in place of the checkpoint's."""
+    template = None if chat_template is None else ChatTemplate(tokenizer, chat_template)
+    return [encode_example(tokenizer, example, template, where) for where, example in named_examples]
+
+
+def _encode(tokenizer, example, kind, chat_template):
     eos = [] if tokenizer.end_token_id is None else [tokenizer.end_token_id]
     if kind == "text":
         ids = tokenizer.encode(example if isinstance(example, str) else example["text"]) + eos
