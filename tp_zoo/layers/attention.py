@@ -165,7 +165,7 @@ class ParallelAttention(ShardedLayer):
         queries rotated: (batch, seq, kv heads, 2 + group, head_dim). With a
         replicated kernel, first cut out the kv head this device's queries
         use and those queries."""
-        kernel, bias = self.qkv.effective(weights[0])
+        kernel, bias, lora = self.qkv.effective(weights[0], merge_lora=self.kv_replicated)
         if self.kv_replicated:
             devices_per_kv = self.tp // self.padded_kv_heads
             queries = (self.padded_heads // self.padded_kv_heads) // devices_per_kv
@@ -173,7 +173,7 @@ class ParallelAttention(ShardedLayer):
             kernel, bias = self.qkv.take_group(
                 kernel, bias, index // devices_per_kv, (index % devices_per_kv) * queries, queries
             )
-        y = self.qkv.apply(kernel, bias, x)  # (batch, seq, kv heads, 2 + group, head_dim)
+        y = self.qkv.apply(kernel, bias, x, lora)  # (batch, seq, kv heads, 2 + group, head_dim)
         if self.rotary is not None:
             # Keys and queries rotated in one elementwise pass over the
             # product (values, slot 1, pass through): one kernel, not two.

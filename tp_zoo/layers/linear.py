@@ -175,6 +175,12 @@ class _ParallelLinear(ShardedLayer):
         """Freezes the kernel (and bias) and adds a trainable low-rank update
         kernel + (lora_alpha / rank) * A @ B, as Keras' Dense does.
 
+        The adapters are float32 whatever the layer's dtype (as PEFT makes
+        them): a bfloat16 adapter could not hold the small steps training
+        takes. The layer computes x @ kernel + scale * (x @ A) @ B, the
+        adapters cast to the compute dtype, so an update far below the
+        kernel's rounding step still changes the output.
+
         A takes the kernel's input dims and B its output dims, so the split
         follows the kernel: a column-parallel kernel's B is split with its
         outputs (A whole on every device), a row-parallel kernel's A with
@@ -217,7 +223,7 @@ class _ParallelLinear(ShardedLayer):
             )
             for name, adapter_shape, adapter_layout, initializer, adapter_padding in adapters:
                 setattr(self, prefix + name, self.add_sharded_weight(
-                    prefix + name, adapter_shape, adapter_layout, initializer, padding=adapter_padding
+                    prefix + name, adapter_shape, adapter_layout, initializer, dtype="float32", padding=adapter_padding
                 ))
                 self._lora_layouts[prefix + name] = adapter_layout
         self._tracker.lock()
@@ -235,16 +241,13 @@ class _ParallelLinear(ShardedLayer):
     def merge_lora(self):
         """Folds the LoRA update into the kernel and zeroes B (adapters stay, now inert)."""
         weights, layouts = self.weights_and_layouts()
+        merged = self.run_sharded(self._merged_float, (layouts,), self.kernel_layout, weights, key="merge_lora")
         if self.quantized:  # the merged kernel is quantized again (new scales)
-            merged = self.run_sharded(self._merged_float, (layouts,), self.kernel_layout, weights, key="merge_q")
             values, scale = q8.quantize_int8(merged, len(self.in_trailing))
             self.kernel.assign(values)
             self.kernel_scale.assign(scale)
         else:
-            merged = self.run_sharded(
-                lambda w: self.effective(w)[0], (layouts,), self.kernel_layout, weights, key="merge_lora"
-            )
-            self.kernel.assign(merged)
+            self.kernel.assign(merged.astype(self.kernel.dtype))
         for name, variable in self.lora_variables():
             if name.endswith("_b"):
                 variable.assign(jnp.zeros_like(variable.value))
@@ -265,77 +268,101 @@ class _ParallelLinear(ShardedLayer):
             layouts.append(self._lora_layouts[name])
         return tuple(values), tuple(layouts)
 
-    def _lora_update(self, weights, kernel_shape):
-        """The LoRA update of the local kernel (of `kernel_shape`); a fused
-        kernel's is zero outside the parts that have adapters."""
+    def _lora_pairs(self, weights):
+        """The local (A, B) of each adapted part, from `weights_and_layouts`' values."""
         pairs = weights[len(weights) - len(self._lora_layouts) :]
-        scale = self.lora_alpha / self.lora_rank
-        updates = [
-            jnp.tensordot(a, b, axes=1, precision=product_precision(a, b)) * scale
-            for a, b in zip(pairs[::2], pairs[1::2])
-        ]
+        return tuple(zip(pairs[::2], pairs[1::2]))
+
+    def _by_part(self, terms, lead, out_shape):
+        """One term per adapted part (each `lead` + its part's local output
+        shape) as one float32 array of `lead` + `out_shape`: a single
+        projection's term as it is; a fused kernel's terms each in its
+        part's block along the fused axis, zeros where a part has none."""
         if not self.lora_parts:
-            return updates[0]
-        fused = self.parts_of(self.kernel_shape_built, kernel=True)
-        by_part = dict(zip((p.layer for p in self.lora_parts), updates))
+            return terms[0]
+        fused = self.parts_of(self.kernel_shape_built)
+        by_part = dict(zip((p.layer for p in self.lora_parts), terms))
         blocks = []
         for part in fused.parts:
-            block = kernel_shape[: fused.axis] + (part.size,) + kernel_shape[fused.axis + 1 :]
-            update = by_part.get(part.layer)
-            blocks.append(jnp.zeros(block, updates[0].dtype) if update is None else update.reshape(block))
-        return jnp.concatenate(blocks, axis=fused.axis)
+            block = tuple(lead) + tuple(out_shape[: fused.axis]) + (part.size,) + tuple(out_shape[fused.axis + 1 :])
+            term = by_part.get(part.layer)
+            blocks.append(jnp.zeros(block, jnp.float32) if term is None else term.reshape(block))
+        return jnp.concatenate(blocks, axis=len(lead) + fused.axis)
 
     def _merged_float(self, weights):
-        """A quantized kernel dequantized in float32 in the kernel's order,
-        LoRA update added."""
-        values = q8.dequantize(weights[0], weights[2 if self.use_bias else 1])
-        kernel = q8.to_kernel_order(values, len(self.in_trailing))
+        """The local kernel in float32, in the kernel's order (a quantized
+        one dequantized), LoRA update (lora_alpha / rank) A @ B added."""
+        n_in = len(self.in_trailing)
+        kernel = weights[0].astype(jnp.float32)
+        if self.quantized:
+            kernel = q8.to_kernel_order(q8.dequantize(weights[0], weights[2 if self.use_bias else 1]), n_in)
         if not self.lora_enabled:
             return kernel
-        return kernel + self._lora_update(weights, kernel.shape).astype(jnp.float32)
+        scale = self.lora_alpha / self.lora_rank
+        updates = [
+            scale * jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST) for a, b in self._lora_pairs(weights)
+        ]
+        return kernel + self._by_part(updates, kernel.shape[:n_in], kernel.shape[n_in:])
 
-    def effective(self, weights):
-        """(kernel, bias or None) from local weights, the LoRA update folded
-        in. A quantized kernel is a `QuantizedKernel` (int8 values, scale),
-        or, under LoRA, dequantized with the update added (compute dtype)."""
+    def effective(self, weights, merge_lora=False):
+        """(kernel, bias or None, LoRA pairs) from local weights, for `apply`.
+        A quantized kernel is a `QuantizedKernel` (int8 values, scale); the
+        pairs are each adapted part's local (A, B), () without LoRA.
+        `merge_lora=True` folds the adapters into the kernel instead
+        (dequantized, in the compute dtype), for callers that cut the kernel
+        up (a replicated q/k/v kernel's `take_group`)."""
         kernel = weights[0]
         bias = weights[1] if self.use_bias else None
+        if self.lora_enabled and merge_lora:
+            return self._merged_float(weights).astype(self.compute_dtype), bias, ()
         if self.quantized:
-            if not self.lora_enabled:
-                return q8.QuantizedKernel(kernel, weights[2 if self.use_bias else 1]), bias
-            return self._merged_float(weights).astype(self.compute_dtype), bias
-        if self.lora_enabled:
-            kernel = kernel + self._lora_update(weights, kernel.shape).astype(kernel.dtype)
-        return kernel, bias
+            kernel = q8.QuantizedKernel(kernel, weights[2 if self.use_bias else 1])
+        return kernel, bias, self._lora_pairs(weights) if self.lora_enabled else ()
 
-    def apply(self, kernel, bias, x):
-        """The layer's math on local shards (inside a sharded region)."""
-        if isinstance(kernel, q8.QuantizedKernel):
-            return self._apply_quantized(kernel, bias, x)
-        precision = product_precision(x, kernel)
-        if bias is None and not (self.reduces and self.tp > 1):
-            y = jnp.einsum(self.equation, x, kernel, precision=precision)
+    def _lora_term(self, lora, x, out_shape):
+        """scale * (x @ A) @ B summed into the layer's local output of
+        `out_shape` (trailing dims), in float32: both products in x's dtype
+        (the adapters cast to it), accumulated in float32. On a row-parallel
+        layer it is this device's partial sum, reduced with the kernel's."""
+        n_in = len(self.in_trailing)
+        scale = self.lora_alpha / self.lora_rank
+        terms = []
+        for a, b in lora:
+            h = jnp.tensordot(x, a.astype(x.dtype), axes=n_in, precision=product_precision(x),
+                              preferred_element_type=jnp.float32).astype(x.dtype)
+            terms.append(scale * jnp.tensordot(h, b.astype(x.dtype), axes=1, precision=product_precision(x),
+                                               preferred_element_type=jnp.float32))
+        return self._by_part(terms, x.shape[: x.ndim - n_in], out_shape)
+
+    def apply(self, kernel, bias, x, lora=()):
+        """The layer's math on local shards (inside a sharded region), with
+        `effective`'s kernel, bias and LoRA pairs."""
+        quantized = isinstance(kernel, q8.QuantizedKernel)
+        if not quantized and not lora and bias is None and not (self.reduces and self.tp > 1):
+            y = jnp.einsum(self.equation, x, kernel, precision=product_precision(x, kernel))
+            return self.activation(y) if self.activation is not None else y
+        # Summed over devices and biased in float32, then rounded once (as
+        # torch's addmm): rounding the product before its bias, or each
+        # device's partial sum, costs visible bf16 accuracy. Only here: a
+        # float32 product is much slower for batch-1 decode on GPUs.
+        n_in = len(self.in_trailing)
+        if quantized:
+            # int8 values (exact in bf16) times x, accumulated in float32; the
+            # per-output-channel scale is the same on every device, so it
+            # comes after the sum, unless LoRA's partial sums join it.
+            y = q8.int8_product(x, kernel.values, n_in)
+            scale = kernel.scale.astype(jnp.float32)
+            if lora:
+                y = y * scale
         else:
-            # Summed over devices and biased in float32, then rounded once (as
-            # torch's addmm): rounding the product before its bias, or each
-            # device's partial sum, costs visible bf16 accuracy. Only here: a
-            # float32 product is much slower for batch-1 decode on GPUs.
-            y = jnp.einsum(self.equation, x, kernel, precision=precision, preferred_element_type=jnp.float32)
-            if self.reduces:
-                y = parallel.all_reduce(y)
-            if bias is not None:
-                y = y + bias.astype(jnp.float32)
-            y = y.astype(x.dtype)
-        return self.activation(y) if self.activation is not None else y
-
-    def _apply_quantized(self, kernel, bias, x):
-        """int8 weights, x.dtype activations: the int8 values (exact in bf16)
-        multiplied in x's dtype, accumulated in float32, summed over devices,
-        then scaled per output channel and biased in float32, rounded once."""
-        y = q8.int8_product(x, kernel.values, len(self.in_trailing))
+            y = jnp.einsum(self.equation, x, kernel, precision=product_precision(x, kernel),
+                           preferred_element_type=jnp.float32)
+        if lora:
+            y = y + self._lora_term(lora, x, y.shape[y.ndim - len(self.out_trailing) :])
         if self.reduces:
             y = parallel.all_reduce(y)
-        y = y * kernel.scale.astype(jnp.float32)
+        if quantized and not lora:
+            y = y * scale
         if bias is not None:
             y = y + bias.astype(jnp.float32)
         y = y.astype(x.dtype)
@@ -345,7 +372,8 @@ class _ParallelLinear(ShardedLayer):
         """What one device computes on its shards (inside a sharded region)."""
         if self.reduces and self.padding is not None and self.padding.is_padded:
             x = x * self._local_input_mask(x)
-        return self.apply(*self.effective(weights), x)
+        kernel, bias, lora = self.effective(weights)
+        return self.apply(kernel, bias, x, lora)
 
     def _local_input_mask(self, x):
         """0/1 over this device's slice of the (padded) split input dims:

@@ -9,6 +9,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from tp_zoo import optimizers
 from tp_zoo import parallel
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.base import TrueShapeWeights
@@ -133,10 +134,15 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         loss; it skips labels of -100 (`IGNORED_LABEL`), as transformers
         does, which instruction examples put outside the trained replies.
 
-        An optimizer made outside the model's distribution (its step counter
+        Keras' Adam and AdamW (and the default, KerasHub's Adam(2e-5)) become
+        `tp_zoo.optimizers.AdamW` of the same hyperparameters, whose math is
+        float32, so that bfloat16 weights train; an optimizer that cannot
+        train the model's weights is refused when training starts. An
+        optimizer made outside the model's distribution (its step counter
         and learning rate on one device) is remade from its config inside it,
         so that all training state lives on the mesh.
         """
+        optimizer = optimizers.for_training(keras.optimizers.Adam(2e-5) if optimizer == "auto" else optimizer)
         if loss == "auto":
             loss = VocabParallelCrossEntropy(ignore_class=IGNORED_LABEL)
         # KerasHub's enable_lora freezes the backbone; the LM head lives here.
@@ -156,6 +162,7 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
     # Keras compiles each step for the placements its variables have when it
     # makes the step: all on the model's mesh (see parallel.place_on_mesh).
     def make_train_function(self, force=False):
+        optimizers.check_trains(self.optimizer, self.trainable_variables)
         self._place_state_on_mesh()
         return super().make_train_function(force)
 
