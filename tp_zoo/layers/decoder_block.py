@@ -1,5 +1,6 @@
 """One transformer decoder block: attention and MLP, each with a residual."""
 
+import jax
 import keras
 
 from tp_zoo.layers.attention import ParallelAttention
@@ -7,6 +8,25 @@ from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.mlp import ParallelMLP
 from tp_zoo.layers.replicated import LayerNorm
 from tp_zoo.layers.replicated import RMSNorm
+
+
+# Activation checkpointing (remat) of a block in training: what its forward
+# keeps for the backward pass; the rest is computed again there.
+REMAT_POLICIES = {
+    "none": None,  # everything: fastest, most memory
+    # the outputs of the matrix products (projections); norms, activations,
+    # rotary and attention are recomputed
+    "products": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    # the block's input alone: the whole block runs twice, memory per block
+    # is one hidden state per position
+    "layers": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def check_remat(policy):
+    if policy not in REMAT_POLICIES:
+        raise ValueError(f"Unknown remat policy {policy!r}; expected one of {', '.join(map(repr, REMAT_POLICIES))}.")
+    return policy
 
 
 def make_norm(kind, epsilon, name, dtype):
@@ -42,8 +62,17 @@ class DecoderBlock(ShardedLayer):
         for layer in (self.attention_norm, self.attention, self.mlp_norm, self.mlp):
             layer.build(input_shape)
 
+    # See REMAT_POLICIES; set on a model by `DecoderCausalLM.remat`.
+    remat = "none"
+
     def call(self, x, padding_mask=None, cache=None, positions=None):
         """As `ParallelAttention.call`: with a cache, returns (output, new cache)."""
+        policy = REMAT_POLICIES[self.remat]
+        if policy is not None and cache is None and not isinstance(x, keras.KerasTensor):
+            return jax.checkpoint(lambda x, mask: self._forward(x, mask), policy=policy)(x, padding_mask)
+        return self._forward(x, padding_mask, cache, positions)
+
+    def _forward(self, x, padding_mask=None, cache=None, positions=None):
         new_cache = None
         attention_in = self.attention_norm(x) if self.pre_norm else x
         if cache is None:

@@ -11,6 +11,9 @@ looked up, their logits are cut off, and saving, `get_weights` and
 `set_weights` of the layer show only the real rows.
 """
 
+import math
+
+import jax
 import jax.numpy as jnp
 import keras
 
@@ -19,6 +22,7 @@ from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import round_up
+from tp_zoo.layers.loss import local_cross_entropy
 from tp_zoo.layers.precision import product_precision
 
 M = parallel.MODEL
@@ -144,36 +148,70 @@ class VocabParallelLMHead(ShardedLayer):
         kernel_scale, kernel = self._add_int8_kernel(self.kernel.shape[0], scale, values)
         q8.install(self, kernel_scale, kernel, mode)
 
-    def _kernel(self):
+    def _weights(self):
+        """(values, layouts) of what the local logits are made from."""
+        if self.quantized:
+            return (self.kernel.value, self.kernel_scale.value), (q8.output_major(self.kernel_layout, 1), (M,))
         if self.tied_embedding is not None:
-            return self.tied_embedding.embeddings.value, (M, None), "...d,vd->...v"
-        return self.kernel.value, self.kernel_layout, "...d,dv->...v"
+            return (self.tied_embedding.embeddings.value,), ((M, None),)
+        return (self.kernel.value,), (self.kernel_layout,)
+
+    def _local_logits(self, weights, h):
+        """This device's slice of the (padded) vocab's logits, in h's dtype."""
+        if self.quantized:
+            values, scale = weights
+            return (q8.int8_product(h, values, 1) * scale).astype(h.dtype)
+        equation = "...d,vd->...v" if self.tied_embedding is not None else "...d,dv->...v"
+        return jnp.einsum(equation, h, weights[0], precision=product_precision(h, weights[0]))
 
     def call(self, x):
         layout = (B,) + (None,) * (x.ndim - 2)
-        if self.quantized:
-            logits = self.run_sharded(
-                lambda k, s, h: (q8.int8_product(h, k, 1) * s).astype(h.dtype),
-                (q8.output_major(self.kernel_layout, 1), (M,), layout + (None,)),
-                layout + (M,),
-                self.kernel.value,
-                self.kernel_scale.value,
-                x,
-                key="int8",
-            )
-        else:
-            kernel, kernel_layout, equation = self._kernel()
-            logits = self.run_sharded(
-                lambda k, h: jnp.einsum(equation, h, k, precision=product_precision(h, k)),
-                (kernel_layout, layout + (None,)),
-                layout + (M,),
-                kernel,
-                x,
-                key=equation,
-            )
+        weights, layouts = self._weights()
+        logits = self.run_sharded(
+            self._local_logits, (layouts, layout + (None,)), layout + (M,), weights, x,
+            key=("logits", self.quantized, self.tied_embedding is None),
+        )
         if self.padded_vocab_size != self.vocab_size:
             logits = logits[..., : self.vocab_size]
         return logits
+
+    # Positions per chunk of `cross_entropy` (None: a chunk's float32 logits
+    # near 512 MiB a device).
+    loss_chunk_tokens = None
+
+    def cross_entropy(self, x, labels):
+        """Per-token cross-entropy of the logits `call(x)` would give against
+        `labels` (batch, seq), without ever holding every position's logits:
+        the positions go in chunks of `loss_chunk_tokens`, each chunk's
+        logits made, reduced vocab-parallel, and made again in the backward
+        pass."""
+        layout = (B,) + (None,) * (x.ndim - 2)
+        weights, layouts = self._weights()
+        local_vocab = self.padded_vocab_size // self.tp
+        chunk = self.loss_chunk_tokens or max(256, 2**27 // local_vocab)
+
+        def local(weights, h, labels):
+            h = h.astype(self.compute_dtype)  # Keras' loss hands hidden states over in float32
+            real = parallel.model_index() * local_vocab + jnp.arange(local_vocab) < self.vocab_size
+
+            @jax.checkpoint
+            def chunk_loss(h, labels):
+                logits = jnp.where(real, self._local_logits(weights, h).astype(jnp.float32), -jnp.inf)
+                return local_cross_entropy(logits, labels)
+
+            lead, tokens = h.shape[:-1], math.prod(h.shape[:-1])
+            size = min(chunk, tokens)
+            count = -(-tokens // size)
+            pad = count * size - tokens
+            h = jnp.pad(h.reshape(tokens, -1), ((0, pad), (0, 0))).reshape(count, size, -1)
+            labels = jnp.pad(labels.reshape(tokens), (0, pad)).reshape(count, size)
+            losses = jax.lax.map(lambda pair: chunk_loss(*pair), (h, labels))
+            return losses.reshape(-1)[:tokens].reshape(lead)
+
+        return self.run_sharded(
+            local, (layouts, layout + (None,), layout), layout, weights, x, jnp.asarray(labels, "int32"),
+            key=("cross_entropy", chunk, self.quantized, self.tied_embedding is None),
+        )
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.vocab_size,)

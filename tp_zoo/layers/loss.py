@@ -6,6 +6,9 @@ target logit from a third (only the device owning the label contributes),
 so the full (batch, seq, vocab) logits never exist on one device.
 """
 
+import contextlib
+import contextvars
+
 import jax.numpy as jnp
 import keras
 from keras.src.backend import set_keras_mask
@@ -19,8 +22,31 @@ B = parallel.BATCH
 # `tp_zoo.models.training_examples` writes outside trained spans.
 IGNORED_LABEL = -100
 
+# The LM head whose hidden states (not logits) a model hands to
+# `VocabParallelCrossEntropy` while it traces a training or test step.
+_head_in_loss = contextvars.ContextVar("tp_zoo_head_in_loss", default=None)
 
-def _local_cross_entropy(logits, labels):
+
+@contextlib.contextmanager
+def head_in_loss(head):
+    """In this scope the model's outputs are hidden states, and
+    `VocabParallelCrossEntropy` applies `head` itself, in chunks of
+    positions (`VocabParallelLMHead.cross_entropy`), so that no step holds
+    every position's logits."""
+    token = _head_in_loss.set(head)
+    try:
+        yield
+    finally:
+        _head_in_loss.reset(token)
+
+
+def active_head_in_loss():
+    """The head of the enclosing `head_in_loss` scope, or None."""
+    return _head_in_loss.get()
+
+
+def local_cross_entropy(logits, labels):
+    """Per-token loss from this device's slice of the vocab's logits (inside a sharded region)."""
     logits = logits.astype("float32")
     rows = logits.shape[-1]
     local_labels = labels - parallel.model_index() * rows
@@ -44,12 +70,18 @@ def vocab_parallel_cross_entropy(labels, logits, ignore_class=None):
         logits = jnp.pad(logits, pad, constant_values=jnp.finfo(logits.dtype).min)
     layout = (B,) + (None,) * (labels.ndim - 1)
     loss = parallel.run_sharded(
-        mesh_info, _local_cross_entropy, (layout + (M,), layout), layout, logits, labels
+        mesh_info, local_cross_entropy, (layout + (M,), layout), layout, logits, labels
     )
-    if ignore_class is not None:
-        valid = labels != ignore_class
-        loss = jnp.where(valid, loss, 0.0)
-        set_keras_mask(loss, valid)
+    return _skip_ignored(loss, labels, ignore_class)
+
+
+def _skip_ignored(loss, labels, ignore_class):
+    """Zero loss, and a Keras mask that drops them from the mean, where the label is `ignore_class`."""
+    if ignore_class is None:
+        return loss
+    valid = labels != ignore_class
+    loss = jnp.where(valid, loss, 0.0)
+    set_keras_mask(loss, valid)
     return loss
 
 
@@ -81,7 +113,11 @@ class VocabParallelCrossEntropy(keras.losses.Loss):
         self.ignore_class = ignore_class
 
     def call(self, y_true, y_pred):
-        return vocab_parallel_cross_entropy(y_true, y_pred, self.ignore_class)
+        head = active_head_in_loss()
+        if head is None:
+            return vocab_parallel_cross_entropy(y_true, y_pred, self.ignore_class)
+        labels = jnp.asarray(y_true, "int32")
+        return _skip_ignored(head.cross_entropy(y_pred, labels), labels, self.ignore_class)
 
     def get_config(self):
         return {**super().get_config(), "ignore_class": self.ignore_class, "from_logits": True}

@@ -2,6 +2,7 @@
 vocab-parallel LM head, KerasHub's training and generation entry points run
 under the model's own distribution."""
 
+import contextlib
 import functools
 
 import jax
@@ -13,7 +14,10 @@ from tp_zoo import optimizers
 from tp_zoo import parallel
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.layers.base import TrueShapeWeights
+from tp_zoo.layers.decoder_block import check_remat
 from tp_zoo.layers.loss import IGNORED_LABEL
+from tp_zoo.layers.loss import active_head_in_loss
+from tp_zoo.layers.loss import head_in_loss
 from tp_zoo.losses import VocabParallelCrossEntropy
 from tp_zoo.models import generation
 from tp_zoo.models.backbone import DecoderBackbone
@@ -158,6 +162,51 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         self.compile(**keras.saving.deserialize_keras_object(config))
         if self.built:
             self.optimizer.build(self.trainable_variables)
+
+    @property
+    def remat(self):
+        """Activation checkpointing in training: "none" (the default), "products"
+        (keep the projections' outputs, recompute the rest) or "layers" (keep
+        each block's input, run the block again in the backward pass): less
+        memory for long sequences, for more compute. Generation is unaffected.
+
+        ```python
+        lm.remat = "layers"
+        ```
+        """
+        return self.backbone.transformer_layers[0].remat
+
+    @remat.setter
+    def remat(self, policy):
+        check_remat(policy)
+        for block in self.backbone.transformer_layers:
+            block.remat = policy
+        self.train_function = self.test_function = None
+
+    def call(self, inputs, training=None, mask=None):
+        if active_head_in_loss() is self.lm_head:  # the loss applies the head (see train_step)
+            return self.backbone(inputs, training=training)
+        return super().call(inputs, training=training, mask=mask)
+
+    # Training and test steps hand the backbone's hidden states to a
+    # `VocabParallelCrossEntropy`, which applies the LM head in chunks of
+    # positions: the logits of a long sequence (32k positions x 128k
+    # vocab) never exist at once, nor their gradient. Compiled metrics see
+    # the model's outputs, so with any, the steps make the logits as before.
+    def train_step(self, state, data):
+        with self._head_in_loss():
+            return super().train_step(state, data)
+
+    def test_step(self, state, data):
+        with self._head_in_loss():
+            return super().test_step(state, data)
+
+    def _head_in_loss(self):
+        metrics = getattr(self, "_compile_metrics", None)
+        needs_logits = metrics is not None and (metrics._user_metrics or metrics._user_weighted_metrics)
+        if isinstance(getattr(self, "loss", None), VocabParallelCrossEntropy) and not needs_logits:
+            return head_in_loss(self.lm_head)
+        return contextlib.nullcontext()
 
     # Keras compiles each step for the placements its variables have when it
     # makes the step: all on the model's mesh (see parallel.place_on_mesh).

@@ -1,0 +1,74 @@
+"""Memory for long sequences: the loss applies the LM head in chunks of
+positions, and blocks can be rematerialised; both change nothing but memory.
+
+References: the same model compiled with a metric (its steps then make the
+whole logits and the loss reads them, the path before chunking), and the
+same model without remat. Float32 throughout, so the bound is float32's.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+import tp_zoo
+from tests.helpers import assert_close
+from tp_zoo.layers import VocabParallelLMHead
+
+STEPS = 2
+
+
+def _batch():
+    ids = np.random.RandomState(1).randint(0, 100, (8, 14)).astype("int32")
+    labels = ids[:, 1:].copy()
+    labels[:, :3] = -100  # a prompt: not trained
+    mask = np.ones((8, 13), "int32")
+    mask[1, 9:] = 0
+    return {"token_ids": ids[:, :-1], "padding_mask": mask}, labels
+
+
+def _train(path, tp, remat="none", chunk=None, accuracy=False):
+    lm = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
+    lm.remat = remat
+    lm.lm_head.loss_chunk_tokens = chunk
+    with lm.distribution.scope():  # a metric's variables live on the mesh
+        metrics = [keras.metrics.SparseCategoricalAccuracy()] if accuracy else []
+    lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-2), weighted_metrics=metrics)
+    x, y = _batch()
+    losses = [float(np.ravel(lm.train_on_batch(x, y))[0]) for _ in range(STEPS)]
+    return losses, lm.get_weights(), float(np.ravel(lm.test_on_batch(x, y))[0])
+
+
+@pytest.fixture(scope="module")
+def with_logits(llama_path):
+    """tp=8 pads the vocab of 100 to 104: the chunks mask the padding."""
+    return _train(llama_path, 8, accuracy=True)
+
+
+def test_chunked_loss_equals_the_loss_of_the_logits(llama_path, with_logits, monkeypatch):
+    chunked = []  # the steps traced through the chunked loss (train, test)
+    original = VocabParallelLMHead.cross_entropy
+    monkeypatch.setattr(VocabParallelLMHead, "cross_entropy", lambda *a: chunked.append(1) or original(*a))
+    # 8 x 13 positions in chunks of 5: the last chunk is padded.
+    losses, weights, evaluated = _train(llama_path, 8, chunk=5)
+    assert len(chunked) == 2
+    ref_losses, ref_weights, ref_evaluated = with_logits
+    assert_close(ref_losses, losses, "losses")
+    assert_close(ref_evaluated, evaluated, "evaluate's loss")
+    for ref, got in zip(ref_weights, weights):
+        assert_close(ref, got, "weights after training")
+
+
+@pytest.mark.parametrize("remat", ["products", "layers"])
+def test_remat_changes_nothing_but_memory(llama_path, with_logits, remat):
+    losses, weights, _ = _train(llama_path, 2, remat=remat)
+    ref_losses, ref_weights, _ = with_logits
+    assert_close(ref_losses, losses, f"losses with remat={remat}")
+    for ref, got in zip(ref_weights, weights):
+        assert_close(ref, got, f"weights after training with remat={remat}")
+
+
+def test_unknown_remat_policy_is_refused(llama_path):
+    lm = tp_zoo.from_preset(llama_path, progress=False)
+    with pytest.raises(ValueError, match=r"^Unknown remat policy 'all'; expected one of 'none', 'products', 'layers'"):
+        lm.remat = "all"
+    assert lm.remat == "none"
