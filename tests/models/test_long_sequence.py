@@ -12,7 +12,9 @@ import pytest
 
 import tp_zoo
 from tests.helpers import assert_close
+from tp_zoo.errors import DeviceMemoryError
 from tp_zoo.layers import VocabParallelLMHead
+from tp_zoo.models import memory
 
 STEPS = 2
 
@@ -72,3 +74,30 @@ def test_unknown_remat_policy_is_refused(llama_path):
     with pytest.raises(ValueError, match=r"^Unknown remat policy 'all'; expected one of 'none', 'products', 'layers'"):
         lm.remat = "all"
     assert lm.remat == "none"
+
+
+def test_training_memory_counts_each_devices_shards(llama_path):
+    """Weights, gradients and moments are the shards one device holds: at
+    tp=2 the split variables' bytes halve, the replicated ones (norms) stay."""
+    one, two = (tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", progress=False) for tp in (1, 2))
+    for lm in (one, two):
+        lm.compile(weighted_metrics=[])
+    a, b = (memory.training_memory(lm, 8, 32, "none") for lm in (one, two))
+    replicated = sum(v.numpy().nbytes for v in one.weights if "norm" in v.path)
+    assert b.weights == (a.weights - replicated) // 2 + replicated
+    assert a.gradients == a.weights and b.gradients == b.weights  # all trainable, float32
+    assert a.activations > b.activations  # the MLP and heads' widths split
+    layers = memory.training_memory(one, 8, 32, "layers")
+    assert layers.activations < a.activations and layers.weights == a.weights
+
+
+def test_remat_chosen_by_free_memory_and_too_large_refused(llama_path, monkeypatch):
+    lm = tp_zoo.from_preset(llama_path, dtype="float32", progress=False)
+    lm.compile(weighted_metrics=[])
+    need = {p: (lambda e: e.total - e.weights)(memory.training_memory(lm, 64, 64, p)) for p in ("none", "layers")}
+    for free, policy in ((2 * need["none"], "none"), (need["layers"] / 0.9 + 1, "layers")):
+        monkeypatch.setattr(memory, "free_device_bytes", lambda lm, free=free: free)
+        assert memory.remat_for(lm, 64, 64) == policy
+    monkeypatch.setattr(memory, "free_device_bytes", lambda lm: need["layers"] / 2)
+    with pytest.raises(DeviceMemoryError, match=r"^Training 64 x 64 tokens needs about .* GiB per device .* even with remat='layers'"):
+        memory.remat_for(lm, 64, 64)

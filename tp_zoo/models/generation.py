@@ -43,6 +43,7 @@ from tp_zoo.errors import DeviceMemoryError
 from tp_zoo.layers.decode_kernel import BLOCK
 from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.chat_template import check_conversation
+from tp_zoo.models.memory import free_device_bytes
 
 DEFAULT_NEW_TOKENS = 64
 # A reply's default budget, within what the model's positions leave.
@@ -432,7 +433,7 @@ def _checking_memory(lm, request, call):
     the same error if XLA runs out)."""
     batch = len(request.prompts)
     needed = _bytes_needed(lm, batch, request.prompt_width, request.cache_length)
-    free = _free_device_bytes(lm)
+    free = free_device_bytes(lm)
     if free is not None and needed > free:
         raise _memory_error(batch, request.prompt_width, request.cache_length, needed, free)
     try:
@@ -598,22 +599,6 @@ def _bytes_needed(lm, batch, prompt_width, cache_length):
     tile = 512 * attention.padded_heads // tp * 4
     activations = batch * prompt_width * (per_token * itemsize + tile)
     return cache + activations + 4 * batch * backbone.vocab_size
-
-
-def _free_device_bytes(lm):
-    """Free memory of the fullest device the model uses (None where the
-    platform does not report it, as on CPU)."""
-    mesh_info = lm.backbone.transformer_layers[0].attention.mesh_info
-    devices = mesh_info.mesh.devices.flat if mesh_info is not None else jax.local_devices()[:1]
-    free = []
-    for device in devices:
-        if device.process_index != jax.process_index():
-            continue
-        stats = device.memory_stats()
-        if not stats or "bytes_limit" not in stats:
-            return None
-        free.append(stats["bytes_limit"] - stats.get("bytes_in_use", 0))
-    return min(free) if free else None
 
 
 def _memory_error(batch, prompt_width, cache_length, needed, free):
