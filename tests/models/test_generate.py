@@ -231,7 +231,7 @@ def test_batch_too_large_for_device_memory_is_a_clear_error(llama_path, monkeypa
 
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
-    monkeypatch.setattr(generation, "_free_device_bytes", lambda lm: 1000)
+    monkeypatch.setattr(generation, "free_device_bytes", lambda lm: 1000)
     with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"needs about [\d.]+ GiB per device .* is free"):
         lm.generate(_batch(40), stop_token_ids=None)
 
