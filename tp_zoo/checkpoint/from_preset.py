@@ -10,6 +10,8 @@ import keras_hub
 from tp_zoo import parallel
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.loader import StreamingLoader
+from tp_zoo.checkpoint.peft import load_peft_adapter
+from tp_zoo.checkpoint.peft import read_adapter_config
 from tp_zoo.checkpoint.source import checkpoint_directory
 from tp_zoo.checkpoint.source import open_tensors
 from tp_zoo.checkpoint.source import read_config
@@ -42,7 +44,8 @@ def _refuse_quantized(config, directory):
         )
 
 
-def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True, quantize=None):
+def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True, quantize=None,
+                adapter=None):
     """Loads a checkpoint straight into per-device shards.
 
     Args:
@@ -59,6 +62,11 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         quantize: "int8" to quantize the attention and MLP kernels while
             streaming (as `lm.quantize("int8")` would, without ever holding
             a float copy of the model): each device gets int8 blocks.
+        adapter: a directory holding a PEFT LoRA adapter (adapter_config.json,
+            adapter_model.safetensors), loaded onto the model once it is built
+            (`tp_zoo.checkpoint.peft.load_peft_adapter`: LoRA enabled with the
+            adapter's rank and targets). Its config is checked first, before
+            the model is read.
 
     Returns:
         A `keras_hub.models.CausalLM` of the checkpoint's family, every variable
@@ -66,7 +74,12 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
         the `keras.distribution.ModelParallel` it was built under (None for a
         single device), and its fit/predict/generate run under it.
     """
-    return _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
+    if adapter is not None:
+        read_adapter_config(adapter)
+    causal_lm = _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
+    if adapter is not None:
+        load_peft_adapter(causal_lm, adapter)
+    return causal_lm
 
 
 def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True,
