@@ -65,6 +65,22 @@ def test_start_up_prints_no_tensorflow_logs():
     assert not re.search(r"^[IWEF]\d{4} [\d:.]+\s+\d+ \S+:\d+\] ", run.stderr, re.M), run.stderr
 
 
+def test_keras_imported_first_on_tensorflow_is_one_clear_error(tmp_path):
+    """`import keras` before `import tp_zoo`, without KERAS_BACKEND, gives
+    Keras' default backend, TensorFlow: tp_zoo refuses it at import, in one
+    line, instead of failing deep inside a model build."""
+    env = {k: v for k, v in os.environ.items() if k != "KERAS_BACKEND"}
+    env["KERAS_HOME"] = str(tmp_path)  # no keras.json choosing a backend
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    run = subprocess.run([sys.executable, "-c", "import keras; import tp_zoo"], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 1
+    assert run.stderr.strip().splitlines()[-1] == (
+        "ImportError: tp_zoo needs Keras' JAX backend, but Keras has chosen 'tensorflow' (keras was imported "
+        "before tp_zoo): set KERAS_BACKEND=jax before importing keras."
+    ), run.stderr
+
+
 def test_demo_takes_every_gpu_up_to_what_its_model_splits_and_two_simulated_cpus():
     gpus = lambda n: [SimpleNamespace(platform="gpu")] * n
     assert [demo.default_tp(gpus(n)) for n in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 2, 4, 4, 8, 8]
@@ -111,13 +127,40 @@ def test_gated_repo_is_one_line(monkeypatch, capsys):
      ("data.csv", "a,b", "must be .txt or .jsonl")],
 )
 def test_finetune_refuses_bad_data_before_loading_the_model(monkeypatch, capsys, tmp_path, name, content, problem):
-    import tp_zoo
-
-    def from_preset(*args, **kwargs):
-        raise AssertionError("the model was loaded before the data was checked")
-
-    monkeypatch.setattr(tp_zoo, "from_preset", from_preset)
+    _loading_fails(monkeypatch)
     if content is not None:
         (tmp_path / name).write_text(content)
     assert cli.main(["finetune", "opt_125m", "--data", str(tmp_path / name)]) == 2
     assert re.search(problem, _error_line(capsys.readouterr().err))
+
+
+def _loading_fails(monkeypatch):
+    import tp_zoo
+
+    def from_preset(*args, **kwargs):
+        raise AssertionError("the model was loaded before the settings and data were checked")
+
+    monkeypatch.setattr(tp_zoo, "from_preset", from_preset)
+
+
+@pytest.mark.parametrize(
+    "arguments,problem",
+    [(["--steps", "0"], "steps=0: must be a whole number of at least 1"),
+     (["--lr", "0"], "lr=0.0: the learning rate must be a positive finite number"),
+     (["--lr", "nan"], "lr=nan: "),
+     (["--batch-size", "0"], "batch_size=0: must be"),
+     (["--seq-len", "-1"], "seq_len=-1: must be"),
+     (["--save-every", "10"], "save_every=10 needs out"),
+     (["--save-every", "0", "--out", "run"], "save_every=0: must be"),
+     (["--batch-size", "3", "--dp", "2"], "batch_size=3 is not divisible by dp=2"),
+     (["--out", "data.txt"], "data.txt is a file, not a folder")],
+)
+def test_finetune_refuses_bad_settings_before_loading_the_model(monkeypatch, capsys, tmp_path, arguments, problem):
+    """One line each, exit status 2, nothing written (a run with --out naming
+    a file used to train, then die with NotADirectoryError)."""
+    _loading_fails(monkeypatch)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data.txt").write_text("Some text to train on.")
+    assert cli.main(["finetune", "opt_125m", "--data", "data.txt", *arguments]) == 2
+    assert problem in _error_line(capsys.readouterr().err)
+    assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]

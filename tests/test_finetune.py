@@ -1,7 +1,9 @@
-"""tp-zoo finetune: data, resumable sharded checkpoints, a kill mid-save, bad input."""
+"""tp-zoo finetune: data, resumable sharded checkpoints, a kill mid-save, bad
+settings refused before a model loads, resumes that do not fit refused."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,9 +12,12 @@ import pytest
 import tp_zoo
 from tests.helpers import assert_close
 from tp_zoo import demo
-from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.checkpoint.training_state import latest_checkpoint
 from tp_zoo.checkpoint.training_state import restore_training_state
+from tp_zoo.errors import CheckpointMismatchError
+from tp_zoo.errors import DataFileError
+from tp_zoo.errors import FinetuneSettingsError
+from tp_zoo.finetune import check_finetune
 from tp_zoo.finetune import finetune
 from tp_zoo.models.llama import LlamaBackbone
 from tp_zoo.models.llama import LlamaCausalLM
@@ -83,6 +88,8 @@ def test_killed_mid_save_resumes_with_the_same_loss_curve(checkpoint, uninterrup
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     losses = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert len(losses) == 4
+    assert f"resuming from {checkpoints / 'step_00000004'}: step 4 of 8, no LoRA, tp=4 dp=1 (saved at tp=2 dp=1)" \
+        in resumed.stderr
     diff = assert_close(uninterrupted[4:], losses, "loss after resume")
     print(f"\nresumed at tp=4 from step 4 after a kill during the step-6 save: loss max|diff| {diff:.2e}")
     assert latest_checkpoint(checkpoints).name == "step_00000008"
@@ -92,50 +99,132 @@ def test_killed_mid_save_resumes_with_the_same_loss_curve(checkpoint, uninterrup
 def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path):
     lm = tp_zoo.from_preset(checkpoint / "model", tp=1, progress=False)
     finetune(lm, checkpoint / "data.txt", **{**STEPS, "steps": 1}, out=tmp_path / "run")
-    config = {**json.loads((checkpoint / "model" / "config.json").read_text()), "num_hidden_layers": 2}
-    two_layers = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype="float32"))
+    saved = latest_checkpoint(tmp_path / "run" / "checkpoints")
+    config = json.loads((checkpoint / "model" / "config.json").read_text())
+    two_layers = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config({**config, "num_hidden_layers": 2},
+                                                                     dtype="float32"))
     two_layers.compile(optimizer="adamw")
     with pytest.raises(CheckpointMismatchError, match="different model"):
-        restore_training_state(two_layers, latest_checkpoint(tmp_path / "run" / "checkpoints"))
+        restore_training_state(two_layers, saved)
+    # The same shapes, another config (its manifest records the config).
+    other = {**config, "rope_theta": 1234.0}
+    other_rope = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(other, dtype="float32"), hf_config=other)
+    other_rope.compile(optimizer="adamw")
+    with pytest.raises(CheckpointMismatchError, match=r"its config differs in 1 entries \(rope_theta: "):
+        restore_training_state(other_rope, saved)
+
+
+def _data(tmp_path, name, content):
+    (tmp_path / name).write_text(content)
+    return tmp_path / name
 
 
 @pytest.mark.parametrize(
-    "kwargs,files,match",
+    "kwargs,match",
     [
-        ({"seq_len": 4096}, {"data.txt": "hello"}, "beyond the model's 128 positions"),
-        ({}, {"data.txt": ""}, "is empty"),
-        ({}, {"data.txt": "hello"}, "not enough for one sequence"),
-        ({}, {"data.jsonl": '{"text": "a"}\n{"oops": 1}\n'}, r"data.jsonl:2 has the keys \['oops'\]"),
-        ({}, {"data.csv": "a,b"}, "must be .txt or .jsonl"),
-        ({"batch_size": 3}, {"data.txt": "x"}, r"batch_size=3 is not divisible by dp=2"),
-        ({"lora_rank": 0}, {"data.txt": demo.demo_text()}, "LoRA rank must be a positive integer"),
+        ({"steps": 0}, r"^steps=0: must be a whole number of at least 1\.$"),
+        ({"batch_size": 0}, r"^batch_size=0: must be"),
+        ({"seq_len": -4}, r"^seq_len=-4: must be"),
+        ({"steps": 2.5}, r"^steps=2.5: must be"),
+        ({"lr": 0.0}, r"^lr=0.0: the learning rate must be a positive finite number\.$"),
+        ({"lr": float("nan")}, r"^lr=nan: "),
+        ({"lr": float("inf")}, r"^lr=inf: "),
+        ({"lora_rank": 0}, r"^lora_rank=0: must be"),
+        ({"stride": 0}, r"^stride=0: must be"),
+        ({"save_every": 2}, r"^save_every=2 needs out, a folder to save the checkpoints in\.$"),
+        ({"save_every": 0, "out": "run"}, r"^save_every=0: must be"),
+        ({"batch_size": 3, "dp": 2}, r"^batch_size=3 is not divisible by dp=2\.$"),
+        ({"out": "a_file"}, r"a_file is a file, not a folder\.$"),
+        ({"out": "a_file/run"}, r"run cannot be made: .*a_file is a file\.$"),
     ],
 )
-def test_bad_input(checkpoint, tmp_path, kwargs, files, match):
-    for name, content in files.items():
-        (tmp_path / name).write_text(content)
-    lm = tp_zoo.from_preset(checkpoint / "model", tp=2, dp=2, progress=False)
+def test_settings_are_refused_before_a_model_loads(tmp_path, kwargs, match):
+    """check_finetune (which finetune and tp-zoo finetune call first) refuses
+    each in one line, and writes nothing."""
+    data = _data(tmp_path, "data.txt", demo.demo_text())
+    (tmp_path / "a_file").write_text("not a folder")
+    if "out" in kwargs:
+        kwargs = {**kwargs, "out": tmp_path / kwargs["out"]}
+    settings = {k: v for k, v in STEPS.items() if k != "progress"}
+    with pytest.raises(FinetuneSettingsError, match=match):
+        check_finetune(data, **{**settings, **kwargs})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "data.txt"]
+
+
+@pytest.mark.parametrize(
+    "files,match",
+    [
+        ({"data.txt": ""}, "is empty"),
+        ({"data.jsonl": '{"text": "a"}\n{"oops": 1}\n'}, r"data.jsonl:2 has the keys \['oops'\]"),
+        ({"data.csv": "a,b"}, "must be .txt or .jsonl"),
+    ],
+)
+def test_bad_data_is_refused_before_a_model_loads(tmp_path, files, match):
+    [(name, content)] = files.items()
+    with pytest.raises(DataFileError, match=match):
+        check_finetune(_data(tmp_path, name, content))
+
+
+@pytest.fixture(scope="module")
+def tp2_dp2(checkpoint):
+    return tp_zoo.from_preset(checkpoint / "model", tp=2, dp=2, progress=False)
+
+
+@pytest.mark.parametrize(
+    "kwargs,content,match",
+    [
+        ({"seq_len": 4096}, "hello", "beyond the model's 128 positions"),
+        ({}, "hello", "not enough for one sequence"),
+    ],
+)
+def test_bad_input_for_the_model(tp2_dp2, tmp_path, kwargs, content, match):
+    """What only the model can tell is refused before anything is trained."""
     with pytest.raises(ValueError, match=match):
-        finetune(lm, tmp_path / next(iter(files)), **{**STEPS, **kwargs})
+        finetune(tp2_dp2, _data(tmp_path, "data.txt", content), **{**STEPS, **kwargs}, out=tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
-def test_lora_on_an_int8_base_resumes_at_another_tp(checkpoint, tmp_path):
+def test_lora_on_an_int8_base_resumes_at_another_tp(checkpoint, tmp_path, capsys):
     """An int8 base streamed from the checkpoint, LoRA trained on it for 4
     steps at tp=2 with checkpoints every 2, resumed at tp=4 for 2 more: the
-    run continues from its checkpoint, and the export (LoRA merged, kernels
-    dequantized) is a float model computing what the merged int8 model does."""
+    run continues from its checkpoint (and says so), and the export (LoRA
+    merged, kernels dequantized) is a float model computing what the merged
+    int8 model does. A resume with another LoRA rank, or none, is refused
+    before the model loads; one with no steps left trains nothing, and
+    exports only the model that is missing."""
     import numpy as np
 
+    run = tmp_path / "run"
+    lora = {**STEPS, "lora_rank": 4, "save_every": 2, "out": run}
     int8 = tp_zoo.from_preset(checkpoint / "model", tp=2, quantize="int8", progress=False)
-    first = finetune(int8, checkpoint / "data.txt", **{**STEPS, "steps": 4}, lora_rank=4, save_every=2,
-                     out=tmp_path / "run")
+    first = finetune(int8, checkpoint / "data.txt", **{**lora, "steps": 4})
     assert len(first) == 4
     again = tp_zoo.from_preset(checkpoint / "model", tp=4, quantize="int8", progress=False)
-    more = finetune(again, checkpoint / "data.txt", **{**STEPS, "steps": 6}, lora_rank=4, save_every=2,
-                    out=tmp_path / "run")
+    capsys.readouterr()
+    more = finetune(again, checkpoint / "data.txt", **{**lora, "steps": 6})
     assert len(more) == 2  # steps 5 and 6 only: resumed from step 4
-    exported = tp_zoo.from_preset(tmp_path / "run" / "model", tp=1, progress=False)
+    resumed = f"resuming from {run / 'checkpoints' / 'step_00000004'}: step 4 of 6, LoRA rank 4, tp=4 dp=1"
+    assert f"finetune: {resumed} (saved at tp=2 dp=1).\n" in capsys.readouterr().err
+    exported = tp_zoo.from_preset(run / "model", tp=1, progress=False)
     assert all(v.dtype != "int8" for v in exported.weights)
     ids = np.arange(1, 17, dtype="int32")[None]
     x = {"token_ids": ids, "padding_mask": np.ones_like(ids)}
     assert_close(np.asarray(again(x)), np.asarray(exported(x)), "export of the merged int8 model")
+
+    settings = {k: v for k, v in lora.items() if k != "progress"}
+    for rank, asked in ((None, "no LoRA"), (8, "LoRA rank 8")):
+        with pytest.raises(CheckpointMismatchError, match=rf"step_00000006 was trained with LoRA rank 4, this run "
+                                                          rf"has {asked}: resume it with LoRA rank 4"):
+            check_finetune(checkpoint / "data.txt", **{**settings, "steps": 8, "lora_rank": rank})
+
+    written = (run / "model" / "model.safetensors").stat().st_mtime_ns
+    assert finetune(again, checkpoint / "data.txt", **{**lora, "steps": 5}) == []
+    assert (capsys.readouterr().err == f"finetune: nothing left to train (6 steps done); {run / 'model'} is "
+                                       "exported already, not again.\n")
+    assert (run / "model" / "model.safetensors").stat().st_mtime_ns == written
+    shutil.rmtree(run / "model")
+    fresh = tp_zoo.from_preset(checkpoint / "model", tp=2, quantize="int8", progress=False)
+    assert finetune(fresh, checkpoint / "data.txt", **{**lora, "steps": 6}) == []
+    assert f"nothing left to train (6 steps done); exporting that model to {run / 'model'}." in capsys.readouterr().err
+    assert_close(np.asarray(exported(x)), np.asarray(tp_zoo.from_preset(run / "model", tp=1, progress=False)(x)),
+                 "the model exported again")

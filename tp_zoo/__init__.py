@@ -6,7 +6,9 @@ import re
 import sys
 import tempfile
 
-# tp_zoo is built on JAX collectives; choose the backend unless the user did.
+# tp_zoo is built on JAX collectives; choose the backend unless the user did
+# (which only counts before keras is first imported: checked below).
+_KERAS_IMPORTED_FIRST = "keras" in sys.modules
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 # An absl-format log line ("I0000 00:00:1795599008.895946   13230 port.cc:153] ...").
@@ -50,6 +52,16 @@ def _tensorflow_start_up_filtered():
 
 
 with _tensorflow_start_up_filtered():
+    import keras  # noqa: E402
+
+    # Keras picks its backend once, when first imported: a keras imported
+    # before tp_zoo without KERAS_BACKEND runs on TensorFlow (its default),
+    # where tp_zoo's layers would fail deep inside a model build.
+    if keras.backend.backend() != "jax":
+        why = "keras was imported before tp_zoo" if _KERAS_IMPORTED_FIRST else (
+            f"KERAS_BACKEND={os.environ['KERAS_BACKEND']}")
+        raise ImportError(f"tp_zoo needs Keras' JAX backend, but Keras has chosen {keras.backend.backend()!r} "
+                          f"({why}): set KERAS_BACKEND=jax before importing keras.")
     import keras_hub  # noqa: E402, F401  (imports TensorFlow)
 
 from tp_zoo import errors  # noqa: E402

@@ -136,20 +136,22 @@ def _finetune(args):
     from rich.console import Console
 
     import tp_zoo
-    from tp_zoo.finetune import check_data
+    from tp_zoo.finetune import check_finetune
     from tp_zoo.finetune import finetune
 
     console = Console()
-    check_data(args.data)  # before the model loads, which can take minutes
+    settings = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                    lora_rank=args.lora_rank, save_every=args.save_every, out=args.out, stride=args.stride)
+    check_finetune(args.data, **settings, dp=args.dp)  # before the model loads, which can take minutes
     template = _chat_template_file(args.chat_template)
     lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
-    losses = finetune(lm, args.data, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                      lr=args.lr, lora_rank=args.lora_rank, save_every=args.save_every, out=args.out,
-                      stride=args.stride, packing=args.packing, chat_template=template)
+    losses = finetune(lm, args.data, **settings, packing=args.packing, chat_template=template)
     if losses:
         console.print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     if args.out:
-        console.print(f"checkpoints in {args.out}/checkpoints, model (Hugging Face layout) in {args.out}/model")
+        adapter = f", LoRA adapter (PEFT) in {args.out}/adapter" if args.lora_rank else ""
+        console.print(f"checkpoints in {args.out}/checkpoints, model (Hugging Face layout) in {args.out}/model"
+                      f"{adapter}")
 
 
 def _presets(args):

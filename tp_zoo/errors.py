@@ -15,7 +15,8 @@ class WrongFamilyError(ValueError):
 
 class CheckpointMismatchError(ValueError):
     """A checkpoint does not fit the model: a tensor missing or of another
-    shape, or a training state saved from a different model."""
+    shape, or a training state saved from a different model (or with LoRA of
+    another rank)."""
 
 
 class CorruptCheckpointError(ValueError):
@@ -56,3 +57,9 @@ class ChatTemplateError(ValueError):
 class DataFileError(ValueError):
     """A fine-tuning data file that is missing, unreadable or not in its
     format (.txt, or .jsonl of {"text": ...} objects)."""
+
+
+class FinetuneSettingsError(ValueError):
+    """Fine-tuning settings that cannot run, refused before the model loads:
+    a count below 1, a learning rate that is not a positive number, an
+    output folder that is a file or cannot be written."""

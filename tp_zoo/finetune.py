@@ -4,9 +4,10 @@ The data is a .txt file (one document) or a .jsonl file of examples, one
 per line, in TRL's formats (`tp_zoo.models.training_examples`):
 {"text": ...} (every token trained), {"messages": [...]} (a conversation
 through the chat template; only the assistant's replies trained) and
-{"prompt": ..., "completion": ...} (only the completion trained). Every
-line is checked before the model loads, and every example encoded before
-the first step, so a bad line stops the run before anything is trained.
+{"prompt": ..., "completion": ...} (only the completion trained). The
+settings, the output folder and every line are checked before the model
+loads (`check_finetune`), and every example encoded before the first step,
+so a bad setting or line stops the run before anything is trained.
 
 Examples are packed (joined and cut into windows of `seq_len + 1` tokens,
 starting every `stride` tokens: seq_len by default) or padded (one per
@@ -18,6 +19,10 @@ would.
 """
 
 import json
+import math
+import numbers
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -31,10 +36,16 @@ from rich.progress import TextColumn
 from rich.progress import TimeElapsedColumn
 
 from tp_zoo.checkpoint.export import export_to_hf
+from tp_zoo.checkpoint.peft import save_peft_adapter
+from tp_zoo.checkpoint.training_state import check_lora_rank
+from tp_zoo.checkpoint.training_state import describe_lora
 from tp_zoo.checkpoint.training_state import latest_checkpoint
+from tp_zoo.checkpoint.training_state import mesh_sizes
+from tp_zoo.checkpoint.training_state import read_manifest
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
+from tp_zoo.errors import FinetuneSettingsError
 from tp_zoo.models.training_examples import FORMATS
 from tp_zoo.models.training_examples import check_example
 from tp_zoo.models.training_examples import encode_examples
@@ -83,10 +94,50 @@ def read_examples(path):
     return examples
 
 
-def check_data(path):
-    """Fails fast, before a model is loaded, on a data file that is missing,
-    unreadable, empty or with a line not in one of its formats."""
-    read_examples(path)
+def check_finetune(data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None, save_every=None,
+                   out=None, stride=None, dp=1):
+    """Refuses, before a model is loaded and before anything is written,
+    settings `finetune` cannot run (a FinetuneSettingsError), a bad data
+    file (a DataFileError) and a resume of checkpoints in `out` trained
+    with LoRA of another rank (a CheckpointMismatchError). Returns the
+    data's examples (as `read_examples`)."""
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("dp", dp),
+                        ("lora_rank", lora_rank), ("save_every", save_every), ("stride", stride)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise FinetuneSettingsError(f"{name}={value!r}: must be a whole number of at least 1.")
+    if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) and (
+            isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0):
+        raise FinetuneSettingsError(f"lr={lr!r}: the learning rate must be a positive finite number.")
+    if batch_size % dp:
+        raise FinetuneSettingsError(f"batch_size={batch_size} is not divisible by dp={dp}.")
+    if save_every is not None and out is None:
+        raise FinetuneSettingsError(f"save_every={save_every} needs out, a folder to save the checkpoints in.")
+    if out is not None:
+        _check_out(Path(out))
+    examples = read_examples(data)
+    latest = latest_checkpoint(Path(out) / "checkpoints") if out is not None else None
+    if latest is not None:
+        check_lora_rank(read_manifest(latest), lora_rank, latest)
+    return examples
+
+
+def _check_out(out):
+    """Refuses an output folder that is a file (or whose checkpoints or model
+    folder is), or that cannot be made or written."""
+    for folder in (out, out / "checkpoints", out / "model"):
+        if folder.exists() and not folder.is_dir():
+            raise FinetuneSettingsError(f"out={out}: {folder} is a file, not a folder.")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise FinetuneSettingsError(f"out={out} cannot be made: {existing} is a file.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FinetuneSettingsError(f"out={out} cannot be written: {existing} is not writable.")
+
+
+def _say(text):
+    """A line about what the run does, to stderr (once, from process 0)."""
+    if jax.process_index() == 0:
+        print(f"finetune: {text}", file=sys.stderr, flush=True)
 
 
 def training_rows(causal_lm, examples, seq_len, packing=None, stride=None, chat_template=None):
@@ -120,26 +171,43 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
              save_every=None, out=None, seed=0, stride=None, packing=None, chat_template=None, progress=True):
     """Trains `causal_lm` in place; returns the losses of the steps it ran.
 
-    `packing` and `stride` as in `training_rows`; `chat_template`: a Jinja
-    template for conversations in place of the checkpoint's. With `out`,
-    checkpoints go to out/checkpoints every `save_every` steps (and at the
-    end); a run finding one there resumes from it. The final model is
-    exported to out/model in the Hugging Face layout.
+    Settings, data and `out` are checked first (`check_finetune`), nothing
+    trained or written on a problem. `packing` and `stride` as in
+    `training_rows`; `chat_template`: a Jinja template for conversations in
+    place of the checkpoint's. With `out`, checkpoints go to out/checkpoints
+    every `save_every` steps (and at the end); a run finding one there
+    resumes from it (said on stderr), refused if it was another model's or
+    of another LoRA rank. The final model is exported to out/model in the
+    Hugging Face layout, with `chat_template` if given; with `lora_rank`,
+    its adapters (before they are merged) to out/adapter in PEFT's format.
+    A run whose checkpoints hold `steps` steps already trains nothing and
+    exports only if out/model is missing.
     """
     dp = causal_lm.data_parallel_degree
-    if batch_size % dp:
-        raise ValueError(f"batch_size={batch_size} is not divisible by dp={dp}.")
-    x, y = training_rows(causal_lm, read_examples(data), seq_len, packing, stride, chat_template)
+    examples = check_finetune(data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, lora_rank=lora_rank,
+                              save_every=save_every, out=out, stride=stride, dp=dp)
+    out = Path(out) if out is not None else None
+    latest = latest_checkpoint(out / "checkpoints") if out is not None else None
+    done = read_manifest(latest)["step"] if latest is not None else 0
+    if done >= steps:
+        if (out / "model").exists():
+            _say(f"nothing left to train ({done} steps done); {out / 'model'} is exported already, not again.")
+            return []
+        _say(f"nothing left to train ({done} steps done); exporting that model to {out / 'model'}.")
+    x, y = training_rows(causal_lm, examples, seq_len, packing, stride, chat_template)
     rows = len(y)
     if rows < batch_size:
         raise ValueError(f"The dataset has {rows} sequences of {seq_len} tokens, fewer than batch_size={batch_size}.")
     if lora_rank is not None:
         causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=lr), weighted_metrics=[])
-    checkpoints = Path(out) / "checkpoints" if out else None
     start = 0
-    if checkpoints is not None and latest_checkpoint(checkpoints) is not None:
-        start = restore_training_state(causal_lm, latest_checkpoint(checkpoints))
+    if latest is not None:
+        start = restore_training_state(causal_lm, latest)
+        saved, now = read_manifest(latest).get("mesh"), mesh_sizes(causal_lm)
+        at = f"tp={now['tp']} dp={now['dp']}" + (f" (saved at tp={saved['tp']} dp={saved['dp']})"
+                                                  if saved not in (None, now) else "")
+        _say(f"resuming from {latest}: step {start} of {steps}, {describe_lora(lora_rank)}, {at}.")
     losses = []
     columns = [TextColumn("[bold]fine-tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("loss {task.fields[loss]} | {task.fields[speed]} tokens/s")]
@@ -153,13 +221,14 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
                 picked = np.array_split(picked, jax.process_count())[jax.process_index()]
             batch = {name: value[picked] for name, value in x.items()}
             losses.append(float(causal_lm.train_on_batch(batch, y[picked])))
-            done = step + 1 - start
-            speed = done * batch_size * seq_len / (time.perf_counter() - began)
+            ran = step + 1 - start
+            speed = ran * batch_size * seq_len / (time.perf_counter() - began)
             bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", speed=f"{speed:,.0f}")
-            if checkpoints is not None and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
-                save_training_state(causal_lm, checkpoints, step + 1)
-    if out:
+            if out is not None and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
+                save_training_state(causal_lm, out / "checkpoints", step + 1)
+    if out is not None:
         if lora_rank is not None:
+            save_peft_adapter(causal_lm, out / "adapter")
             causal_lm.backbone.merge_lora()
-        export_to_hf(causal_lm, Path(out) / "model")
+        export_to_hf(causal_lm, out / "model", chat_template=chat_template)
     return losses

@@ -56,6 +56,19 @@ def test_interrupted_export_leaves_no_file(gpt2_dir, tmp_path, monkeypatch):
     assert not list((tmp_path / "out").glob("*.safetensors*"))
 
 
+def test_export_keeps_the_chat_template(gpt2_dir, tmp_path):
+    """The checkpoint's chat_template.jinja (where current transformers
+    writes templates) goes with the export; a template given to the export
+    (as finetune's chat_template) replaces it."""
+    source = shutil.copytree(gpt2_dir, tmp_path / "source")
+    (source / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    lm = tp_zoo.from_preset(source, tp=1, dtype="float32", progress=False)
+    copied = export_to_hf(lm, tmp_path / "copied")
+    assert (copied / "chat_template.jinja").read_text() == "{{ messages[0]['content'] }}"
+    given = export_to_hf(lm, tmp_path / "given", chat_template="{{ messages[-1]['content'] }}")
+    assert (given / "chat_template.jinja").read_text() == "{{ messages[-1]['content'] }}"
+
+
 def test_slices_of_fused_qkv_head_split():
     """Heads 2..3 of the key part of a GPT-2 c_attn weight (in=8, 3 x 4 heads x 2)."""
     entry = LayoutEntry({"variable": "k", "tensor": "t", "transform": "conv1d_to_heads", "part": [1, 1, 3]})

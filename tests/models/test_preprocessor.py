@@ -9,6 +9,8 @@ import keras_hub
 import numpy as np
 import pytest
 import sentencepiece
+import torch
+import transformers
 
 import tp_zoo
 from tests.helpers import assert_close
@@ -47,7 +49,8 @@ def tokenizer(checkpoint):
 
 def by_hand(tokenizer, texts, length):
     """keras_hub's packing, written out: BOS + tokens + EOS, cut to length + 1
-    keeping the EOS, zero padded; x/y and mask/weights one token apart."""
+    keeping the EOS, zero padded; x/y and mask/weights one token apart, and
+    labels of -100 (skipped by the loss) at padding."""
     ids = np.zeros((len(texts), length + 1), "int32")
     mask = np.zeros((len(texts), length + 1), bool)
     for row, text in enumerate(texts):
@@ -57,7 +60,7 @@ def by_hand(tokenizer, texts, length):
         ids[row, : len(tokens)] = tokens
         mask[row, : len(tokens)] = True
     x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
-    return x, ids[:, 1:], mask[:, 1:]
+    return x, np.where(mask[:, 1:], ids[:, 1:], -100), mask[:, 1:]
 
 
 def assert_same(got, expected):
@@ -75,7 +78,7 @@ def test_outputs_by_hand(tokenizer):
     body = tokenizer.encode(TEXTS[short])[1:]
     np.testing.assert_array_equal(x["token_ids"][short, : lengths[short]], [0, *body, 1])
     np.testing.assert_array_equal(y[short, : lengths[short] - 1], [*body, 1])
-    assert not sample_weight[short, lengths[short] - 1 :].any() and not y[short, lengths[short] - 1 :].any()
+    assert not sample_weight[short, lengths[short] - 1 :].any() and (y[short, lengths[short] - 1 :] == -100).all()
     long = int(np.argmax(lengths))
     assert sample_weight[long].all() and y[long, -1] == 1 and x["token_ids"][long, 0] == 0
 
@@ -124,6 +127,28 @@ def test_fit_and_evaluate_on_strings(checkpoint, tokenizer):
     on_strings = lm.evaluate(TEXTS, batch_size=4, verbose=0)
     assert_close(lm.evaluate(x, y, sample_weight=weights, batch_size=4, verbose=0), on_strings, "evaluate")
     print(f"\nfit on strings at tp=2: loss {strings['loss']} (ids: {ids['loss']}, tp=1: {one_device['loss']})")
+
+
+def test_loss_is_the_mean_over_the_real_tokens_whatever_the_padding(checkpoint, tokenizer):
+    """The same texts padded to 16 or to 128 tokens give the same loss, in
+    evaluate and in fit (its loss is the one before its step): the mean
+    cross-entropy over the real tokens, as torch computes it from
+    transformers' logits of the same checkpoint (padding's labels ignored)."""
+    texts = TEXTS[2::2][:3]
+    assert max(len(tokenizer.encode(t)) + 1 for t in texts) <= SEQ + 1  # none cut at 16
+    x, y, _ = by_hand(tokenizer, texts, 128)
+    model = transformers.LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(x["token_ids"], dtype=torch.long),
+                       attention_mask=torch.tensor(x["padding_mask"], dtype=torch.long)).logits
+        expected = float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.tensor(y).flatten().long(),
+                                                           ignore_index=-100))
+    lm = _compiled(checkpoint, tp=2)
+    for length in (SEQ, 128):
+        lm.preprocessor.sequence_length = length
+        assert_close(expected, lm.evaluate(texts, batch_size=len(texts), verbose=0), f"evaluate at {length}")
+    assert_close(expected, lm.fit(texts, batch_size=len(texts), verbose=0).history["loss"][0], "fit at 128")
+    print(f"\nloss {expected:.4f} at sequence_length {SEQ} and 128, as transformers' masked mean")
 
 
 def test_generate_takes_strings_as_before(checkpoint):

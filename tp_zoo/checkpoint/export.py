@@ -24,7 +24,7 @@ from tp_zoo.models import family_of
 
 _DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
-           "merges.txt", "special_tokens_map.json", "generation_config.json")
+           "merges.txt", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
 
 def _to_tensor(entry, value):
@@ -84,9 +84,11 @@ def hf_tensors(causal_lm):
                 del fused[name]
 
 
-def export_to_hf(causal_lm, directory, dtype=None):
+def export_to_hf(causal_lm, directory, dtype=None, chat_template=None):
     """Writes config.json and model.safetensors (and the tokenizer files of the
-    source checkpoint, if any) to `directory`."""
+    source checkpoint, if any) to `directory`. The chat template (given, else
+    the one `causal_lm.preprocessor` was set to, if any) is written to
+    chat_template.jinja, which readers take over tokenizer_config.json's."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = hf_tensors(causal_lm)
@@ -100,6 +102,9 @@ def export_to_hf(causal_lm, directory, dtype=None):
         for name in _COPIED:
             if (Path(source) / name).exists() and Path(source).resolve() != directory.resolve():
                 shutil.copy(Path(source) / name, directory / name)
+    chat_template = chat_template or getattr(causal_lm.preprocessor, "chat_template", None)
+    if chat_template is not None:
+        (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     return directory
 
 

@@ -11,6 +11,11 @@ a checkpoint saved at one tp restores at another, whatever each pads.
 Checkpoints saved before int8 values were stored output-major (their
 manifest lacks `OUTPUT_MAJOR_MARK`) hold them in their kernel's order: they
 restore turned.
+
+The manifest records what tells a model apart (its architecture's sizes, its
+Hugging Face config, its LoRA adapters' shapes) and the mesh it was saved
+on; a checkpoint of another model, or with LoRA of another rank, is refused
+before any variable is assigned.
 """
 
 import json
@@ -32,6 +37,8 @@ from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
 from tp_zoo.layers.quantize import kernel_order
 from tp_zoo.layers.quantize import output_major
 from tp_zoo.layers.quantize import to_output_major
+from tp_zoo.parallel import BATCH
+from tp_zoo.parallel import MODEL
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -79,7 +86,8 @@ def save_training_state(causal_lm, directory, step, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(f"tp_zoo save {step} begin")
-    manifest = {"step": step, "model": _fingerprint(causal_lm), OUTPUT_MAJOR_MARK: True, "variables": {}}
+    manifest = {"step": step, "model": _fingerprint(causal_lm), "config": _config(causal_lm),
+                "mesh": mesh_sizes(causal_lm), OUTPUT_MAJOR_MARK: True, "variables": {}}
     pieces = []
     for key, variable, padding in _state(causal_lm):
         value = variable.value
@@ -121,25 +129,69 @@ def latest_checkpoint(directory):
     return done[-1] if done else None
 
 
-def restore_training_state(causal_lm, path):
-    """Loads a checkpoint into `causal_lm` (its optimizer is built if needed); returns the step."""
-    path = Path(path)
-    manifest = json.loads((path / "manifest.json").read_text())
-    mine = _fingerprint(causal_lm)
-    if manifest["model"] != mine:
+def read_manifest(path):
+    """The manifest of the checkpoint at `path` (a dict)."""
+    return json.loads((Path(path) / "manifest.json").read_text())
+
+
+def lora_rank(causal_lm):
+    """The rank of the model's LoRA adapters, None without LoRA."""
+    backbone = causal_lm.backbone
+    return backbone._lora_rank if getattr(backbone, "_lora_enabled_layers", None) else None
+
+
+def saved_lora_rank(manifest):
+    """The rank of a checkpoint's LoRA adapters (their inner dim), None without LoRA."""
+    return next((saved["shape"][-1] for key, saved in manifest["variables"].items()
+                 if key.endswith("lora_kernel_a")), None)
+
+
+def check_lora_rank(manifest, rank, path):
+    """Refuses to resume the checkpoint at `path` with LoRA of another rank
+    (or with LoRA where it had none, or none where it had some)."""
+    saved = saved_lora_rank(manifest)
+    if saved != rank:
         raise CheckpointMismatchError(
-            f"{path} was saved from a different model ({manifest['model']}); this one is {mine}."
+            f"{path} was trained with {describe_lora(saved)}, this run has {describe_lora(rank)}: resume it with "
+            f"{describe_lora(saved)}, or start a new run elsewhere."
         )
+
+
+def describe_lora(rank):
+    """"LoRA rank 8", or "no LoRA" for None."""
+    return "no LoRA" if rank is None else f"LoRA rank {rank}"
+
+
+def mesh_sizes(causal_lm):
+    """{"tp", "dp"}: the sizes of the model's mesh (1 and 1 without one)."""
+    if causal_lm.distribution is None:
+        return {"tp": 1, "dp": 1}
+    mesh = causal_lm.distribution.device_mesh
+    sizes = dict(zip(mesh.axis_names, mesh.shape))
+    return {"tp": sizes.get(MODEL, 1), "dp": sizes.get(BATCH, 1)}
+
+
+def restore_training_state(causal_lm, path):
+    """Loads a checkpoint into `causal_lm` (its optimizer is built if needed);
+    returns the step. Everything is checked before anything is assigned."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    _check_same_model(causal_lm, manifest, path)
+    check_lora_rank(manifest, lora_rank(causal_lm), path)
     optimizer = causal_lm.optimizer
     if optimizer is not None and not optimizer.built:
         optimizer.build(causal_lm.trainable_variables)
-    files = {}
-    by_key = {}
-    for listing in sorted(path.glob("pieces-*.json")):
-        for name, piece in json.loads(listing.read_text()).items():
-            by_key.setdefault(piece["key"], []).append((name, piece))
+    state = _state(causal_lm)
+    model_keys = {key for key, _, _ in state if not key.startswith("optimizer/")}
+    extra = sorted(k for k in manifest["variables"] if not k.startswith("optimizer/") and k not in model_keys)
+    if extra:
+        raise CheckpointMismatchError(
+            f"{path} holds {len(extra)} variables this model lacks (first {extra[0]}): it was saved from a "
+            "different model (quantized, or with LoRA on other layers)."
+        )
     kernel_ordered = OUTPUT_MAJOR_MARK not in manifest  # int8 values saved in their kernel's order
-    for key, variable, padding in _state(causal_lm):
+    restores = []
+    for key, variable, padding in state:
         if key not in manifest["variables"]:
             raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
         saved = manifest["variables"][key]
@@ -150,8 +202,32 @@ def restore_training_state(causal_lm, path):
                 f"Saved {key} has shape {tuple(saved['shape'])} ({_real(saved_padding)} real), the model's is "
                 f"{tuple(variable.shape)} ({_real(padding)} real)."
             )
+        restores.append((key, variable, padding, saved_padding, turn))
+    by_key = {}
+    for listing in sorted(path.glob("pieces-*.json")):
+        for name, piece in json.loads(listing.read_text()).items():
+            by_key.setdefault(piece["key"], []).append((name, piece))
+    files = {}
+    for key, variable, padding, saved_padding, turn in restores:
         variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path, turn))
     return manifest["step"]
+
+
+def _check_same_model(causal_lm, manifest, path):
+    """Refuses a checkpoint of another architecture, or (where the manifest
+    records one: checkpoints saved since) of another Hugging Face config."""
+    mine = _fingerprint(causal_lm)
+    if manifest["model"] != mine:
+        raise CheckpointMismatchError(
+            f"{path} was saved from a different model ({manifest['model']}); this one is {mine}."
+        )
+    saved, config = manifest.get("config"), _config(causal_lm)
+    if saved is not None and config is not None and saved != config:
+        differ = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
+        shown = ", ".join(f"{k}: {saved.get(k)!r} saved, {config.get(k)!r} here" for k in differ[:3])
+        raise CheckpointMismatchError(
+            f"{path} was saved from a different model: its config differs in {len(differ)} entries ({shown})."
+        )
 
 
 def _real(padding):
@@ -194,6 +270,19 @@ def _assemble(variable, padding, saved_padding, pieces, files, path, turn=0):
             out[np.ix_(*dst)] = saved[np.ix_(*src)]
         arrays.append(jax.device_put(out, device))
     return jax.make_array_from_single_device_arrays(value.shape, sharding, arrays)
+
+
+# Config entries that say how a checkpoint was written, not what its model is.
+_WRITING_ONLY = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
+
+
+def _config(causal_lm):
+    """The model's Hugging Face config less how it was written (None without
+    one), as its JSON reads back (tuples as lists), to compare with a manifest's."""
+    config = getattr(causal_lm, "hf_config", None)
+    if config is None:
+        return None
+    return json.loads(json.dumps({k: v for k, v in config.items() if k not in _WRITING_ONLY}))
 
 
 def _fingerprint(causal_lm):

@@ -29,8 +29,10 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
     Each string is tokenized with the checkpoint's rules (BOS where its
     tokenizer puts one), ended with EOS (`add_end_token`), cut or padded to
     `sequence_length + 1` tokens; `x` is {"token_ids", "padding_mask"} of the
-    first `sequence_length`, `y` the ids shifted by one and `sample_weight`
-    the mask shifted by one. Outputs are numpy arrays.
+    first `sequence_length`, `y` the ids shifted by one (-100 at padding,
+    which the default loss skips, so the loss is the mean over the real
+    tokens whatever the padding) and `sample_weight` the mask shifted by
+    one (for metrics). Outputs are numpy arrays.
 
     Instruction examples (dicts: {"messages": [...]}, {"prompt",
     "completion"} or {"text"}; see `tp_zoo.models.training_examples`) are
@@ -112,7 +114,10 @@ class CausalLMPreprocessor(keras_hub.models.CausalLMPreprocessor):
         # One token more than the model sees: the labels are the ids shifted by one.
         ids, mask = self._pack(texts, (sequence_length or self.sequence_length) + 1, self.add_end_token)
         x = {"token_ids": ids[:, :-1], "padding_mask": mask[:, :-1]}
-        outputs = (x, ids[:, 1:], mask[:, 1:])
+        # Padding's labels are skipped by the loss, so that its mean is over the
+        # real tokens (a weight of 0 alone would only add zeros to the mean).
+        labels = np.where(mask[:, 1:], ids[:, 1:], IGNORED_LABEL).astype("int32")
+        outputs = (x, labels, mask[:, 1:])
         return keras.tree.map_structure(lambda a: a[0], outputs) if single else outputs
 
     def generate_preprocess(self, x, sequence_length=None):
