@@ -228,3 +228,24 @@ def test_lora_on_an_int8_base_resumes_at_another_tp(checkpoint, tmp_path, capsys
     assert f"nothing left to train (6 steps done); exporting that model to {run / 'model'}." in capsys.readouterr().err
     assert_close(np.asarray(exported(x)), np.asarray(tp_zoo.from_preset(run / "model", tp=1, progress=False)(x)),
                  "the model exported again")
+
+
+def test_finetune_picks_remat_and_refuses_what_cannot_fit(checkpoint, monkeypatch, capsys):
+    """remat="auto" takes the least recompute that fits the free memory; a
+    step that fits in none is refused before it runs."""
+    from tp_zoo.models import memory
+
+    data = checkpoint / "data.txt"
+    lm = tp_zoo.from_preset(checkpoint / "model", tp=2, progress=False)
+    lm.compile(weighted_metrics=[])
+    need = memory.training_memory(lm, 4, 32, "layers")
+    monkeypatch.setattr(memory, "free_device_bytes", lambda lm: (need.total - need.weights) / 0.9 + 1)
+    losses = finetune(lm, data, steps=2, batch_size=4, seq_len=32, progress=False)
+    assert len(losses) == 2 and lm.remat == "layers"
+    assert "finetune: remat='layers': about " in capsys.readouterr().err
+    monkeypatch.setattr(memory, "free_device_bytes", lambda lm: 1000)
+    steps = []
+    monkeypatch.setattr(type(lm), "train_on_batch", lambda *a, **k: steps.append(1))
+    with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"^Training 4 x 32 tokens needs about"):
+        finetune(lm, data, steps=2, batch_size=4, seq_len=32, progress=False)
+    assert not steps  # refused before the first step

@@ -145,7 +145,7 @@ def _finetune(args):
     check_finetune(args.data, **settings, dp=args.dp)  # before the model loads, which can take minutes
     template = _chat_template_file(args.chat_template)
     lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
-    losses = finetune(lm, args.data, **settings, packing=args.packing, chat_template=template)
+    losses = finetune(lm, args.data, **settings, packing=args.packing, chat_template=template, remat=args.remat)
     if losses:
         console.print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
     if args.out:
@@ -232,6 +232,8 @@ def main(argv=None):
     ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
     ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")
     ft.add_argument("--dtype", default=None)
+    ft.add_argument("--remat", choices=["auto", "none", "products", "layers"], default="auto",
+                    help="what each block keeps for the backward pass (auto: the least recompute that fits in memory)")
     ft.add_argument("--quantize", choices=["int8"], default=None, help="int8 frozen base (train LoRA adapters)")
     ft.set_defaults(run=_finetune)
     args = parser.parse_args(argv)

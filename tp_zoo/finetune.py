@@ -46,6 +46,8 @@ from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
 from tp_zoo.errors import FinetuneSettingsError
+from tp_zoo.models.memory import remat_for
+from tp_zoo.models.memory import training_memory
 from tp_zoo.models.training_examples import FORMATS
 from tp_zoo.models.training_examples import check_example
 from tp_zoo.models.training_examples import encode_examples
@@ -168,7 +170,8 @@ def batch_for_step(step, count, batch_size, seed=0):
 
 
 def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None,
-             save_every=None, out=None, seed=0, stride=None, packing=None, chat_template=None, progress=True):
+             save_every=None, out=None, seed=0, stride=None, packing=None, chat_template=None, remat="auto",
+             progress=True):
     """Trains `causal_lm` in place; returns the losses of the steps it ran.
 
     Settings, data and `out` are checked first (`check_finetune`), nothing
@@ -181,7 +184,10 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     Hugging Face layout, with `chat_template` if given; with `lora_rank`,
     its adapters (before they are merged) to out/adapter in PEFT's format.
     A run whose checkpoints hold `steps` steps already trains nothing and
-    exports only if out/model is missing.
+    exports only if out/model is missing. `remat` ("auto", or a policy of
+    `DecoderCausalLM.remat`): "auto" takes the least recompute whose step
+    fits the free device memory; a step that cannot fit is refused before
+    it runs (DeviceMemoryError, with the estimate).
     """
     dp = causal_lm.data_parallel_degree
     examples = check_finetune(data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, lora_rank=lora_rank,
@@ -201,6 +207,8 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     if lora_rank is not None:
         causal_lm.backbone.enable_lora(lora_rank)
     causal_lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=lr), weighted_metrics=[])
+    causal_lm.remat = remat_for(causal_lm, batch_size, seq_len, remat)
+    _say(f"remat={causal_lm.remat!r}: about {training_memory(causal_lm, batch_size, seq_len)}.")
     start = 0
     if latest is not None:
         start = restore_training_state(causal_lm, latest)

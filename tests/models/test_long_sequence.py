@@ -99,5 +99,9 @@ def test_remat_chosen_by_free_memory_and_too_large_refused(llama_path, monkeypat
         monkeypatch.setattr(memory, "free_device_bytes", lambda lm, free=free: free)
         assert memory.remat_for(lm, 64, 64) == policy
     monkeypatch.setattr(memory, "free_device_bytes", lambda lm: need["layers"] / 2)
-    with pytest.raises(DeviceMemoryError, match=r"^Training 64 x 64 tokens needs about .* GiB per device .* even with remat='layers'"):
+    with pytest.raises(DeviceMemoryError, match=r"^Training 64 x 64 tokens needs about .* GiB per device .* with remat='layers'"):
         memory.remat_for(lm, 64, 64)
+    monkeypatch.setattr(memory, "free_device_bytes", lambda lm: need["none"] / 2)
+    with pytest.raises(DeviceMemoryError, match=r"with remat='none'; .* GiB is free .* remat='auto'"):
+        memory.remat_for(lm, 64, 64, "none")
+

@@ -17,6 +17,7 @@ import numpy as np
 
 from tp_zoo.errors import DeviceMemoryError
 from tp_zoo.layers.decoder_block import REMAT_POLICIES
+from tp_zoo.layers.decoder_block import check_remat
 
 
 def free_device_bytes(lm):
@@ -95,9 +96,7 @@ def training_memory(lm, batch_size, seq_len, remat=None):
     """A `TrainingMemory` of one step of `batch_size` rows of `seq_len`
     tokens (split over the model's data-parallel devices) under `remat`
     (default: the model's own), for a model compiled with tp_zoo's AdamW."""
-    remat = lm.remat if remat is None else remat
-    if remat not in REMAT_POLICIES:
-        raise ValueError(f"Unknown remat policy {remat!r}; expected one of {', '.join(map(repr, REMAT_POLICIES))}.")
+    remat = check_remat(lm.remat if remat is None else remat)
     trainable = lm.trainable_variables
     weights = sum(_shard_bytes(v) for v in lm.weights)
     gradients = sum(_shard_bytes(v) for v in trainable)
@@ -110,20 +109,24 @@ def training_memory(lm, batch_size, seq_len, remat=None):
     return TrainingMemory(weights, gradients, optimizer, _activation_bytes(lm, tokens, remat))
 
 
-def remat_for(lm, batch_size, seq_len):
-    """The remat policy that recomputes least among those whose step fits in
-    the free device memory (less a 10% margin for what the estimate does not
-    see); "none" where the platform does not report its memory (CPUs).
-    DeviceMemoryError, with the estimate, when even "layers" does not fit."""
+def remat_for(lm, batch_size, seq_len, remat="auto"):
+    """The remat policy to train `batch_size` x `seq_len` tokens with:
+    `remat="auto"` picks the one that recomputes least among those whose
+    step fits in the free device memory (less a 10% margin for what the
+    estimate does not see), a named policy is checked to fit.
+    DeviceMemoryError, with the estimate, when nothing fits. Where the
+    platform does not report its memory (CPUs), "auto" is "none"."""
+    candidates = list(REMAT_POLICIES) if remat == "auto" else [check_remat(remat)]
     free = free_device_bytes(lm)
     if free is None:
-        return "none"
-    for policy in REMAT_POLICIES:
+        return candidates[0]
+    for policy in candidates:
         estimate = training_memory(lm, batch_size, seq_len, policy)
         # The weights are on the devices already: `free` is what is left.
         if estimate.total - estimate.weights <= 0.9 * free:
             return policy
     raise DeviceMemoryError(
-        f"Training {batch_size} x {seq_len} tokens needs about {estimate} even with remat='layers'; "
-        f"{free / 2**30:.1f} GiB is free beside the weights. Use a smaller batch or sequence, LoRA, or a larger tp."
+        f"Training {batch_size} x {seq_len} tokens needs about {estimate} with remat={policy!r}; "
+        f"{free / 2**30:.1f} GiB is free beside the weights. Use a smaller batch or sequence, "
+        f"{'LoRA, or a larger tp' if remat == 'auto' else 'remat=' + repr('auto') + ', LoRA, or a larger tp'}."
     )
