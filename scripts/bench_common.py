@@ -49,10 +49,12 @@ SHAPES = {
 }
 
 
-def hf_config(shape):
+def hf_config(shape, **overrides):
+    """The Hugging Face config.json of a Llama of `shape` (`overrides`, such
+    as max_position_embeddings, replace its entries)."""
     return {
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "max_position_embeddings": 8192,
-        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, **SHAPES[shape],
+        "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": False, **SHAPES[shape], **overrides,
     }
 
 
@@ -215,13 +217,19 @@ def compile_for_training(lm):
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=1e-4), weighted_metrics=[], **loss)
 
 
-def median_step_time(lm, batch, seq, vocab, warmup, steps):
-    """Seconds of one `train_on_batch` on a fixed random (batch, seq) batch:
-    the median of `steps` steps after `warmup` (compilation included there)."""
+def training_batch(batch, seq, vocab):
+    """A fixed random batch (seeded): (x, y), x the (batch, seq) token ids
+    with a padding mask of ones, y the ids that follow each position."""
     rs = np.random.RandomState(0)
     ids = rs.randint(0, vocab, (batch, seq + 1)).astype("int32")
     x = {"token_ids": ids[:, :-1], "padding_mask": np.ones((batch, seq), "int32")}
-    y = ids[:, 1:]
+    return x, ids[:, 1:]
+
+
+def median_step_time(lm, batch, seq, vocab, warmup, steps):
+    """Seconds of one `train_on_batch` on a fixed random (batch, seq) batch:
+    the median of `steps` steps after `warmup` (compilation included there)."""
+    x, y = training_batch(batch, seq, vocab)
     for _ in range(warmup):
         lm.train_on_batch(x, y)
     times = []
@@ -231,6 +239,62 @@ def median_step_time(lm, batch, seq, vocab, warmup, steps):
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def timed_steps(step, warmup, steps, sync=None):
+    """(median seconds of a step, the losses of the timed steps): `step()`
+    runs one training step and returns its loss as a Python float (which
+    waits for the step); `sync()`, if given, waits for the device before
+    and after each timed step. `warmup` untimed steps first (compilation)."""
+    for _ in range(warmup):
+        step()
+    times, losses = [], []
+    for _ in range(steps):
+        if sync:
+            sync()
+        start = time.perf_counter()
+        loss = step()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - start)
+        losses.append(loss)
+    return statistics.median(times), losses
+
+
+def peak_device_bytes():
+    """The JAX process's peak bytes in use on its first device (None where the
+    platform does not report it, as on CPU)."""
+    stats = jax.devices()[0].memory_stats()
+    return stats.get("peak_bytes_in_use") if stats else None
+
+
+def library_versions(*names):
+    """"name version, ..." of installed distributions, read from their metadata
+    without importing them ("name -" for one not installed)."""
+    from importlib import metadata
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "-"
+
+    return ", ".join(f"{name} {version(name)}" for name in names)
+
+
+def torch_llama(config, dtype="bfloat16", device=None, attn_implementation="sdpa"):
+    """transformers' LlamaForCausalLM of the same Hugging Face config, random
+    weights made directly on `device` (default: cuda when torch sees a GPU,
+    else cpu) in `dtype`."""
+    import torch
+    import transformers
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    hf = transformers.LlamaConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    torch.manual_seed(0)
+    with torch.device(device):
+        return transformers.LlamaForCausalLM._from_config(
+            hf, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
 
 
 def trainable_parameters(lm):
@@ -296,10 +360,13 @@ def timed_load(directory, tp):
     return lm, time.perf_counter() - start
 
 
-def header(what):
+def header(what, more=""):
+    """One line: `what`, the devices, the versions of jax, keras, keras_hub
+    (and `more`, e.g. library_versions("torch")), the date."""
     device = jax.devices()[0]
+    more = f", {more}" if more else ""
     return (f"{what}; {len(jax.devices())} x {device.device_kind} ({device.platform}); jax {jax.__version__}, "
-            f"keras {keras.__version__}, keras_hub {keras_hub.__version__}; {time.strftime('%Y-%m-%d')}")
+            f"keras {keras.__version__}, keras_hub {keras_hub.__version__}{more}; {time.strftime('%Y-%m-%d')}")
 
 
 def add_model_arguments(parser):
