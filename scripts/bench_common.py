@@ -291,10 +291,12 @@ def torch_llama(config, dtype="bfloat16", device=None, attn_implementation="sdpa
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     hf = transformers.LlamaConfig.from_dict({k: v for k, v in config.items() if k != "model_type"})
+    # transformers 5 names the argument dtype (4.x: torch_dtype).
+    dtype_argument = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
     torch.manual_seed(0)
     with torch.device(device):
         return transformers.LlamaForCausalLM._from_config(
-            hf, dtype=getattr(torch, dtype), attn_implementation=attn_implementation)
+            hf, attn_implementation=attn_implementation, **{dtype_argument: getattr(torch, dtype)})
 
 
 def trainable_parameters(lm):

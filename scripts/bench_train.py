@@ -134,13 +134,17 @@ def is_out_of_memory(text):
 
 def estimate_memory(lm, batch, seq, remat):
     """(total bytes, its breakdown) of tp_zoo's own estimate of a training
-    step, or (None, None) where tp_zoo has no estimate."""
+    step, or (None, None) where tp_zoo has no estimate (None and the error
+    where it fails: the row is measured all the same)."""
     try:
         from tp_zoo.models.memory import training_memory
     except ImportError:
         return None, None
-    estimate = training_memory(lm, batch, seq, remat)
-    return int(estimate.total), str(estimate)
+    try:
+        estimate = training_memory(lm, batch, seq, remat)
+        return int(estimate.total), str(estimate)
+    except Exception as error:
+        return None, f"no estimate: {type(error).__name__}: {first_line(error)}"
 
 
 def randomize_int8(lm, scale=0.02 / 64):
@@ -245,8 +249,10 @@ def run_one(spec):
         if spec.get("info"):
             import jax
 
-            from bench_common import header, library_versions
+            from bench_common import SHAPES, header, library_versions
 
+            if spec["shape"] not in SHAPES:
+                raise ValueError(f"unknown shape {spec['shape']!r}; expected one of {', '.join(sorted(SHAPES))}")
             result = dict(status="ok", gpu=jax.devices()[0].platform == "gpu",
                           header=header(spec["info"], library_versions(*LIBRARIES)))
         else:
@@ -345,9 +351,9 @@ def main():
         return run_one(json.loads(args.one))
 
     what = f"train, shape {args.shape}, random weights, AdamW, median of {args.steps} steps after {args.warmup}"
-    info = run_child({"info": what}, args.row_timeout)
+    info = run_child({"info": what, "shape": args.shape}, args.row_timeout)
     if info["status"] != "ok":
-        sys.exit(f"cannot start JAX: {info['message']}")
+        sys.exit(f"bench_train.py: {info['message']}")
     specs = []
     for group in args.rows:
         for spec in group_rows(group, args.shape, info["gpu"], args.tp):
