@@ -35,12 +35,13 @@ def test_degrees_below_one_are_refused(kwargs):
         tp_zoo.distribution(**kwargs)
 
 
-def test_non_jax_backend_is_refused():
+def test_non_jax_backend_is_refused_at_import():
     env = {**os.environ, "KERAS_BACKEND": "numpy"}
-    code = "import tp_zoo; tp_zoo.distribution(tp=1)"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-c", "import tp_zoo"], env=env, capture_output=True, text=True)
     assert result.returncode != 0
-    assert "runs on the JAX backend only, but Keras is using 'numpy'" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "ImportError: tp_zoo needs Keras' JAX backend, but Keras has chosen 'numpy' (KERAS_BACKEND=numpy): "
+        "set KERAS_BACKEND=jax before importing keras.")
 
 
 @pytest.mark.parametrize(

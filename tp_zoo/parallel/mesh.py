@@ -11,15 +11,6 @@ BATCH_AXIS = "batch"
 MODEL_AXIS = "model"
 
 
-def _require_jax_backend():
-    if keras.backend.backend() != "jax":
-        raise RuntimeError(
-            "tp_zoo runs on the JAX backend only, but Keras is using "
-            f"'{keras.backend.backend()}'. Set KERAS_BACKEND=jax before "
-            "importing keras."
-        )
-
-
 def on_gpu():
     """Whether JAX runs on NVIDIA GPUs (where the Pallas GPU kernels and
     cuDNN attention apply)."""
@@ -40,7 +31,6 @@ def distribution(tp=1, dp=1, devices=None):
     their variables over the "model" axis; Keras shards input batches over
     the "batch" axis.
     """
-    _require_jax_backend()
     for name, value in (("tp", tp), ("dp", dp)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
