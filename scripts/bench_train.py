@@ -90,8 +90,8 @@ def group_rows(group, shape, on_gpu, tps):
         ]
     if group == "int8":
         big = "llama3_70b" if on_gpu else shape
-        return [row("tp_zoo", f"{big} int8, {lora}, remat layers", 1, 4096, "lora", 1e-3,
-                    shape=big, quantized="int8", remat="layers")]
+        return [row("tp_zoo", f"{big} int8, {lora}, remat auto", 1, 4096, "lora", 1e-3,
+                    shape=big, quantized="int8", remat="auto")]
     if group == "full":
         return [
             row("tp_zoo", "full bf16", 4, 1024, "full", 1e-4),
@@ -134,12 +134,10 @@ def is_out_of_memory(text):
 
 def estimate_memory(lm, batch, seq, remat):
     """(total bytes, its breakdown) of tp_zoo's own estimate of a training
-    step, or (None, None) where tp_zoo has no estimate (None and the error
-    where it fails: the row is measured all the same)."""
-    try:
-        from tp_zoo.models.memory import training_memory
-    except ImportError:
-        return None, None
+    step (None and the error where it fails: the row is measured all the
+    same)."""
+    from tp_zoo.models.memory import training_memory
+
     try:
         estimate = training_memory(lm, batch, seq, remat)
         return int(estimate.total), str(estimate)
@@ -189,13 +187,16 @@ def keras_row(spec):
         loss = {"loss": keras.losses.SparseCategoricalCrossentropy(from_logits=True)}
     if spec["train"] == "lora":
         lm.backbone.enable_lora(LORA_RANK)
-    if spec["framework"] == "tp_zoo":
-        lm.remat = spec["remat"]
     # tp_zoo remakes Keras' AdamW as its own (float32 math); KerasHub keeps it.
     lm.compile(optimizer=keras.optimizers.AdamW(learning_rate=spec["lr"]), weighted_metrics=[], **loss)
     estimate, estimate_text = (None, None)
     if spec["framework"] == "tp_zoo":
-        estimate, estimate_text = estimate_memory(lm, batch, seq, spec["remat"])
+        # "auto": what tp_zoo.finetune would choose for this batch on this device.
+        from tp_zoo.models.memory import remat_for
+
+        lm.remat = remat_for(lm, batch, seq) if spec["remat"] == "auto" else spec["remat"]
+        estimate, estimate_text = estimate_memory(lm, batch, seq, lm.remat)
+        estimate_text = f"remat={lm.remat!r}: {estimate_text}"
     x, y = training_batch(batch, seq, config["vocab_size"])
     step = lambda: float(lm.train_on_batch(x, y, return_dict=True)["loss"])
     seconds, losses = timed_steps(step, spec["warmup"], spec["steps"])
@@ -277,7 +278,7 @@ def run_child(spec, timeout):
     row's JAX on the CPU) and returns its answer; a child that dies or
     outlives `timeout` seconds is killed with its process group and
     reported as such."""
-    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}  # a caller may choose otherwise
     if spec.get("framework") in ("transformers", "transformers+PEFT"):
         env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]
