@@ -16,7 +16,6 @@ import math
 import jax
 import jax.numpy as jnp
 import keras
-from jax.ad_checkpoint import checkpoint_name
 
 from tp_zoo import parallel
 from tp_zoo.layers import quantize as q8
@@ -179,18 +178,13 @@ class VocabParallelLMHead(ShardedLayer):
     # Positions per chunk of `cross_entropy` (None: a chunk's float32 logits
     # near 512 MiB a device).
     loss_chunk_tokens = None
-    # Whether `cross_entropy`'s backward makes each chunk's logits again
-    # (one more LM-head product) or keeps them, in the compute dtype, from
-    # the forward: the model sets it with its remat policy.
-    recompute_logits = False
 
     def cross_entropy(self, x, labels):
         """Per-token cross-entropy of the logits `call(x)` would give against
-        `labels` (batch, seq), without ever holding every position's float32
-        logits: the positions go in chunks of `loss_chunk_tokens`, each
-        chunk's logits made and reduced vocab-parallel; the backward pass
-        makes them again (`recompute_logits`), or keeps them in the compute
-        dtype, recomputing only the softmax."""
+        `labels` (batch, seq), without ever holding every position's logits:
+        the positions go in chunks of `loss_chunk_tokens`, each chunk's
+        logits made, reduced vocab-parallel, and made again in the backward
+        pass."""
         layout = (B,) + (None,) * (x.ndim - 2)
         weights, layouts = self._weights()
         local_vocab = self.padded_vocab_size // self.tp
@@ -200,13 +194,10 @@ class VocabParallelLMHead(ShardedLayer):
             h = h.astype(self.compute_dtype)  # Keras' loss hands hidden states over in float32
             real = parallel.model_index() * local_vocab + jnp.arange(local_vocab) < self.vocab_size
 
+            @jax.checkpoint
             def chunk_loss(h, labels):
-                logits = checkpoint_name(self._local_logits(weights, h), "logits")
-                return local_cross_entropy(jnp.where(real, logits.astype(jnp.float32), -jnp.inf), labels)
-
-            keep = jax.checkpoint_policies.nothing_saveable if self.recompute_logits else \
-                jax.checkpoint_policies.save_only_these_names("logits")
-            chunk_loss = jax.checkpoint(chunk_loss, policy=keep)
+                logits = jnp.where(real, self._local_logits(weights, h).astype(jnp.float32), -jnp.inf)
+                return local_cross_entropy(logits, labels)
 
             lead, tokens = h.shape[:-1], math.prod(h.shape[:-1])
             size = min(chunk, tokens)
@@ -219,7 +210,7 @@ class VocabParallelLMHead(ShardedLayer):
 
         return self.run_sharded(
             local, (layouts, layout + (None,), layout), layout, weights, x, jnp.asarray(labels, "int32"),
-            key=("cross_entropy", chunk, self.recompute_logits, self.quantized, self.tied_embedding is None),
+            key=("cross_entropy", chunk, self.quantized, self.tied_embedding is None),
         )
 
     def compute_output_shape(self, input_shape):

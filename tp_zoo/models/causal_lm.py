@@ -168,9 +168,7 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         """Activation checkpointing in training: "none" (the default), "products"
         (keep the projections' outputs, recompute the rest) or "layers" (keep
         each block's input, run the block again in the backward pass): less
-        memory for long sequences, for more compute. Under either, the loss
-        also makes its chunks' logits again in the backward pass; under
-        "none" it keeps them in the compute dtype. Generation is unaffected.
+        memory for long sequences, for more compute. Generation is unaffected.
 
         ```python
         lm.remat = "layers"
@@ -183,7 +181,6 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         check_remat(policy)
         for block in self.backbone.transformer_layers:
             block.remat = policy
-        self.lm_head.recompute_logits = policy != "none"
         self.train_function = self.test_function = None
 
     def call(self, inputs, training=None, mask=None):

@@ -83,15 +83,12 @@ def _activation_bytes(lm, tokens, remat):
         "layers": c * hidden,
     }[remat]
     recompute = 0 if remat == "none" else whole_block  # one block's forward again, in the backward
-    # The loss: hidden states in float32 and their gradient, one chunk's
-    # float32 logits (with their exponentials and gradient), and under
-    # "none" every position's logits in the compute dtype.
+    # The loss: hidden states in float32 and their gradient, and one chunk's
+    # float32 logits (with their exponentials and gradient).
     head = lm.lm_head
     local_vocab = head.padded_vocab_size // tp
     chunk = min(tokens, head.loss_chunk_tokens or max(256, 2**27 // local_vocab))
     loss = tokens * hidden * (4 + 2 * c) + 3 * 4 * chunk * local_vocab
-    if remat == "none":
-        loss += tokens * local_vocab * c
     return tokens * (backbone.num_layers * kept + recompute) + loss
 
 
