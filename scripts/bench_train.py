@@ -23,12 +23,13 @@ Row groups (random weights, bf16 weights, AdamW, a fixed random batch):
 Each row runs in its own process (this script again, with --one SPEC,
 answering one JSON line), so its peak memory is its own, and an
 out-of-memory or a stuck row (--row-timeout) is reported in its row
-instead of ending the run. The children run with
-XLA_PYTHON_CLIENT_PREALLOCATE=false: JAX would otherwise take 75% of the
-GPU when it starts, so a JAX row could use only that much and a torch row
-would find it taken; JAX's peak_bytes_in_use is its allocator's peak
-either way. A torch row's child runs JAX (if anything imports it) on the
-CPU, so that the GPU is torch's alone.
+instead of ending the run. A JAX row's child may take 95% of the GPU
+(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95; JAX's default is 75%), preallocated
+as JAX does by default: with preallocation off, the 8B LoRA row at 1 x
+131072 failed to allocate its 56 GiB step on an H200 with 120 GiB free,
+and ran with it on (71.2 GiB peak). JAX's peak_bytes_in_use is its
+allocator's peak either way. A torch row's child runs JAX (if anything
+imports it) on the CPU, so that the GPU is torch's alone.
 
 Every row: tokens/s from the median step time over --steps steps after
 --warmup; the peak device memory (JAX: peak_bytes_in_use; torch:
@@ -278,7 +279,7 @@ def run_child(spec, timeout):
     row's JAX on the CPU) and returns its answer; a child that dies or
     outlives `timeout` seconds is killed with its process group and
     reported as such."""
-    env = {"XLA_PYTHON_CLIENT_PREALLOCATE": "false", **os.environ}  # a caller may choose otherwise
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", **os.environ}  # a caller may choose otherwise
     if spec.get("framework") in ("transformers", "transformers+PEFT"):
         env["JAX_PLATFORMS"] = "cpu"
     command = [sys.executable, str(Path(__file__).resolve()), "--one", json.dumps(spec)]

@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 
 import tp_zoo
+from tests import helpers
 from tests.helpers import assert_close
 from tp_zoo.errors import DeviceMemoryError
 from tp_zoo.layers import VocabParallelLMHead
 from tp_zoo.models import memory
+from tp_zoo.models.llama import LlamaBackbone
+from tp_zoo.models.llama import LlamaCausalLM
 
 STEPS = 2
 
@@ -76,24 +79,35 @@ def test_unknown_remat_policy_is_refused(llama_path):
     assert lm.remat == "none"
 
 
-def test_training_memory_counts_each_devices_shards(llama_path):
+# Eight layers: under remat "layers" each keeps one hidden state a position,
+# against a block's whole activations (twice that, while it runs again).
+DEEP = dict(model_type="llama", vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=8,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
+
+
+def _deep_model(tp):
+    with helpers.mesh_scope(tp):
+        lm = LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(DEEP, dtype="float32"))
+    lm.compile(weighted_metrics=[])
+    return lm
+
+
+def test_training_memory_counts_each_devices_shards():
     """Weights, gradients and moments are the shards one device holds: at
     tp=2 the split variables' bytes halve, the replicated ones (norms) stay."""
-    one, two = (tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", progress=False) for tp in (1, 2))
-    for lm in (one, two):
-        lm.compile(weighted_metrics=[])
+    one, two = _deep_model(1), _deep_model(2)
     a, b = (memory.training_memory(lm, 8, 32, "none") for lm in (one, two))
     replicated = sum(v.numpy().nbytes for v in one.weights if "norm" in v.path)
     assert b.weights == (a.weights - replicated) // 2 + replicated
     assert a.gradients == a.weights and b.gradients == b.weights  # all trainable, float32
+    assert a.optimizer >= 2 * a.weights  # two float32 moments per entry
     assert a.activations > b.activations  # the MLP and heads' widths split
     layers = memory.training_memory(one, 8, 32, "layers")
     assert layers.activations < a.activations and layers.weights == a.weights
 
 
-def test_remat_chosen_by_free_memory_and_too_large_refused(llama_path, monkeypatch):
-    lm = tp_zoo.from_preset(llama_path, dtype="float32", progress=False)
-    lm.compile(weighted_metrics=[])
+def test_remat_chosen_by_free_memory_and_too_large_refused(monkeypatch):
+    lm = _deep_model(1)
     need = {p: (lambda e: e.total - e.weights)(memory.training_memory(lm, 64, 64, p)) for p in ("none", "layers")}
     for free, policy in ((2 * need["none"], "none"), (need["layers"] / 0.9 + 1, "layers")):
         monkeypatch.setattr(memory, "free_device_bytes", lambda lm, free=free: free)
@@ -104,4 +118,3 @@ def test_remat_chosen_by_free_memory_and_too_large_refused(llama_path, monkeypat
     monkeypatch.setattr(memory, "free_device_bytes", lambda lm: need["none"] / 2)
     with pytest.raises(DeviceMemoryError, match=r"with remat='none'; .* GiB is free .* remat='auto'"):
         memory.remat_for(lm, 64, 64, "none")
-

@@ -82,14 +82,20 @@ def _activation_bytes(lm, tokens, remat):
         "products": c * (hidden + queries + 2 * kv + 2 * intermediate) + 4 * 2 * hidden,
         "layers": c * hidden,
     }[remat]
-    recompute = 0 if remat == "none" else whole_block  # one block's forward again, in the backward
+    # Under remat, one block's forward again in the backward pass, with its
+    # gradients beside it (measured: twice the block's own activations).
+    recompute = 0 if remat == "none" else 2 * whole_block
     # The loss: hidden states in float32 and their gradient, and one chunk's
     # float32 logits (with their exponentials and gradient).
     head = lm.lm_head
     local_vocab = head.padded_vocab_size // tp
     chunk = min(tokens, head.loss_chunk_tokens or max(256, 2**27 // local_vocab))
     loss = tokens * hidden * (4 + 2 * c) + 3 * 4 * chunk * local_vocab
-    return tokens * (backbone.num_layers * kept + recompute) + loss
+    # An int8 kernel is multiplied as a compute-dtype copy, made again in
+    # the backward pass: the largest one's, twice.
+    converted = 2 * c * max((math.prod(l.kernel.shape) for l in backbone.quantizable_layers() if l.quantized),
+                            default=0) // tp
+    return tokens * (backbone.num_layers * kept + recompute) + loss + converted
 
 
 def training_memory(lm, batch_size, seq_len, remat=None):
