@@ -24,6 +24,8 @@ from tests.models import checkpoints as ckpts
 from tp_zoo import cli
 from tp_zoo.errors import ChatTemplateError
 from tp_zoo.models import generation
+from tp_zoo.models.generation import programs
+from tp_zoo.models.generation.streaming import IncrementalText
 from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.chat_template import assistant_spans
 from tp_zoo.models.tokenizer import CheckpointTokenizer
@@ -224,8 +226,8 @@ def test_streaming_equals_generate(models, tp, monkeypatch):
     command's replies.)"""
     lm = models("tinyllama_zephyr", tp)
     calls = []
-    program = generation._program
-    monkeypatch.setattr(generation, "_program", lambda lm, name="whole": calls.append(name) or program(lm, name))
+    program = programs.program
+    monkeypatch.setattr(programs, "program", lambda lm, name="whole": calls.append(name) or program(lm, name))
     chunks = list(generation.stream_ids(lm, STREAMED, max_new_tokens=NEW))
     streamed = [np.concatenate(row) for row in zip(*chunks)]
     assert len(streamed[0]) < NEW and streamed[0][-1] in lm.tokenizer.eos_ids and len(streamed[1]) == NEW
@@ -271,7 +273,7 @@ def test_streamed_text_holds_back_split_characters(tmp_path):
     text = "Ünïcödé ✓ — naïve café ✓✓"
     ids = tokenizer.encode(text)
     assert len(ids) > len(text.split())  # characters split over tokens
-    stream = generation._IncrementalText(tokenizer.decode)
+    stream = IncrementalText(tokenizer.decode)
     pieces = [stream.add([i]) for i in ids] + [stream.add((), final=True)]
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 

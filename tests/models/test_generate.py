@@ -155,19 +155,19 @@ def test_ragged_batch_steps_once_per_new_token(llama_path, tp, monkeypatch):
     """Prompts of 2 and 50 tokens, 9 new tokens each: each row equals
     transformers' greedy run of that prompt alone, and the compiled loop runs
     8 decode steps (the first token comes from the prefill), not 48 + 9."""
-    from tp_zoo.models import generation
+    from tp_zoo.models.generation import programs
 
     path, model = llama_path, ckpts.build_model(ckpts.CASES["llama_gqa_llama3_rope"])
     prompts = [[7, 3], list(np.random.RandomState(3).randint(1, 100, 50))]
     new = 9
     steps = []
-    decode_step = generation.decode_step
+    decode_step = programs.decode_step
 
     def counted(lm, tokens, positions, caches):
         jax.debug.callback(lambda: steps.append(1))
         return decode_step(lm, tokens, positions, caches)
 
-    monkeypatch.setattr(generation, "decode_step", counted)
+    monkeypatch.setattr(programs, "decode_step", counted)
     lm = tp_zoo.from_preset(path, tp=tp, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
     ids = np.zeros((2, 50), "int32")
@@ -190,12 +190,12 @@ def test_decode_step_communication_at_tp2(llama_path):
     """The compiled decode step all-reduces twice per layer (attention and MLP
     outputs) plus once for the embedding, and gathers nothing: the KV cache
     and the logits stay split."""
-    from tp_zoo.models import generation
+    from tp_zoo.models.generation import programs
 
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     layer_count = lm.backbone.num_layers
     caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
-    step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
+    step = jax.jit(lambda tokens, positions, caches: programs.decode_step(lm, tokens, positions, caches))
     hlo = step.lower(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches).compile().as_text()
     all_reduces = [line for line in hlo.splitlines() if " all-reduce(" in line or " all-reduce-start(" in line]
     assert len(all_reduces) == 2 * layer_count + 1, "\n".join(all_reduces)
@@ -227,17 +227,17 @@ def test_long_prompt_host_memory_stays_linear(tmp_path):
 
 
 def test_batch_too_large_for_device_memory_is_a_clear_error(llama_path, monkeypatch):
-    from tp_zoo.models import generation
+    from tp_zoo.models import memory
 
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
-    monkeypatch.setattr(generation, "free_device_bytes", lambda lm: 1000)
+    monkeypatch.setattr(memory, "free_device_bytes", lambda lm: 1000)
     with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"needs about [\d.]+ GiB per device .* is free"):
         lm.generate(_batch(40), stop_token_ids=None)
 
 
 def test_out_of_memory_in_xla_becomes_the_same_error(llama_path, monkeypatch):
-    from tp_zoo.models import generation
+    from tp_zoo.models.generation import programs
 
     lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
     lm.compile(sampler="greedy")
@@ -247,7 +247,7 @@ def test_out_of_memory_in_xla_becomes_the_same_error(llama_path, monkeypatch):
             raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate")
         return program
 
-    monkeypatch.setattr(generation, "_program", exhausted)
+    monkeypatch.setattr(programs, "program", exhausted)
     with pytest.raises(tp_zoo.errors.DeviceMemoryError, match="needs about"):
         lm.generate(_batch(40), stop_token_ids=None)
 
@@ -285,12 +285,12 @@ def test_decode_step_updates_the_cache_in_place(llama_path):
     """Compiled with the caches donated, every cache buffer is aliased to its
     output (written in place) and the step's temporaries are well under the
     caches' size: no copy of a layer's cache, let alone of all of them."""
-    from tp_zoo.models import generation
+    from tp_zoo.models.generation import programs
 
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
     caches = [block.attention.empty_cache(3, 4096) for block in lm.backbone.transformer_layers]
     per_device = sum(x.addressable_shards[0].data.nbytes for cache in caches for x in cache)
-    step = jax.jit(lambda t, p, c: generation.decode_step(lm, t, p, c), donate_argnums=(2,))
+    step = jax.jit(lambda t, p, c: programs.decode_step(lm, t, p, c), donate_argnums=(2,))
     memory = step.lower(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches).compile()
     memory = memory.memory_analysis()
     assert memory.alias_size_in_bytes == per_device
@@ -358,12 +358,12 @@ def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch, quantize):
     result), and pads the queries itself, as the int8 kernel masks the
     rows past its activations': the step has no cache writes (scatters,
     dynamic-update-slices) and no padding."""
-    from tp_zoo.models import generation
+    from tp_zoo.models.generation import programs
 
     _force_gpu_kernels(monkeypatch, interpret=False)
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="bfloat16", progress=False, quantize=quantize)
     caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
-    step = jax.jit(lambda tokens, positions, caches: generation.decode_step(lm, tokens, positions, caches))
+    step = jax.jit(lambda tokens, positions, caches: programs.decode_step(lm, tokens, positions, caches))
     lowered = step.trace(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     layers = lm.backbone.num_layers

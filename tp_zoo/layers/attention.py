@@ -155,6 +155,11 @@ class ParallelAttention(ShardedLayer):
             zeros = jax.device_put(zeros, parallel.sharding(self.mesh_info, self.cache_layout))
         return zeros, zeros
 
+    def cache_bytes(self, batch_size, max_length, dtype=None):
+        """Bytes of `empty_cache`'s keys and values on one device."""
+        itemsize = jnp.dtype(dtype or self.compute_dtype).itemsize
+        return 2 * batch_size * self.local_kv_heads * max_length * self.head_dim * itemsize
+
     # --- computation ----------------------------------------------------------
     def _local_qkv(self, weights, x, positions):
         """This device's queries, keys and values."""

@@ -37,6 +37,13 @@ _MASKED = -1e30
 ENABLED = True
 
 
+def cache_length_multiple():
+    """What a cache's length must be a multiple of for the kernel to take it
+    (whole blocks): callers that choose cache lengths ask here, so that they
+    follow a change of BLOCK."""
+    return BLOCK
+
+
 def applies(q, k_cache):
     """On NVIDIA GPUs, for 16-bit heads of 64..256 (a power of two), and a
     cache length that is a whole number of blocks."""

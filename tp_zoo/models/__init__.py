@@ -1,11 +1,13 @@
 """Model families; each a backbone and a causal LM built from tp_zoo.layers.
 
-Every subpackage here is a family and registers itself (see `family.py`):
-adding one is a folder with its file, plus its presets data.
+A family is a folder here holding a file of its own name (llama/llama.py)
+and registers itself (see `family.py`): adding one is that folder, plus
+its presets data. (generation/ is a package of another kind.)
 """
 
 import importlib
 import pkgutil
+from pathlib import Path
 
 from tp_zoo.models.backbone import DecoderBackbone
 from tp_zoo.models.backbone import DecoderConfig
@@ -15,7 +17,7 @@ from tp_zoo.models.family import family_of
 from tp_zoo.models.preprocessor import CausalLMPreprocessor
 
 for _module in pkgutil.iter_modules(__path__):
-    if _module.ispkg:
+    if _module.ispkg and (Path(_module.module_finder.path) / _module.name / f"{_module.name}.py").exists():
         importlib.import_module(f"{__name__}.{_module.name}")
 
 from tp_zoo.models.gpt2 import GPT2Backbone  # noqa: E402

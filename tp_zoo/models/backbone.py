@@ -8,6 +8,7 @@ import dataclasses
 
 import keras
 import keras_hub
+import numpy as np
 from keras.src.saving.saving_lib import H5IOStore
 
 from tp_zoo.layers import ColumnParallelDense
@@ -322,6 +323,28 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         if self.project_out is not None:
             x = self.project_out(x)
         return x
+
+    @property
+    def mesh_info(self):
+        """The mesh the layers were built on (None: one device)."""
+        return self.token_embedding.mesh_info
+
+    def cache_bytes(self, batch_size, max_length):
+        """Bytes per device of generation's KV cache: every layer's keys and
+        values for `batch_size` rows of `max_length` positions."""
+        return sum(block.attention.cache_bytes(batch_size, max_length) for block in self.transformer_layers)
+
+    def prefill_bytes(self, batch_size, width):
+        """Estimated bytes per device of a prefill's largest live activations
+        for `batch_size` prompts padded to `width`, within one block: its
+        input, the q/k/v product, the MLP intermediates, and the float32
+        scores of a blockwise attention tile (512 keys)."""
+        block = self.transformer_layers[0]
+        attention, tp = block.attention, block.attention.tp
+        heads = (attention.padded_heads + 2 * attention.padded_kv_heads) * self.head_dim // tp
+        per_token = 4 * self.hidden_dim + heads + 3 * block.mlp.padded_intermediate_dim // tp
+        tile = 512 * attention.padded_heads // tp * 4
+        return batch_size * width * (per_token * np.dtype(attention.compute_dtype).itemsize + tile)
 
     def get_config(self):
         config = {**super().get_config(), **dataclasses.asdict(self.decoder_config)}

@@ -1,5 +1,5 @@
 """Device memory, known before a step runs: what is free, and what training
-a model takes on each device.
+or generating takes on each device.
 
 The training estimate counts the weights and the trainable state exactly
 (each variable's shard on one device) and the activations a backward pass
@@ -23,7 +23,7 @@ from tp_zoo.layers.decoder_block import check_remat
 def free_device_bytes(lm):
     """Free memory of the fullest device the model uses (None where the
     platform does not report it, as on CPU)."""
-    mesh_info = lm.backbone.transformer_layers[0].attention.mesh_info
+    mesh_info = lm.backbone.mesh_info
     devices = mesh_info.mesh.devices.flat if mesh_info is not None else jax.local_devices()[:1]
     free = []
     for device in devices:
@@ -135,4 +135,22 @@ def remat_for(lm, batch_size, seq_len, remat="auto"):
         f"Training {batch_size} x {seq_len} tokens needs about {estimate} with remat={policy!r}; "
         f"{free / 2**30:.1f} GiB is free beside the weights. Use a smaller batch or sequence, "
         f"{'LoRA, or a larger tp' if remat == 'auto' else 'remat=' + repr('auto') + ', LoRA, or a larger tp'}."
+    )
+
+
+def generation_bytes(lm, batch_size, prompt_width, cache_length):
+    """Estimated bytes per device of a generate() call beyond the weights:
+    the KV cache, the prefill's largest live activations, and the float32
+    logits of each row's last token."""
+    backbone = lm.backbone
+    return (backbone.cache_bytes(batch_size, cache_length) + backbone.prefill_bytes(batch_size, prompt_width)
+            + 4 * batch_size * backbone.vocab_size)
+
+
+def generation_memory_error(batch_size, prompt_width, cache_length, needed, free):
+    have = "unknown" if free is None else f"{free / 2**30:.2f} GiB"
+    return DeviceMemoryError(
+        f"Generating {batch_size} rows (prompts padded to {prompt_width} tokens, cache of {cache_length} "
+        f"positions) needs about {needed / 2**30:.2f} GiB per device beyond the weights; "
+        f"{have} is free. Use fewer rows, shorter prompts or max_length, or a larger tp."
     )
