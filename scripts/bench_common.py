@@ -20,7 +20,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tp_zoo  # noqa: E402
-from tp_zoo.checkpoint.export import _write_safetensors  # noqa: E402
+from tp_zoo.checkpoint.tensor_files import write_safetensors  # noqa: E402
 from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
 from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
 
@@ -340,7 +340,7 @@ def write_llama_checkpoint(directory, shape, layers=None):
     tile = (0.02 * np.random.default_rng(0).standard_normal(1 << 20, dtype=np.float32)).astype(ml_dtypes.bfloat16)
     tensors = ((n, np.resize(tile, s)) for n, s in shapes.items())
     directory.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(directory / "model.safetensors", tensors)
+    write_safetensors(directory / "model.safetensors", tensors)
     (directory / "config.json").write_text(json.dumps(c))
     return {n: int(np.prod(s)) * 2 for n, s in shapes.items()}
 

@@ -49,7 +49,7 @@ from tp_zoo.models.llama import LlamaBackbone
 from tp_zoo.models.llama import LlamaCausalLM
 if len(sys.argv) > 5:  # die (SIGKILL) after the first piece of this step's save is written
     from tp_zoo.checkpoint import training_state
-    write = training_state._write_safetensors
+    write = training_state.write_safetensors
 
     def dying_write(path, tensors):
         def first_then_die():
@@ -59,7 +59,7 @@ if len(sys.argv) > 5:  # die (SIGKILL) after the first piece of this step's save
                 yield item
         return write(path, first_then_die())
 
-    training_state._write_safetensors = dying_write
+    training_state.write_safetensors = dying_write
 lm = tp_zoo.from_preset(sys.argv[1], tp=int(sys.argv[4]), progress=False)
 losses = finetune(lm, sys.argv[2], steps=8, batch_size=4, seq_len=16, lr=3e-3, save_every=2, out=sys.argv[3], progress=False)
 print(json.dumps(losses))

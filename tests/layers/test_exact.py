@@ -31,7 +31,6 @@ def _build_and_run(tp, make, weights, x):
         ("row", lambda: layers.RowParallelDense(8), (4, 5, 32)),
         ("mlp", lambda: layers.ParallelMLP(16, 32, activation="relu"), (4, 5, 16)),
         ("swiglu_mlp", lambda: layers.ParallelMLP(16, 32, activation="linear", gated=True), (4, 5, 16)),
-        ("head_split", lambda: layers.HeadSplitDense(8, 4), (4, 5, 16)),
         ("head_merge", lambda: layers.HeadMergeDense(16), (4, 5, 8, 4)),
         # Widths that tp=4 and 8 do not divide: padded with inert units.
         ("padded_gathered_column", lambda: layers.ColumnParallelDense(30, gather_output=True), (4, 5, 16)),

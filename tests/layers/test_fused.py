@@ -42,14 +42,17 @@ def _qkv_layer(num_heads, num_kv_heads, head_dim, tp):
 
 
 def _separate_qkv(num_heads, num_kv_heads, head_dim, x, rs, lora_rank=None, quantize=None):
-    """Queries, keys and values of three single-device HeadSplitDense layers
-    of integer weights (quantized to `quantize` after their weights are
-    taken), the float weights (true shapes, in the fused layer's get_weights
-    order) and the LoRA adapters of query and value, by the names the fused
-    layer gives them."""
-    q = layers.HeadSplitDense(num_heads, head_dim, name="query")
-    k = layers.HeadSplitDense(num_kv_heads, head_dim, name="key")
-    v = layers.HeadSplitDense(num_kv_heads, head_dim, name="value")
+    """Queries, keys and values of three single-device column-parallel
+    layers of integer weights (quantized to `quantize` after their weights
+    are taken), their units seen as (heads, head_dim); the float weights
+    (true shapes, in the fused layer's get_weights order) and the LoRA
+    adapters of query and value, by the names the fused layer gives them."""
+    heads = {"query": num_heads, "key": num_kv_heads, "value": num_kv_heads}
+    q, k, v = (layers.ColumnParallelDense(heads[name] * head_dim, name=name) for name in ("query", "key", "value"))
+
+    def per_head(layer, a):
+        return a.reshape(a.shape[:-1] + (heads[layer.name], head_dim))
+
     for layer in (q, k, v):
         layer(x)
         layer.set_weights([_ints(rs, w.shape) for w in layer.get_weights()])
@@ -60,12 +63,13 @@ def _separate_qkv(num_heads, num_kv_heads, head_dim, x, rs, lora_rank=None, quan
             for ab in "ab":
                 variable = getattr(layer, f"lora_kernel_{ab}")
                 variable.assign(_ints(rs, variable.shape))
-                adapters[f"{layer.name}_lora_kernel_{ab}"] = variable.numpy()
-    weights = [k.kernel.numpy(), v.kernel.numpy(), q.kernel.numpy(), k.bias.numpy(), v.bias.numpy(), q.bias.numpy()]
+                value = variable.numpy()
+                adapters[f"{layer.name}_lora_kernel_{ab}"] = per_head(layer, value) if ab == "b" else value
+    weights = [per_head(layer, getattr(layer, name).numpy()) for name in ("kernel", "bias") for layer in (k, v, q)]
     if quantize:
         for layer in (q, k, v):
             layer.quantize(quantize)
-    return (np.asarray(q(x)), np.asarray(k(x)), np.asarray(v(x))), weights, adapters
+    return tuple(per_head(layer, np.asarray(layer(x))) for layer in (q, k, v)), weights, adapters
 
 
 @pytest.mark.parametrize(
@@ -203,15 +207,3 @@ def test_lora_parts_are_checked():
     with pytest.raises(ValueError, match=r"LoRA parts \['down'\] must be some of \['gate', 'up'\]"):
         layer.enable_lora(2, parts=["down"])
     assert not layer.lora_enabled and layer.kernel.trainable
-
-
-def test_a_file_saved_before_the_fusion_is_refused_by_name():
-    """Files saved with separate query/key/value (or gate/up) layers hold
-    nothing for the fused layer: refused with what to do, nothing assigned."""
-    layer = _qkv_layer(8, 4, 4, 1)
-    layer(np.zeros((1, 2, 16), "float32"))
-    before = layer.kernel.numpy()
-    with pytest.raises(ValueError, match=r"saved by a tp_zoo that kept key/value/query as separate layers.*"
-                       r"conversion/export_checkpoint.py"):
-        layer.load_own_variables({})
-    np.testing.assert_array_equal(layer.kernel.numpy(), before)

@@ -3,35 +3,22 @@ output-major, (*out_dims, *in_dims), split as the kernel's dims were, and
 get_weights shows them in the kernel's order; the values and scales are the
 same at every tp (the scale is a max over the whole reduction dim, taken on
 the global array), quantized logits agree across tp within the float32
-tolerance and stay within 5% of the float model's, generation, .keras files
-and training checkpoints work (older ones, int8 in the kernel's order, are
-converted as they load), and bad requests leave the model as it was.
+tolerance and stay within 5% of the float model's, generation and .keras
+files work, and bad requests leave the model as it was.
 """
 
-import io
-import json
-import zipfile
-
-import h5py
 import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-import safetensors.numpy
 
 import tp_zoo
 from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
-from tp_zoo.checkpoint.training_state import restore_training_state
-from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.layers import int8_matmul_kernel
 from tp_zoo.layers import quantize as q8
-from tp_zoo.layers.attention import padded_heads
-from tp_zoo.layers.base import AxisPadding
-from tp_zoo.layers.base import inputs_last
-from tp_zoo.layers.base import true_value
 from tp_zoo.layers.base import weight_views
 
 M = tp_zoo.parallel.MODEL
@@ -43,11 +30,6 @@ VOCAB = ckpts.CASES["llama_gqa_llama3_rope"][2]["vocab_size"]
 LAYERS = {
     "column": (lambda: layers.ColumnParallelDense(16), (2, 3, 8), (8, 16), (16,), (16, 8), (M, None)),
     "row": (lambda: layers.RowParallelDense(8), (2, 3, 16), (16, 8), (8,), (8, 16), (None, M)),
-    "head_split": (lambda: layers.HeadSplitDense(4, 6), (2, 3, 8), (8, 4, 6), (4, 6), (4, 6, 8), (M, None, None)),
-    "head_split_replicated": (
-        lambda: layers.HeadSplitDense(4, 6, replicated=True), (2, 3, 8), (8, 4, 6), (4, 6), (4, 6, 8),
-        (None, None, None),
-    ),
     "head_merge": (lambda: layers.HeadMergeDense(8), (2, 3, 4, 6), (4, 6, 8), (8,), (8, 4, 6), (None, M, None)),
 }
 
@@ -130,49 +112,6 @@ def test_layer_int8_values_and_scales_identical_at_every_tp(name):
         np.testing.assert_array_equal(shown, values)  # in the kernel's order
         layer.set_weights(weights)
         np.testing.assert_array_equal(np.asarray(layer(x)), y)
-
-
-def _qkv(tp, **kwargs):
-    """q/k/v of 9 query heads over 3 kv heads (padded to 4 at tp=4)."""
-    kv, group = padded_heads(9, 3, tp)
-    return layers.QKVParallelDense(4, AxisPadding(3, kv, 3, group), replicated=kv % tp != 0, **kwargs)
-
-
-def _in_kernel_order(store, n_in):
-    """A layer's saved weights as tp_zoo saved them before int8 values were
-    stored output-major: the values in their kernel's order, no mark."""
-    return {k: q8.to_kernel_order(v, n_in) if v.dtype == np.int8 else v
-            for k, v in store.items() if k != q8.OUTPUT_MAJOR_MARK}
-
-
-@pytest.mark.parametrize("make,in_shape,tp", [
-    (lambda tp, **kw: layers.ColumnParallelDense(8, **kw), (2, 3, 8), 2),  # square: (8, 8) either way
-    (_qkv, (2, 3, 16), 4),  # fused, padded heads
-])
-def test_layer_weights_saved_in_the_kernels_order_load_turned(make, in_shape, tp):
-    """Saved int8 weights carry a mark that their values are output-major;
-    without it (files saved before), the values are in the kernel's order
-    and load transposed: the mark decides, not the shape (a square kernel's
-    values fit either way)."""
-    rs = np.random.RandomState(5)
-    x = rs.randint(-4, 5, in_shape).astype("float32")
-    with mesh_scope(tp):
-        layer = make(tp)
-        layer.build(in_shape)
-        layer.set_weights([rs.randint(-9, 10, w.shape).astype("float32") for w in layer.get_weights()])
-        layer.quantize("int8")
-        quantized = make(tp, quantized="int8")
-        quantized.build(in_shape)
-    store = {}
-    layer.save_own_variables(store)
-    assert store[q8.OUTPUT_MAJOR_MARK]
-    y = np.asarray(layer(x))
-    for saved in (store, _in_kernel_order(store, len(layer.in_trailing))):
-        quantized.load_own_variables(saved)
-        np.testing.assert_array_equal(quantized.kernel.numpy(), layer.kernel.numpy())
-        for a, b in zip(layer.get_weights(), quantized.get_weights()):
-            np.testing.assert_array_equal(a, b)
-        np.testing.assert_array_equal(np.asarray(quantized(x)), y)
 
 
 # --- the tiny Llama ------------------------------------------------------------------
@@ -340,106 +279,6 @@ def test_keras_file_of_quantized_model_reloads_quantized_at_another_tp(quantized
     loaded = tp_zoo.from_preset(tmp_path / "preset", tp=4)
     assert loaded.backbone.quantized == "int8"
     assert_close(ref[real], np.asarray(loaded(x))[real], "int8 preset saved at tp=2, loaded at tp=4")
-
-
-def _keras_file_in_kernel_order(path, out):
-    """The .keras file `path` written to `out` as tp_zoo saved int8 models
-    before their values were stored output-major: each layer's int8 values
-    in its kernel's order, no mark. Returns how many layers it rewrote."""
-    with zipfile.ZipFile(path) as source:
-        files = {item: source.read(item) for item in source.infolist()}
-    weights = next(item for item in files if item.filename == "model.weights.h5")
-    buffer = io.BytesIO(files[weights])
-    with h5py.File(buffer, "r+") as f:
-        marked = []
-
-        def collect(_, obj):  # the groups of layers with int8 values
-            if isinstance(obj, h5py.Group) and q8.OUTPUT_MAJOR_MARK in obj:
-                marked.append(obj)
-
-        f.visititems(collect)
-        for group in marked:
-            del group[q8.OUTPUT_MAJOR_MARK]
-            (key,) = [k for k in group if group[k].dtype == np.int8]
-            values = group[key][()]
-            n_out = min(group[k].ndim for k in group if k != key)  # the scale's (and bias') dims
-            del group[key]
-            group[key] = q8.to_kernel_order(values, values.ndim - n_out)
-    files[weights] = buffer.getvalue()
-    with zipfile.ZipFile(out, "w") as target:
-        for item, data in files.items():
-            target.writestr(item, data)
-    return len(marked)
-
-
-def test_keras_file_saved_with_int8_in_the_kernels_order_loads_turned(quantized_models, tmp_path):
-    """A .keras file of the int8 model as tp_zoo saved it before the values
-    were stored output-major loads, at another tp, into the same model."""
-    models, _ = quantized_models
-    lm, ref = models[2]
-    x, real = _inputs(VOCAB)
-    lm.save(tmp_path / "q.keras")
-    rewritten = _keras_file_in_kernel_order(tmp_path / "q.keras", tmp_path / "old.keras")
-    assert rewritten == 4 * lm.backbone.num_layers + 1  # the projections and the LM head
-    with mesh_scope(4):
-        loaded = keras.saving.load_model(tmp_path / "old.keras")
-    for a, b in zip(lm.weights, loaded.weights):
-        assert a.path == b.path and a.shape == b.shape
-        np.testing.assert_array_equal(true_value(a), true_value(b), err_msg=a.path)
-    assert_close(ref[real], np.asarray(loaded(x))[real], "int8 .keras in the kernel's order, loaded at tp=4")
-
-
-def _checkpoint_in_kernel_order(lm, path):
-    """The training checkpoint `path` of `lm` rewritten as tp_zoo saved them
-    before int8 values were stored output-major: their blocks, shapes,
-    paddings and block indices in the kernel's order, no mark."""
-    turns = {v.path: inputs_last(v) for v in lm.weights if inputs_last(v)}
-    manifest = json.loads((path / "manifest.json").read_text())
-    del manifest[q8.OUTPUT_MAJOR_MARK]
-    for key, n_in in turns.items():
-        saved = manifest["variables"][key]
-        saved["shape"], saved["padding"] = (list(q8.kernel_order(saved[k], n_in)) for k in ("shape", "padding"))
-    (path / "manifest.json").write_text(json.dumps(manifest))
-    for listing in path.glob("pieces-*.json"):
-        pieces = json.loads(listing.read_text())
-        for piece in pieces.values():
-            if piece["key"] in turns:
-                piece["index"] = list(q8.kernel_order(piece["index"], turns[piece["key"]]))
-        listing.write_text(json.dumps(pieces))
-    for file in path.glob("shard-*.safetensors"):
-        tensors = safetensors.numpy.load_file(file)
-        for name in tensors:
-            key = name.split("@")[0]
-            if key in turns:
-                tensors[name] = np.ascontiguousarray(q8.to_kernel_order(tensors[name], turns[key]))
-        safetensors.numpy.save_file(tensors, file)
-
-
-def _lora_on_int8(llama_path, tp):
-    lm = tp_zoo.from_preset(llama_path, tp=tp, dtype="float32", quantize="int8", progress=False)
-    lm.backbone.enable_lora(2)
-    lm.compile(optimizer=keras.optimizers.Adam(1e-2))
-    return lm
-
-
-def test_training_checkpoint_saved_with_int8_in_the_kernels_order_restores_turned(llama_path, tmp_path):
-    """A training checkpoint of LoRA on the int8 base at tp=2, as tp_zoo
-    saved it before the values were stored output-major, restores at tp=4
-    into a model whose weights were all zeroed: every value back."""
-    x, _ = _inputs(VOCAB)
-    lm = _lora_on_int8(llama_path, 2)
-    lm.train_on_batch(x, x["token_ids"])
-    saved = save_training_state(lm, tmp_path, 1)
-    _checkpoint_in_kernel_order(lm, saved)
-    again = _lora_on_int8(llama_path, 4)
-    for variable in again.weights:
-        variable.assign(jnp.zeros_like(variable.value))
-    assert restore_training_state(again, saved) == 1
-    for a, b in zip(lm.weights, again.weights):
-        assert a.path == b.path
-        np.testing.assert_array_equal(true_value(a), true_value(b), err_msg=a.path)
-    losses = [float(m.train_on_batch(x, x["token_ids"], return_dict=True)["loss"]) for m in (lm, again)]
-    assert_close(losses[0], losses[1], "loss of the step after restoring at tp=4")
 
 
 def test_lora_on_quantized_base(llama_path):

@@ -155,9 +155,9 @@ def test_set_weights_with_a_wrong_shape_names_the_variable(saved):
     [
         lambda: layers.ColumnParallelDense(8, activation=gelu_tanh, gather_output=True),
         lambda: layers.RowParallelDense(8, use_bias=False),
-        lambda: layers.HeadSplitDense(4, 2, replicated=True),
+        lambda: layers.QKVParallelDense(2, AxisPadding(2, 2, 2, 2), replicated=True),
         lambda: layers.HeadMergeDense(8),
-        lambda: layers.HeadSplitDense(6, 2, padding=AxisPadding(3, 4, 2, 2)),
+        lambda: layers.QKVParallelDense(2, AxisPadding(3, 4, 2, 2)),
         lambda: layers.ColumnParallelDense(30, padding=AxisPadding.trailing(30, 32)),
         lambda: layers.VocabParallelEmbedding(10, 4),
         lambda: layers.VocabParallelLMHead(10),

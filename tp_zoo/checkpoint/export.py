@@ -8,21 +8,18 @@ interrupted export never leaves a file that looks complete.
 """
 
 import json
-import os
 import shutil
-import struct
 import warnings
 from pathlib import Path
 
 import numpy as np
 
 from tp_zoo.checkpoint.layout import Layout
-from tp_zoo.checkpoint.tensor_files import DTYPES
+from tp_zoo.checkpoint.tensor_files import write_safetensors
 from tp_zoo.layers.base import weight_views
 from tp_zoo.layers.quantize import dequantize
 from tp_zoo.models import family_of
 
-_DTYPE_NAMES = {np.dtype(v): k for k, v in DTYPES.items()}
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
            "merges.txt", "special_tokens_map.json", "chat_template.jinja", "generation_config.json")
 
@@ -94,7 +91,7 @@ def export_to_hf(causal_lm, directory, dtype=None, chat_template=None):
     tensors = hf_tensors(causal_lm)
     if dtype is not None:
         tensors = ((k, v.astype(dtype)) for k, v in tensors)
-    _write_safetensors(directory / "model.safetensors", tensors)
+    write_safetensors(directory / "model.safetensors", tensors)
     config = dict(causal_lm.hf_config)
     source = getattr(causal_lm, "checkpoint_directory", None)
     (directory / "config.json").write_text(json.dumps(config, indent=2))
@@ -106,29 +103,3 @@ def export_to_hf(causal_lm, directory, dtype=None, chat_template=None):
     if chat_template is not None:
         (directory / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
     return directory
-
-
-def _write_safetensors(path, tensors):
-    """Streams (name, array) pairs to `path`: the data goes to a scratch file
-    first (the header, which precedes it, needs every offset)."""
-    header, offset = {}, 0
-    data = path.with_name(path.name + ".data.tmp")
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(data, "wb") as f:
-            for name, value in tensors:
-                header[name] = {"dtype": _DTYPE_NAMES[value.dtype], "shape": list(value.shape),
-                                "data_offsets": [offset, offset + value.nbytes]}
-                f.write(value.tobytes())
-                offset += value.nbytes
-        header["__metadata__"] = {"format": "pt"}
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        with open(tmp, "wb") as out, open(data, "rb") as f:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            shutil.copyfileobj(f, out, 64 << 20)
-        os.replace(tmp, path)
-    finally:
-        for leftover in (data, tmp):
-            leftover.unlink(missing_ok=True)

@@ -30,9 +30,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tp_zoo.checkpoint.export import _write_safetensors
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.tensor_files import SafetensorsFile
+from tp_zoo.checkpoint.tensor_files import write_safetensors
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import CheckpointNotFoundError
 from tp_zoo.errors import CorruptCheckpointError
@@ -184,7 +184,7 @@ def save_peft_adapter(causal_lm, directory):
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).unlink(missing_ok=True)
-    _write_safetensors(directory / WEIGHTS_NAME, tensors())
+    write_safetensors(directory / WEIGHTS_NAME, tensors())
     temporary = directory / (CONFIG_NAME + ".tmp")
     temporary.write_text(json.dumps(config, indent=2))
     os.replace(temporary, directory / CONFIG_NAME)

@@ -1,20 +1,31 @@
-"""Reading tensors from safetensors files without loading them whole.
+"""Reading and writing safetensors files without holding them whole.
 
-A file is memory-mapped and its header checked against the file size up
-front (a truncated or corrupt file fails before anything is placed on a
-device). A tensor is then a zero-copy numpy view into the map; slicing it
-touches only the pages of the slice. bfloat16 and float8 come from
-ml_dtypes, which numpy alone lacks.
+Opening a file through the `safetensors` library checks its header against
+the file size (a truncated or corrupt file fails before anything is placed
+on a device) and gives each tensor's shape and dtype. A tensor is then a
+zero-copy numpy view into a memory map of the file; slicing it touches
+only the pages of the slice. bfloat16 and float8 come from ml_dtypes,
+which numpy alone lacks.
+
+The views are not safetensors' own slices (`get_slice(name)[...]`): those
+copy each slice into a new buffer while holding the GIL, so the loader's
+threads would read their chunks one at a time, each a copy even where its
+rows are contiguous in the file (on the CPU, bench_load.py's peak extra
+host memory went from 20 to 87 MiB at tp=1, over the loader's 64 MiB bound).
 """
 
+import itertools
 import json
-import mmap
-import struct
+import os
 from pathlib import Path
 
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
+from safetensors import SafetensorError
+from safetensors import safe_open
 
+from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.errors import CorruptCheckpointError
 
 DTYPES = {
@@ -38,52 +49,33 @@ class SafetensorsFile:
 
     def __init__(self, path):
         self.path = Path(path)
-        size = self.path.stat().st_size
-        with open(self.path, "rb") as f:
-            prefix = f.read(8)
-            if len(prefix) < 8:
-                raise CorruptCheckpointError(f"{self.path}: truncated or corrupt safetensors file (no header).")
-            (header_len,) = struct.unpack("<Q", prefix)
-            if header_len > size - 8:
-                raise CorruptCheckpointError(
-                    f"{self.path}: truncated or corrupt safetensors file "
-                    f"(header of {header_len} bytes in a file of {size})."
-                )
-            try:
-                header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as error:
-                raise CorruptCheckpointError(f"{self.path}: corrupt safetensors header ({error}).") from None
-        header.pop("__metadata__", None)
-        self._data_start = 8 + header_len
-        data_size = size - self._data_start
+        try:
+            with safe_open(self.path, framework="numpy") as file:
+                slices = [(name, file.get_slice(name)) for name in file.offset_keys()]
+        except SafetensorError as error:
+            raise CorruptCheckpointError(f"{self.path}: truncated or corrupt safetensors file ({error}).") from None
         self.tensors = {}
-        for name, info in header.items():
-            dtype = DTYPES.get(info.get("dtype"))
+        for name, tensor in slices:
+            dtype = DTYPES.get(tensor.get_dtype())
             if dtype is None:
-                raise CorruptCheckpointError(f"{self.path}: tensor {name} has unknown dtype {info.get('dtype')!r}.")
-            start, end = info["data_offsets"]
-            shape = tuple(info["shape"])
-            if end > data_size:
-                raise CorruptCheckpointError(
-                    f"{self.path}: truncated or corrupt safetensors file: tensor {name} "
-                    f"ends at byte {end} of a {data_size}-byte data section."
+                raise CheckpointMismatchError(
+                    f"{self.path}: tensor {name} is stored as {tensor.get_dtype()}, a dtype tp_zoo does not read."
                 )
-            if end - start != int(np.prod(shape)) * np.dtype(dtype).itemsize:
-                raise CorruptCheckpointError(
-                    f"{self.path}: corrupt safetensors file: tensor {name} has {end - start} bytes "
-                    f"for shape {shape} of {info['dtype']}."
-                )
-            self.tensors[name] = (shape, np.dtype(dtype), start)
+            self.tensors[name] = (tuple(tensor.get_shape()), np.dtype(dtype))
+        # safetensors has checked that the tensors lie in offset order, with no
+        # gap, up to the end of the file: that gives where each one starts.
+        sizes = [int(np.prod(shape)) * dtype.itemsize for shape, dtype in self.tensors.values()]
+        starts = itertools.accumulate(sizes, initial=self.path.stat().st_size - sum(sizes))
+        self._starts = dict(zip(self.tensors, starts))
         self._map = None
 
     def array(self, name):
         """A read-only numpy view of the tensor, backed by the file's pages."""
         if self._map is None:
-            with open(self.path, "rb") as f:
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        shape, dtype, start = self.tensors[name]
+            self._map = np.memmap(self.path, mode="r")
+        shape, dtype = self.tensors[name]
         count = int(np.prod(shape))
-        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._data_start + start).reshape(shape)
+        return np.frombuffer(self._map, dtype=dtype, count=count, offset=self._starts[name]).reshape(shape)
 
     def close(self):
         # Views into the map may still be alive (jax may hold none: it copies),
@@ -125,7 +117,7 @@ class TensorFiles:
         return self.location[name].tensors[name][1]
 
     def nbytes(self, name):
-        shape, dtype, _ = self.location[name].tensors[name]
+        shape, dtype = self.location[name].tensors[name]
         return int(np.prod(shape)) * dtype.itemsize
 
     def array(self, name):
@@ -158,3 +150,31 @@ class InMemoryTensors(TensorFiles):
 
     def array(self, name):
         return self.arrays[name]
+
+
+def write_safetensors(path, tensors):
+    """Writes (name, array) pairs to the safetensors file `path`, holding one
+    array in host memory at a time: each goes to a scratch file as it comes,
+    and safetensors writes the file from a memory map of that (the header,
+    which comes first, needs every tensor). Written to a temporary name and
+    renamed at the end, so an interrupted write leaves no file that looks
+    complete."""
+    scratch = path.with_name(path.name + ".data.tmp")
+    tmp = path.with_name(path.name + ".tmp")
+    placed = []
+    try:
+        with open(scratch, "wb") as f:
+            for name, value in tensors:
+                placed.append((name, value.dtype, value.shape, f.tell()))
+                f.write(value.tobytes())
+        # An empty file cannot be mapped (a file of tensors that are all empty).
+        data = np.memmap(scratch, mode="r") if scratch.stat().st_size else np.zeros(0, np.uint8)
+        arrays = {
+            name: np.frombuffer(data, dtype, int(np.prod(shape)), offset).reshape(shape)
+            for name, dtype, shape, offset in placed
+        }
+        safetensors.numpy.save_file(arrays, tmp, metadata={"format": "pt"})
+        os.replace(tmp, path)
+    finally:
+        for leftover in (scratch, tmp):
+            leftover.unlink(missing_ok=True)

@@ -8,9 +8,6 @@ checkpoint as the latest one. Restoring assembles each device's block from
 the saved blocks that overlap it, matching entries by their index among the
 real ones (the manifest records where each variable's tp padding sits), so
 a checkpoint saved at one tp restores at another, whatever each pads.
-Checkpoints saved before int8 values were stored output-major (their
-manifest lacks `OUTPUT_MAJOR_MARK`) hold them in their kernel's order: they
-restore turned.
 
 The manifest records what tells a model apart (its architecture's sizes, its
 Hugging Face config, its LoRA adapters' shapes) and the mesh it was saved
@@ -27,16 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tp_zoo.checkpoint.export import _write_safetensors
 from tp_zoo.checkpoint.tensor_files import SafetensorsFile
+from tp_zoo.checkpoint.tensor_files import write_safetensors
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.layers.base import AxisPadding
-from tp_zoo.layers.base import inputs_last
 from tp_zoo.layers.base import paddings
-from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
-from tp_zoo.layers.quantize import kernel_order
-from tp_zoo.layers.quantize import output_major
-from tp_zoo.layers.quantize import to_output_major
 from tp_zoo.parallel import BATCH
 from tp_zoo.parallel import MODEL
 
@@ -87,7 +79,7 @@ def save_training_state(causal_lm, directory, step, keep=2):
         tmp.mkdir()
     _barrier(f"tp_zoo save {step} begin")
     manifest = {"step": step, "model": _fingerprint(causal_lm), "config": _config(causal_lm),
-                "mesh": mesh_sizes(causal_lm), OUTPUT_MAJOR_MARK: True, "variables": {}}
+                "mesh": mesh_sizes(causal_lm), "variables": {}}
     pieces = []
     for key, variable, padding in _state(causal_lm):
         value = variable.value
@@ -99,7 +91,7 @@ def save_training_state(causal_lm, directory, step, keep=2):
             index = [list(s.indices(n)[:2]) for s, n in zip(shard.index, value.shape)]
             pieces.append((f"{key}@{'_'.join(f'{a}-{b}' for a, b in index)}", shard, key, index))
     tensors = ((name, np.asarray(shard.data)) for name, shard, _, _ in pieces)
-    _write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors)
+    write_safetensors(tmp / f"shard-{process:05d}.safetensors", tensors)
     mine = {name: {"key": key, "index": index, "file": f"shard-{process:05d}.safetensors"}
             for name, _, key, index in pieces}
     (tmp / f"pieces-{process:05d}.json").write_text(json.dumps(mine))
@@ -189,27 +181,25 @@ def restore_training_state(causal_lm, path):
             f"{path} holds {len(extra)} variables this model lacks (first {extra[0]}): it was saved from a "
             "different model (quantized, or with LoRA on other layers)."
         )
-    kernel_ordered = OUTPUT_MAJOR_MARK not in manifest  # int8 values saved in their kernel's order
     restores = []
     for key, variable, padding in state:
         if key not in manifest["variables"]:
             raise CheckpointMismatchError(f"{path} has no saved value for {key}.")
         saved = manifest["variables"][key]
-        turn = inputs_last(variable) if kernel_ordered else 0  # saved dims moved to the variable's order
-        saved_padding = output_major(_saved_padding(saved, kernel_order(padding, turn)), turn)
+        saved_padding = _saved_padding(saved, padding)
         if _real(saved_padding) != _real(padding):
             raise CheckpointMismatchError(
                 f"Saved {key} has shape {tuple(saved['shape'])} ({_real(saved_padding)} real), the model's is "
                 f"{tuple(variable.shape)} ({_real(padding)} real)."
             )
-        restores.append((key, variable, padding, saved_padding, turn))
+        restores.append((key, variable, padding, saved_padding))
     by_key = {}
     for listing in sorted(path.glob("pieces-*.json")):
         for name, piece in json.loads(listing.read_text()).items():
             by_key.setdefault(piece["key"], []).append((name, piece))
     files = {}
-    for key, variable, padding, saved_padding, turn in restores:
-        variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path, turn))
+    for key, variable, padding, saved_padding in restores:
+        variable.assign(_assemble(variable, padding, saved_padding, by_key.get(key, []), files, path))
     return manifest["step"]
 
 
@@ -242,11 +232,9 @@ def _saved_padding(saved, padding):
     return tuple(AxisPadding.trailing(min(p.true_size, n), n) for p, n in zip(padding, saved["shape"]))
 
 
-def _assemble(variable, padding, saved_padding, pieces, files, path, turn=0):
+def _assemble(variable, padding, saved_padding, pieces, files, path):
     """The variable's value for its current sharding, from the saved blocks,
-    entry by entry of the same real index (zeros at this tp's padding);
-    `turn`: how many leading dims of the saved blocks are the variable's
-    trailing ones (int8 values saved in their kernel's order)."""
+    entry by entry of the same real index (zeros at this tp's padding)."""
     value = variable.value
     sharding = value.sharding
     mine = [p.real_index() for p in padding]
@@ -258,7 +246,7 @@ def _assemble(variable, padding, saved_padding, pieces, files, path, turn=0):
         for name, piece in pieces:
             # Per dim: where the block and the piece hold the same real entries.
             dst, src = [], []
-            for (a, b), (p0, p1), m, t in zip(block, output_major(piece["index"], turn), mine, theirs):
+            for (a, b), (p0, p1), m, t in zip(block, piece["index"], mine, theirs):
                 common, d, s_ = np.intersect1d(m[a:b], t[p0:p1], return_indices=True)
                 dst.append(d[common >= 0])
                 src.append(s_[common >= 0])
@@ -266,7 +254,7 @@ def _assemble(variable, padding, saved_padding, pieces, files, path, turn=0):
                 continue
             if piece["file"] not in files:
                 files[piece["file"]] = SafetensorsFile(path / piece["file"])
-            saved = to_output_major(np.asarray(files[piece["file"]].array(name)), turn)
+            saved = np.asarray(files[piece["file"]].array(name))
             out[np.ix_(*dst)] = saved[np.ix_(*src)]
         arrays.append(jax.device_put(out, device))
     return jax.make_array_from_single_device_arrays(value.shape, sharding, arrays)

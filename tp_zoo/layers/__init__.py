@@ -8,7 +8,6 @@ from tp_zoo.layers.embedding import VocabParallelEmbedding
 from tp_zoo.layers.embedding import VocabParallelLMHead
 from tp_zoo.layers.linear import ColumnParallelDense
 from tp_zoo.layers.linear import HeadMergeDense
-from tp_zoo.layers.linear import HeadSplitDense
 from tp_zoo.layers.linear import MergedColumnParallelDense
 from tp_zoo.layers.linear import QKVParallelDense
 from tp_zoo.layers.linear import RowParallelDense

@@ -14,7 +14,6 @@ from keras.src.backend.common.name_scope import current_path
 
 from tp_zoo import parallel
 from tp_zoo.errors import ShardingError
-from tp_zoo.layers.quantize import OUTPUT_MAJOR_MARK
 from tp_zoo.layers.quantize import kernel_order
 from tp_zoo.layers.quantize import to_kernel_order
 from tp_zoo.layers.quantize import to_output_major
@@ -462,21 +461,17 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         return self._trainable_variables + self._non_trainable_variables
 
     def save_own_variables(self, store):
-        own = self._own_variables()
-        for i, variable in enumerate(own):
+        for i, variable in enumerate(self._own_variables()):
             store[str(i)] = true_value(variable)
-        if any(inputs_last(v) for v in own):
-            store[OUTPUT_MAJOR_MARK] = True
 
     def load_own_variables(self, store):
         own = self._own_variables()
-        saved = len([key for key in store.keys() if key != OUTPUT_MAJOR_MARK])
+        # Files saved by tp_zoo before 2026-12-03 also hold a flag saying their
+        # int8 values are output-major (as all are now): it is not a variable.
+        saved = len([key for key in store.keys() if key != "int8_values_output_major"])
         if saved != len(own):
             raise ValueError(f"{self.name}: the saved file has {saved} variables, the layer {len(own)}.")
-        values = [store[str(i)] for i in range(len(own))]
-        if OUTPUT_MAJOR_MARK not in store.keys():  # saved before int8 values were output-major: kernel's order
-            values = [to_output_major(value, inputs_last(v)) for v, value in zip(own, values)]
-        assign_true_values(own, values)
+        assign_true_values(own, [store[str(i)] for i in range(len(own))])
 
     def run_sharded(self, fn, in_layouts, out_layouts, *args, key=None):
         """`parallel.run_sharded` over this layer's mesh; eager calls reuse one

@@ -6,9 +6,9 @@ Row-parallel: the kernel is split on its input dim; each device multiplies
 its slice of the input, the partial products are all-reduced, and the
 replicated bias is added once, after the all-reduce.
 
-The per-head variants are the same two rules on EinsumDense-style kernels of
-shape (hidden, heads, head_dim) and (heads, head_dim, hidden), split on the
-heads axis, as attention needs them.
+The per-head variant (HeadMergeDense) is the row rule on an EinsumDense-style
+kernel of shape (heads, head_dim, hidden), split on the heads axis, as
+attention's output needs it.
 
 A layer's split dim may be padded up to a multiple of tp (`padding`, an
 `AxisPadding`, given by the attention or MLP that owns the layer): the
@@ -488,46 +488,6 @@ class RowParallelDense(_ParallelLinear):
         return {**super().get_config(), "units": self.units}
 
 
-@keras.saving.register_keras_serializable(package="tp_zoo")
-class HeadSplitDense(_ParallelLinear):
-    """hidden -> (heads, head_dim), column-parallel over heads.
-
-    `replicated=True` keeps every head on every device, for key/value heads
-    fewer than the tensor-parallel devices (each device then picks the
-    heads its query heads need).
-    """
-
-    equation = "...d,dnh->...nh"
-    in_trailing = (None,)
-    split_axis = 1
-
-    def __init__(self, num_heads, head_dim, use_bias=True, replicated=False, **kwargs):
-        super().__init__(use_bias=use_bias, **kwargs)
-        self.num_heads = num_heads
-        self.head_dim = head_dim
-        self.replicated = replicated
-        heads = None if replicated else M
-        padded_heads = num_heads if self.padding is None else self.padding.size
-        if not replicated:
-            check_divisible(self.name, "heads", padded_heads, self.tp)
-        self.kernel_layout = (None, heads, None)
-        self.bias_layout = (heads, None)
-        self.out_trailing = (heads, None)
-        self.bias_shape = (padded_heads, head_dim)
-        self.output_trailing_shape = (padded_heads, head_dim)
-
-    def kernel_shape(self, in_dim):
-        return (in_dim,) + self.bias_shape
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "num_heads": self.num_heads,
-            "head_dim": self.head_dim,
-            "replicated": self.replicated,
-        }
-
-
 class _FusedColumnDense(_ParallelLinear):
     """Several column-parallel projections of one input as one kernel, laid
     out so that each device's shard holds its slice of every projection
@@ -565,16 +525,6 @@ class _FusedColumnDense(_ParallelLinear):
         """The projections this layer fuses, in kernel order."""
         return [name for name, *_ in self.parts]
 
-    def load_own_variables(self, store):
-        if not len(store.keys()):
-            raise ValueError(
-                f"{self.name}: the file holds no weights for this layer: it was saved by a tp_zoo that kept "
-                f"{'/'.join(self.part_names)} as separate layers, before they were fused into one kernel. Export it to Hugging Face "
-                "safetensors with the tp_zoo that saved it (conversion/export_checkpoint.py) and load that "
-                "with tp_zoo.from_preset."
-            )
-        super().load_own_variables(store)
-
     def parts_of(self, kernel_shape, kernel=False):
         whole = lambda n: AxisPadding.trailing(n, n)
         lead = (kernel_shape[0],) if kernel else ()
@@ -598,7 +548,7 @@ class QKVParallelDense(_FusedColumnDense):
     key and value. `replicated=True` keeps the kernel whole on every device
     (kv heads fewer than tp: each device then cuts out its kv head and its
     query heads, `take_group`). The parts are "key", "value" and "query",
-    of the shapes `HeadSplitDense` layers would have.
+    each a kernel of shape (hidden, heads, head_dim).
     """
 
     fused_axis = 1

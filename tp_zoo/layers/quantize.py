@@ -13,10 +13,6 @@ values and scales are the same at every tp. The layer computes x @ int8
 values in float32 (`int8_product`), times the scale (after the all-reduce
 of a row-parallel layer: the scale is per output channel, the same on
 every device), plus the bias.
-
-Files saved before the values were stored output-major (.keras files,
-presets, training checkpoints without `OUTPUT_MAJOR_MARK`) hold them in the
-kernel's order: they are transposed as they load.
 """
 
 import functools
@@ -30,11 +26,6 @@ from tp_zoo.layers import int8_matmul_kernel
 from tp_zoo.layers.precision import product_precision
 
 SUPPORTED_MODES = ("int8",)
-
-# Saved with int8 values (in a layer's saved weights, in a training
-# checkpoint's manifest) to say they are output-major; older files, without
-# it, hold them in the kernel's order.
-OUTPUT_MAJOR_MARK = "int8_values_output_major"
 
 
 def check_mode(mode, what="quantize"):
