@@ -293,11 +293,10 @@ class _ParallelLinear(ShardedLayer):
         """The local kernel in float32, in the kernel's order (a quantized
         one dequantized), LoRA update (lora_alpha / rank) A @ B added."""
         n_in = len(self.in_trailing)
-        kernel = weights[0].astype(jnp.float32)
         if self.quantized:
             kernel = q8.to_kernel_order(q8.dequantize(weights[0], weights[2 if self.use_bias else 1]), n_in)
-        if not self.lora_enabled:
-            return kernel
+        else:
+            kernel = weights[0].astype(jnp.float32)
         scale = self.lora_alpha / self.lora_rank
         updates = [
             scale * jnp.tensordot(a, b, axes=1, precision=jax.lax.Precision.HIGHEST) for a, b in self._lora_pairs(weights)
