@@ -45,8 +45,8 @@ from bench_common import stream_call  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tp_zoo.layers import attention_ops  # noqa: E402
-from tp_zoo.layers import decode_kernel  # noqa: E402
-from tp_zoo.layers import int8_matmul_kernel  # noqa: E402
+from tp_zoo.kernels import decode_attention as decode_kernel  # noqa: E402
+from tp_zoo.kernels import int8_matmul as int8_matmul_kernel  # noqa: E402
 
 # (batch, prompt, new tokens, also run KerasHub)
 PER_TOKEN = [

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tp_zoo.layers import attention_ops
-from tp_zoo.layers import decode_kernel
+from tp_zoo.kernels import decode_attention as decode_kernel
 
 CASES = [(1, 4160, 4608), (16, 1088, 1152), (16, 4160, 4608), (1, 32800, 36864)]  # batch, length, buffer
 

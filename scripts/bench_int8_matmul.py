@@ -27,7 +27,7 @@ from bench_common import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tp_zoo.layers import int8_matmul_kernel as kernel  # noqa: E402
+from tp_zoo.kernels import int8_matmul as kernel  # noqa: E402
 from tp_zoo.layers import quantize as q8  # noqa: E402
 
 # (K, N) of one Llama-3-8B layer's products: q/k/v fused, o, gate/up fused, down.

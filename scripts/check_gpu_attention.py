@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 from tp_zoo.layers import ParallelAttention  # noqa: E402
 from tp_zoo.layers import RotaryEmbedding  # noqa: E402
 from tp_zoo.layers import attention_ops  # noqa: E402
-from tp_zoo.layers import decode_kernel  # noqa: E402
+from tp_zoo.kernels import decode_attention as decode_kernel  # noqa: E402
 
 
 def report(what, got, want, tolerance=2e-2):

@@ -20,7 +20,7 @@ from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tp_zoo import layers
 from tp_zoo.layers import attention_ops
-from tp_zoo.layers import decode_kernel
+from tp_zoo.kernels import decode_attention as decode_kernel
 
 
 def _qkv(batch, seq, heads, kv_heads, head_dim, seed=0):

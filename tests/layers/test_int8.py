@@ -17,7 +17,7 @@ from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
-from tp_zoo.layers import int8_matmul_kernel
+from tp_zoo.kernels import int8_matmul as int8_matmul_kernel
 from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import weight_views
 

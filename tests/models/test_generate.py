@@ -302,8 +302,8 @@ def _force_gpu_kernels(monkeypatch, interpret):
     product on the CPU too, sized for the tiny model (blocks of 8 keys,
     16 x 16 int8 blocks); with `interpret`, run by Pallas' interpreter.
     Returns the count of calls of each."""
-    from tp_zoo.layers import decode_kernel
-    from tp_zoo.layers import int8_matmul_kernel
+    from tp_zoo.kernels import decode_attention as decode_kernel
+    from tp_zoo.kernels import int8_matmul as int8_matmul_kernel
 
     calls = {"decode step": 0, "int8 product": 0}
 

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from tp_zoo import parallel
-from tp_zoo.layers import decode_kernel
+from tp_zoo.kernels import decode_attention as decode_kernel
 from tp_zoo.layers.precision import product_precision
 
 _MASKED = -1e30

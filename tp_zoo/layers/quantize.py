@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tp_zoo.layers import int8_matmul_kernel
+from tp_zoo.kernels import int8_matmul as int8_matmul_kernel
 from tp_zoo.layers.precision import product_precision
 
 SUPPORTED_MODES = ("int8",)

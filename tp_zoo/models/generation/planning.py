@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from tp_zoo.layers import decode_kernel
+from tp_zoo.kernels import decode_attention as decode_kernel
 from tp_zoo.models.generation.inputs import Prompts
 from tp_zoo.models.generation.inputs import parse_prompts
 
