@@ -2,22 +2,19 @@
 
     python conversion/padding_table.py
 
-For every preset of presets/presets.json and tp = 1..8, makes the preset's
+For every preset of tp_zoo/presets/presets.json and tp = 1..8, makes the preset's
 attention and MLP layers (and OPT-350m's gathered projections) inside a tp
 mesh, so the answer is the layers' own padding rule (nothing is built or
 downloaded), and prints the query heads (/ kv heads) and MLP width each tp
 pads to ("-" where nothing is padded, "refused" where a layer refuses).
 
 The sizes are copied from each checkpoint's Hugging Face config.json (this
-script runs offline).
+script runs offline); SIZES names exactly the presets (`check_sizes`, run
+here and by tests/models/test_family_registry.py).
 """
 
-import json
 import os
 import warnings
-
-os.environ.setdefault("KERAS_BACKEND", "jax")
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 # preset -> (hidden size, query heads, kv heads, MLP width, OPT's word_embed_proj_dim if it differs)
 SIZES = {
@@ -80,13 +77,21 @@ def padding_at(sizes, tp):
     return ", ".join(padded) or "-"
 
 
-def main():
-    from tp_zoo.checkpoint.layout import presets_dir
+def check_sizes(presets):
+    """Refuses SIZES that lack a preset of `presets` or name one it lacks."""
+    missing, unknown = sorted(set(presets) - set(SIZES)), sorted(set(SIZES) - set(presets))
+    if missing or unknown:
+        raise ValueError(f"SIZES does not match the presets: none for {missing}, some for unknown presets {unknown}.")
 
-    presets = json.loads((presets_dir() / "presets.json").read_text())
-    missing = sorted(set(presets) - set(SIZES))
-    if missing:
-        raise SystemExit(f"No sizes for presets {missing}: add them to SIZES.")
+
+def main():
+    # Before tp_zoo (and so jax) is imported: 8 simulated CPU devices.
+    os.environ.setdefault("KERAS_BACKEND", "jax")
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    from tp_zoo.checkpoint.source import presets as read_presets
+
+    presets = read_presets()
+    check_sizes(presets)
     header = ["preset", "heads/kv", "ffn"] + [f"tp={t}" for t in range(1, 9)] + ["loads at"]
     rows = []
     for name in presets:

@@ -37,9 +37,6 @@ SHAPES = {
     # For a CPU smoke run: proves the scripts work, nothing more.
     "tiny": dict(vocab_size=1024, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
                  num_attention_heads=8, num_key_value_heads=4),
-    # Small enough for a CPU, wide enough for real GPU kernels (check_gpu_parity.py's default).
-    "llama_small": dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
-                        num_attention_heads=16, num_key_value_heads=4),
     "llama3_1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "llama3_8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

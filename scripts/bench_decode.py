@@ -44,9 +44,8 @@ from bench_common import stream_call  # noqa: E402
 
 import numpy as np  # noqa: E402
 
+from tp_zoo import kernels  # noqa: E402
 from tp_zoo.layers import attention_ops  # noqa: E402
-from tp_zoo.kernels import decode_attention as decode_kernel  # noqa: E402
-from tp_zoo.kernels import int8_matmul as int8_matmul_kernel  # noqa: E402
 
 # (batch, prompt, new tokens, also run KerasHub)
 PER_TOKEN = [
@@ -65,6 +64,19 @@ WHOLE_CALL = [
 TINY_SCALE = 16  # --shape tiny: contexts / 16, so a CPU smoke run is quick
 
 
+def kernel_configs(args):
+    """The kernels' configurations the options ask for; the int8 kernel's
+    settings are `Int8MatmulConfig` fields (as bench_int8_matmul.py
+    --best-out writes them)."""
+    default = kernels.Int8MatmulConfig()
+    settings = dict(setting.split("=") for setting in args.int8_kernel_settings)
+    settings = {key: type(getattr(default, key))(value) for key, value in settings.items()}
+    return kernels.KernelConfigs(
+        decode_attention=kernels.DecodeAttentionConfig(enabled=not args.no_decode_kernel),
+        int8_matmul=kernels.Int8MatmulConfig(**{**settings, "enabled": not args.no_int8_kernel}),
+    )
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
@@ -78,14 +90,33 @@ def main():
     parser.add_argument("--no-decode-kernel", action="store_true", help="XLA decode attention on GPUs too")
     parser.add_argument("--no-int8-kernel", action="store_true", help="XLA's int8 products on GPUs too")
     parser.add_argument("--int8-kernel-settings", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="the int8 kernel's settings (as bench_int8_matmul.py --best-out writes them)")
+                        help="Int8MatmulConfig fields, such as block_n=128 (as bench_int8_matmul.py --best-out "
+                             "writes them)")
     parser.add_argument("--stream", action="store_true", help="also tp_zoo's streamed generation, per-token rows")
     args = parser.parse_args()
-    decode_kernel.ENABLED = not args.no_decode_kernel
-    int8_matmul_kernel.ENABLED = not args.no_int8_kernel
-    for setting in args.int8_kernel_settings:
-        key, value = setting.split("=")
-        setattr(int8_matmul_kernel, key, type(getattr(int8_matmul_kernel, key))(value))
+    configs = kernel_configs(args)
+    with kernels.configured(configs):
+        per_token, whole, measured_bw = measure(args)
+    on = lambda flag: "on" if flag else "off"
+    where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(configs.decode_attention.enabled)}"
+             + (f", int8 kernel {on(configs.int8_matmul.enabled)} {' '.join(args.int8_kernel_settings)}"
+                if args.quantize else ""))
+    print()
+    print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
+                 f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))
+    if per_token:
+        print(f"{'model':<28}{'tp':>4}{'batch':>7}{'prompt':>8}{'new':>6}{'ms/token':>11}{'floor':>9}{'ratio':>8}")
+        for name, tp, batch, prompt, new, ms, floor in per_token:
+            print(f"{name:<28}{tp:>4}{batch:>7}{prompt:>8}{new:>6}{ms:>11.3f}{floor:>9.3f}{ms / floor:>8.2f}")
+    if whole:
+        print(f"{'model':<24}{'tp':>4}  {'case':<26}{'seconds':>10}{'prompt tokens/s':>17}")
+        for name, tp, case, seconds, rate in whole:
+            print(f"{name:<24}{tp:>4}  {case:<26}{seconds:>10.3f}{rate:>17,.0f}")
+
+
+def measure(args):
+    """(per-token rows, whole-call rows, measured copy bandwidth), each row
+    printed as it is measured."""
     config = hf_config(args.shape)
     config["max_position_embeddings"] = 40960
     scale = TINY_SCALE if args.shape == "tiny" else 1
@@ -120,22 +151,7 @@ def main():
                 seconds = best_time(generate_call(lm, lengths, new), args.repeats)
                 whole.append((name, tp, case, seconds, sum(lengths) / seconds))
                 print(f"{name} tp={tp} {case}: {seconds:.3f} s", flush=True)
-
-    on = lambda flag: "on" if flag else "off"
-    where = (f"shape {args.shape}, {args.dtype}, greedy, decode kernel {on(decode_kernel.ENABLED)}"
-             + (f", int8 kernel {on(int8_matmul_kernel.ENABLED)} {' '.join(args.int8_kernel_settings)}"
-                if args.quantize else ""))
-    print()
-    print(header(f"generation, {where}; copy bandwidth {measured_bw / 1e12:.2f} TB/s, "
-                 f"floor at {args.bandwidth / 1e12:.2f} TB/s; cuDNN prefill {attention_ops.FUSED_ATTENTION}"))
-    if per_token:
-        print(f"{'model':<28}{'tp':>4}{'batch':>7}{'prompt':>8}{'new':>6}{'ms/token':>11}{'floor':>9}{'ratio':>8}")
-        for name, tp, batch, prompt, new, ms, floor in per_token:
-            print(f"{name:<28}{tp:>4}{batch:>7}{prompt:>8}{new:>6}{ms:>11.3f}{floor:>9.3f}{ms / floor:>8.2f}")
-    if whole:
-        print(f"{'model':<24}{'tp':>4}  {'case':<26}{'seconds':>10}{'prompt tokens/s':>17}")
-        for name, tp, case, seconds, rate in whole:
-            print(f"{name:<24}{tp:>4}  {case:<26}{seconds:>10.3f}{rate:>17,.0f}")
+    return per_token, whole, measured_bw
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tp_zoo import kernels
 from tp_zoo.layers import attention_ops
-from tp_zoo.kernels import decode_attention as decode_kernel
 
 CASES = [(1, 4160, 4608), (16, 1088, 1152), (16, 4160, 4608), (1, 32800, 36864)]  # batch, length, buffer
 
@@ -62,10 +62,10 @@ def main():
             ("pallas", block, target, warps) for block, target, warps in itertools.product((64, 128), (132, 264, 528), (4, 8))
         ]
         for name, block, target, warps in variants:
-            decode_kernel.ENABLED = name == "pallas"
-            if block:
-                decode_kernel.BLOCK, decode_kernel._TARGET_PROGRAMS, decode_kernel._NUM_WARPS = block, target, warps
-            seconds = seconds_per_call(q, k_new, v_new, k, v, positions)
+            config = (kernels.DecodeAttentionConfig(block=block, target_programs=target, num_warps=warps) if block
+                      else kernels.DecodeAttentionConfig(enabled=False))
+            with kernels.configured(kernels.KernelConfigs(decode_attention=config)):
+                seconds = seconds_per_call(q, k_new, v_new, k, v, positions)
             rows.append((batch, length, name, block, target, warps, seconds * 1e6, read / seconds / 1e9))
             print(rows[-1], flush=True)
     print(f"\ndecode attention and cache write alone; {jax.devices()[0].device_kind}; jax {jax.__version__}")

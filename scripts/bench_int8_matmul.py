@@ -9,8 +9,9 @@ same shapes, and beside the Pallas kernel on those bf16 kernels.
 Each figure is the GPU kernel time (from a profiler trace, so host
 dispatch does not count) of one compiled program running all the products
 of --layers layers (no L2 reuse: every layer has its own kernels), the
-mean of 3 calls. `--best-out` writes the fastest setting, which `bench_decode.py
---int8-kernel-settings` takes. The table comes last.
+mean of 3 calls. `--best-out` writes the fastest setting (`Int8MatmulConfig`
+fields), which `bench_decode.py --int8-kernel-settings` takes. The table
+comes last.
 """
 
 import argparse
@@ -27,8 +28,9 @@ from bench_common import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from tp_zoo.kernels import int8_matmul as kernel  # noqa: E402
-from tp_zoo.layers import quantize as q8  # noqa: E402
+from tp_zoo import kernels  # noqa: E402
+from tp_zoo.kernels import int8_matmul  # noqa: E402
+from tp_zoo.layers.quantize import int8 as q8  # noqa: E402
 
 # (K, N) of one Llama-3-8B layer's products: q/k/v fused, o, gate/up fused, down.
 LAYER = [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)]
@@ -38,9 +40,9 @@ def grid(**choices):
     return [dict(zip(choices, values)) for values in itertools.product(*choices.values())]
 
 
-# Kernel settings to try.
-SWEEP = grid(BLOCK_N=(32, 64, 128), BLOCK_K=(128, 256, 512), TARGET_PROGRAMS=(132, 264),
-             NUM_WARPS=(4, 8), NUM_STAGES=(3, 5))
+# Kernel settings to try: Int8MatmulConfig fields.
+SWEEP = grid(block_n=(32, 64, 128), block_k=(128, 256, 512), target_programs=(132, 264),
+             num_warps=(4, 8), num_stages=(3, 5))
 
 
 def time_of(f, *args):
@@ -69,7 +71,7 @@ def main():
     n_bytes = sum(w.size for w in int8)
     floor = n_bytes / args.bandwidth
     knobs = sorted({k for s in SWEEP for k in s})
-    shipped = {attr: getattr(kernel, attr) for attr in knobs}
+    shipped = {field: getattr(kernels.Int8MatmulConfig(), field) for field in knobs}
     xla = []  # (rows, name, seconds, floor)
     pallas = {}  # (rows, setting as a tuple) -> seconds
     check_x = jnp.asarray(rs.standard_normal((16, 4096)), jnp.bfloat16)
@@ -87,22 +89,18 @@ def main():
             print(f"rows {rows} {name}: {t * 1e6:.1f} us ({t / fl:.2f}x its floor)", flush=True)
         for setting in SWEEP + [{"weights": "bf16"}]:
             weights = [w.T for w in bf16] if setting.get("weights") else int8
-            for attr, value in {**shipped, **setting}.items():
-                if attr == "weights":
-                    continue
-                setattr(kernel, attr, value)
+            config = kernels.Int8MatmulConfig(**{k: v for k, v in setting.items() if k != "weights"})
             try:
-                got = kernel.int8_matmul(check_x[:rows], weights[2])
-                err = float(jnp.max(jnp.abs(got - want[:rows])) / jnp.max(jnp.abs(want[:rows])))
-                assert err < 1e-5, f"wrong products: max |diff| / max |y| = {err:.2e}"
-                t = time_of(all_products(kernel.int8_matmul, 1), x, weights)
+                with kernels.configured(kernels.KernelConfigs(int8_matmul=config)):
+                    got = int8_matmul.int8_matmul(check_x[:rows], weights[2])
+                    err = float(jnp.max(jnp.abs(got - want[:rows])) / jnp.max(jnp.abs(want[:rows])))
+                    assert err < 1e-5, f"wrong products: max |diff| / max |y| = {err:.2e}"
+                    t = time_of(all_products(int8_matmul.int8_matmul, 1), x, weights)
             except Exception as e:  # a setting Triton cannot lower: report and go on
                 print(f"rows {rows} {setting}: failed ({type(e).__name__}: {str(e)[:300]})", flush=True)
                 continue
             pallas[rows, tuple(setting.items())] = t
             print(f"rows {rows} Pallas {setting}: {t * 1e6:.1f} us ({t / floor:.2f}x)", flush=True)
-    for attr, value in shipped.items():
-        setattr(kernel, attr, value)
     assert q8.int8_product(check_x, int8[2].T, 1).shape == (16, 28672)
     both = {s for (_, s) in pallas if (1, s) in pallas and (16, s) in pallas and "weights" not in dict(s)}
     best = min(both, key=lambda s: pallas[1, s] + pallas[16, s]) if both else None
@@ -120,7 +118,7 @@ def main():
                 print(f"{rows:>5}  {name:<80}{t * 1e6:>9.1f}{fl * 1e6:>9.1f}{t / fl:>7.2f}")
         mine = sorted(((t, s) for (r, s), t in pallas.items() if r == rows))
         for t, s in mine[:10] + [m for m in mine if "weights" in dict(m[1])]:
-            name = "Pallas " + " ".join(f"{k.lower()}={v}" for k, v in s)
+            name = "Pallas " + " ".join(f"{k}={v}" for k, v in s)
             fl = floor * (2 if "weights" in dict(s) else 1)
             print(f"{rows:>5}  {name:<80}{t * 1e6:>9.1f}{fl * 1e6:>9.1f}{t / fl:>7.2f}")
 

@@ -5,6 +5,8 @@ import os
 import sys
 from pathlib import Path
 
+from tp_zoo.quiet_start import import_keras_hub_quietly
+
 
 def _simulate_cpu_devices(count=8):
     # Only affects the CPU platform: where JAX finds GPUs, they are the
@@ -180,11 +182,35 @@ def _add_generation_arguments(parser):
     parser.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8, quantized while loading")
 
 
-def main(argv=None):
-    _simulate_cpu_devices()
-    # Only tp_zoo's output: XLA's C++ logging reads this when jax starts its
-    # backends (TensorFlow's start-up lines are dropped in tp_zoo/__init__.py).
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def _add_finetune_command(commands):
+    ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
+    ft.add_argument("preset", metavar="PRESET_OR_DIR")
+    ft.add_argument("--tp", type=int, default=1)
+    ft.add_argument("--dp", type=int, default=1)
+    ft.add_argument("--data", required=True,
+                    help=".txt (one document) or .jsonl, a line each: {'text': ...}, {'messages': [...]} (only the "
+                         "assistant's replies trained) or {'prompt': ..., 'completion': ...} (only the completion)")
+    ft.add_argument("--lora-rank", type=int, default=None)
+    ft.add_argument("--steps", type=int, default=100)
+    ft.add_argument("--batch-size", type=int, default=8)
+    ft.add_argument("--seq-len", type=int, default=128)
+    ft.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                    help="join examples into full rows, or pad one per row (default: pack plain text, pad the rest)")
+    ft.add_argument("--stride", type=int, default=None,
+                    help="packed rows start every N tokens (default: seq-len)")
+    ft.add_argument("--chat-template", default=None, metavar="FILE",
+                    help="a Jinja chat template for 'messages' data in place of the checkpoint's")
+    ft.add_argument("--lr", type=float, default=1e-4)
+    ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
+    ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")
+    ft.add_argument("--dtype", default=None)
+    ft.add_argument("--remat", choices=["auto", "none", "products", "layers"], default="auto",
+                    help="what each block keeps for the backward pass (auto: the least recompute that fits in memory)")
+    ft.add_argument("--quantize", choices=["int8"], default=None, help="int8 frozen base (train LoRA adapters)")
+    ft.set_defaults(run=_finetune)
+
+
+def _parser():
     parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     demo = commands.add_parser("demo", help="offline demo on a small sharded model, over the GPUs if any")
@@ -211,32 +237,17 @@ def main(argv=None):
                       help="a Jinja chat template in place of the checkpoint's")
     _add_generation_arguments(chat)
     chat.set_defaults(run=_chat)
-    ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
-    ft.add_argument("preset", metavar="PRESET_OR_DIR")
-    ft.add_argument("--tp", type=int, default=1)
-    ft.add_argument("--dp", type=int, default=1)
-    ft.add_argument("--data", required=True,
-                    help=".txt (one document) or .jsonl, a line each: {'text': ...}, {'messages': [...]} (only the "
-                         "assistant's replies trained) or {'prompt': ..., 'completion': ...} (only the completion)")
-    ft.add_argument("--lora-rank", type=int, default=None)
-    ft.add_argument("--steps", type=int, default=100)
-    ft.add_argument("--batch-size", type=int, default=8)
-    ft.add_argument("--seq-len", type=int, default=128)
-    ft.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
-                    help="join examples into full rows, or pad one per row (default: pack plain text, pad the rest)")
-    ft.add_argument("--stride", type=int, default=None,
-                    help="packed rows start every N tokens (default: seq-len)")
-    ft.add_argument("--chat-template", default=None, metavar="FILE",
-                    help="a Jinja chat template for 'messages' data in place of the checkpoint's")
-    ft.add_argument("--lr", type=float, default=1e-4)
-    ft.add_argument("--save-every", type=int, default=None, help="checkpoint every N steps (needs --out)")
-    ft.add_argument("--out", default=None, help="folder for checkpoints (resumed from) and the final model")
-    ft.add_argument("--dtype", default=None)
-    ft.add_argument("--remat", choices=["auto", "none", "products", "layers"], default="auto",
-                    help="what each block keeps for the backward pass (auto: the least recompute that fits in memory)")
-    ft.add_argument("--quantize", choices=["int8"], default=None, help="int8 frozen base (train LoRA adapters)")
-    ft.set_defaults(run=_finetune)
-    args = parser.parse_args(argv)
+    _add_finetune_command(commands)
+    return parser
+
+
+def main(argv=None):
+    _simulate_cpu_devices()
+    # Only tp_zoo's output: XLA's C++ logging reads this when jax starts its
+    # backends, and TensorFlow's start-up lines are dropped as it is imported.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import_keras_hub_quietly()
+    args = _parser().parse_args(argv)
     try:
         args.run(args)
     except ValueError as error:

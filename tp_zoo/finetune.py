@@ -169,6 +169,38 @@ def batch_for_step(step, count, batch_size, seed=0):
     return order[offset * batch_size : (offset + 1) * batch_size]
 
 
+def _mesh_change(saved, now):
+    """The mesh a run resumes on, and the one it was saved on if another."""
+    at = " ".join(f"{name}={size}" for name, size in now.items())
+    if saved in (None, now):
+        return at
+    return f"{at} (saved at {' '.join(f'{name}={size}' for name, size in saved.items())})"
+
+
+def _train_steps(causal_lm, x, y, steps, batch_size, seed, out, save_every, progress):
+    """Runs the training steps `steps` (a range) on the rows (x, y), saving
+    checkpoints to out/checkpoints as `finetune` says; returns the losses."""
+    dp, rows, seq_len = causal_lm.data_parallel_degree, len(y), y.shape[1]
+    columns = [TextColumn("[bold]fine-tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("loss {task.fields[loss]} | {task.fields[speed]} tokens/s")]
+    losses = []
+    with Progress(*columns, disable=not progress) as bar:
+        task = bar.add_task("steps", total=steps.stop, completed=steps.start, loss="-", speed="-")
+        began = time.perf_counter()
+        for step in steps:
+            picked = batch_for_step(step, rows, batch_size, seed)
+            if dp > 1 and jax.process_count() > 1:
+                # Processes along the "batch" axis each feed their own share.
+                picked = np.array_split(picked, jax.process_count())[jax.process_index()]
+            batch = {name: value[picked] for name, value in x.items()}
+            losses.append(float(causal_lm.train_on_batch(batch, y[picked])))
+            speed = (step + 1 - steps.start) * batch_size * seq_len / (time.perf_counter() - began)
+            bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", speed=f"{speed:,.0f}")
+            if out is not None and (step + 1 == steps.stop or (save_every and (step + 1) % save_every == 0)):
+                save_training_state(causal_lm, out / "checkpoints", step + 1)
+    return losses
+
+
 def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None,
              save_every=None, out=None, seed=0, stride=None, packing=None, chat_template=None, remat="auto",
              progress=True):
@@ -212,28 +244,9 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     start = 0
     if latest is not None:
         start = restore_training_state(causal_lm, latest)
-        saved, now = read_manifest(latest).get("mesh"), mesh_sizes(causal_lm)
-        at = f"tp={now['tp']} dp={now['dp']}" + (f" (saved at tp={saved['tp']} dp={saved['dp']})"
-                                                  if saved not in (None, now) else "")
-        _say(f"resuming from {latest}: step {start} of {steps}, {describe_lora(lora_rank)}, {at}.")
-    losses = []
-    columns = [TextColumn("[bold]fine-tuning"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("loss {task.fields[loss]} | {task.fields[speed]} tokens/s")]
-    with Progress(*columns, disable=not progress) as bar:
-        task = bar.add_task("steps", total=steps, completed=start, loss="-", speed="-")
-        began = time.perf_counter()
-        for step in range(start, steps):
-            picked = batch_for_step(step, rows, batch_size, seed)
-            if dp > 1 and jax.process_count() > 1:
-                # Processes along the "batch" axis each feed their own share.
-                picked = np.array_split(picked, jax.process_count())[jax.process_index()]
-            batch = {name: value[picked] for name, value in x.items()}
-            losses.append(float(causal_lm.train_on_batch(batch, y[picked])))
-            ran = step + 1 - start
-            speed = ran * batch_size * seq_len / (time.perf_counter() - began)
-            bar.update(task, completed=step + 1, loss=f"{losses[-1]:.3f}", speed=f"{speed:,.0f}")
-            if out is not None and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
-                save_training_state(causal_lm, out / "checkpoints", step + 1)
+        _say(f"resuming from {latest}: step {start} of {steps}, {describe_lora(lora_rank)}, "
+             f"{_mesh_change(read_manifest(latest).get('mesh'), mesh_sizes(causal_lm))}.")
+    losses = _train_steps(causal_lm, x, y, range(start, steps), batch_size, seed, out, save_every, progress)
     if out is not None:
         if lora_rank is not None:
             save_peft_adapter(causal_lm, out / "adapter")

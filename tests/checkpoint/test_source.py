@@ -65,7 +65,7 @@ def test_instruct_presets_are_listed_as_llama_style():
     known = source.presets()
     assert names <= set(known)
     assert all(known[n]["hf"].endswith("Instruct") or known[n]["hf"].endswith("Instruct-v0.3") for n in names)
-    assert all(known[n]["family"] == known[n]["layout"] == "llama" for n in names)
+    assert all(known[n]["family"] == "llama" for n in names)
 
 
 # --- a new user's first errors: one line each, naming the repo or file and the fix ---

@@ -2,14 +2,12 @@
 
 Blockwise prefill and the XLA decode step must give what the whole score
 matrix gives, for GQA, ragged rows, windows and lengths that are not whole
-blocks; the Pallas GPU decode kernel, run by Pallas' interpreter on the CPU,
-must write the caches exactly as the XLA decode step does and give its
+blocks; the Pallas GPU decode kernel, forced by its configuration onto the
+CPU (where Pallas' interpreter runs it), must write the caches exactly as the XLA decode step does and give its
 output (exactly, where its softmax is one-hot); and the prefill/decode modes
 of `ParallelAttention` at tp 2 and 4 must give what its plain call gives on
 one device.
 """
-
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +16,10 @@ import pytest
 
 from tests.helpers import assert_close
 from tests.helpers import mesh_scope
+from tp_zoo import kernels
 from tp_zoo import layers
+from tp_zoo.kernels import decode_attention
 from tp_zoo.layers import attention_ops
-from tp_zoo.kernels import decode_attention as decode_kernel
 
 
 def _qkv(batch, seq, heads, kv_heads, head_dim, seed=0):
@@ -79,13 +78,20 @@ def _decode_step(window, *args):
     return jax.jit(lambda *a: attention_ops.decode_step(*a, window))(*args)
 
 
-def _kernel_decode_step(monkeypatch, window, *args, target_programs=decode_kernel._TARGET_PROGRAMS):
-    """attention_ops.decode_step through the Pallas kernel, run by Pallas'
-    interpreter, with about `target_programs` programs (which sets the splits)."""
-    monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: True)
-    monkeypatch.setattr(decode_kernel, "decode_step", functools.partial(decode_kernel.decode_step, interpret=True))
-    monkeypatch.setattr(decode_kernel, "_TARGET_PROGRAMS", target_programs)
-    return _decode_step(window, *args)
+def _forced_kernel(target_programs=kernels.DecodeAttentionConfig.target_programs):
+    """A block in which the decode step takes the Pallas kernel, run by
+    Pallas' interpreter on the CPU, with about `target_programs` programs
+    (which sets the splits)."""
+    config = kernels.DecodeAttentionConfig(forced=True, interpret=True, target_programs=target_programs)
+    return kernels.configured(kernels.KernelConfigs(decode_attention=config))
+
+
+def _kernel_decode_step(window, *args, target_programs=kernels.DecodeAttentionConfig.target_programs):
+    """attention_ops.decode_step through the Pallas kernel (`_forced_kernel`)."""
+    q, _, _, k_cache = args[:4]
+    with _forced_kernel(target_programs):
+        assert decode_attention.applies(q, k_cache)
+        return _decode_step(window, *args)
 
 
 @pytest.mark.parametrize("window", [None, 50])
@@ -108,7 +114,7 @@ def test_decode_step_matches_dense(window, kv_heads):
     [(8, 2, window, target) for window in (None, 50, 64) for target in (1, 24, 264)]
     + [(12, 2, 50, 24), (32, 1, 50, 24)],
 )
-def test_decode_kernel_matches_xla(monkeypatch, heads, kv_heads, window, target_programs):
+def test_decode_kernel_matches_xla(heads, kv_heads, window, target_programs):
     """The Pallas kernel's own logic (the new key and value written into the
     caches and used at their position, splits, blocks outside a row's window
     skipped, query groups of 4, 6 (padded to 8 before the kernel) and 32
@@ -118,7 +124,7 @@ def test_decode_kernel_matches_xla(monkeypatch, heads, kv_heads, window, target_
     order)."""
     args = _decode_inputs(heads, kv_heads)
     out, k_cache, v_cache = _decode_step(window, *args)
-    got, k_got, v_got = _kernel_decode_step(monkeypatch, window, *args, target_programs=target_programs)
+    got, k_got, v_got = _kernel_decode_step(window, *args, target_programs=target_programs)
     np.testing.assert_array_equal(k_got, k_cache)
     np.testing.assert_array_equal(v_got, v_cache)
     assert_close(out, got, f"Pallas decode window={window} programs={target_programs} heads={heads}/{kv_heads}")
@@ -126,7 +132,7 @@ def test_decode_kernel_matches_xla(monkeypatch, heads, kv_heads, window, target_
 
 @pytest.mark.parametrize("dtype,window", [(jnp.float32, None), (jnp.float32, 50), (jnp.float32, 64), (jnp.bfloat16, 64)])
 @pytest.mark.parametrize("dominant", ["new", "oldest visible"])
-def test_decode_kernel_equals_xla_exactly(monkeypatch, dtype, window, dominant):
+def test_decode_kernel_equals_xla_exactly(dtype, window, dominant):
     """Integer inputs where one visible key's score exceeds every other's by
     hundreds (softmax exactly one-hot), and keys with still larger scores at
     the positions each row must not use: its cache row at the new position
@@ -159,14 +165,26 @@ def test_decode_kernel_equals_xla_exactly(monkeypatch, dtype, window, dominant):
     xla = _decode_step(window, *args)
     np.testing.assert_array_equal(np.asarray(xla[0], np.float32), expected)
     for target_programs in (24, 264):
-        got = _kernel_decode_step(monkeypatch, window, *args, target_programs=target_programs)
+        got = _kernel_decode_step(window, *args, target_programs=target_programs)
         for path, kernel in zip(xla, got):
             np.testing.assert_array_equal(np.asarray(kernel, np.float32), np.asarray(path, np.float32))
 
 
 def test_decode_kernel_applies_only_on_gpu_to_16_bit_whole_blocks():
+    """Not on this CPU, unless forced by the configuration in force, and
+    then only to caches of its whole blocks (at any dtype and head size)."""
     q = jnp.zeros((1, 8, 128), jnp.bfloat16)
-    assert not decode_kernel.applies(q, jnp.zeros((1, 2, 256, 128), jnp.bfloat16))  # CPU here
+    assert not decode_attention.applies(q, jnp.zeros((1, 2, 256, 128), jnp.bfloat16))
+    forced = kernels.DecodeAttentionConfig(forced=True, block=32)
+    with kernels.configured(kernels.KernelConfigs(decode_attention=forced)):
+        assert decode_attention.cache_length_multiple() == 32
+        assert decode_attention.applies(q, jnp.zeros((1, 2, 96, 128), jnp.bfloat16))
+        assert decode_attention.applies(q[..., :8].astype(jnp.float32), jnp.zeros((1, 2, 96, 8), jnp.float32))
+        assert not decode_attention.applies(q, jnp.zeros((1, 2, 80, 128), jnp.bfloat16))
+    disabled = kernels.DecodeAttentionConfig(enabled=False, forced=True)
+    with kernels.configured(kernels.KernelConfigs(decode_attention=disabled)):
+        assert not decode_attention.applies(q, jnp.zeros((1, 2, 256, 128), jnp.bfloat16))
+    assert decode_attention.cache_length_multiple() == kernels.DecodeAttentionConfig.block
 
 
 @pytest.mark.parametrize("tp", [1, 2, 4])
@@ -192,17 +210,16 @@ def test_prefill_then_decode_match_plain_attention(tp):
 
 
 @pytest.mark.parametrize("window", [None, 50])
-def test_decode_kernel_reads_the_fused_qkv_product_as_the_separate_operands(monkeypatch, window):
+def test_decode_kernel_reads_the_fused_qkv_product_as_the_separate_operands(window):
     """decode_step_fused hands the kernel the fused q/k/v product whole (its
     queries, keys and values read in place by the kernel's block specs): the
     same outputs and caches, bitwise, as the kernel given them separately."""
     q, k_new, v_new, k, v, positions = _decode_inputs(heads=8, kv_heads=2)
     batch, kv = k_new.shape[:2]
     qkv = jnp.concatenate([k_new[:, :, None], v_new[:, :, None], q.reshape(batch, kv, 4, -1)], axis=2)
-    separate = _kernel_decode_step(monkeypatch, window, q, k_new, v_new, k, v, positions)
-    monkeypatch.setattr(
-        decode_kernel, "decode_step_fused", functools.partial(decode_kernel.decode_step_fused, interpret=True)
-    )
-    fused = jax.jit(lambda *a: attention_ops.decode_step_fused(*a, window))(qkv, k, v, positions)
+    separate = _kernel_decode_step(window, q, k_new, v_new, k, v, positions)
+    with _forced_kernel():
+        assert decode_attention.applies(qkv, k)
+        fused = jax.jit(lambda *a: attention_ops.decode_step_fused(*a, window))(qkv, k, v, positions)
     for got, want in zip(fused, separate):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -15,12 +15,13 @@ from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tests.helpers import padded_entries
 from tp_zoo import layers
-from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.attention import padded_heads
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import padded_value
 from tp_zoo.layers.base import round_up
 from tp_zoo.layers.base import weight_views
+from tp_zoo.layers.quantize import int8 as q8
+from tp_zoo.layers.storage import to_kernel_order
 
 M = tp_zoo.parallel.MODEL
 
@@ -134,7 +135,7 @@ def test_int8_qkv_parts_equal_separate_int8_projections_bitwise(num_heads, num_k
     views = _views(layer)  # each part as a separate int8 layer shows it: its values in the kernel's order
     for name, kernel in zip(("key", "value", "query"), weights):
         values, scale = q8.quantize_int8(kernel, 1)
-        np.testing.assert_array_equal(views[f"{name}/kernel"], q8.to_kernel_order(np.asarray(values), 1))
+        np.testing.assert_array_equal(views[f"{name}/kernel"], to_kernel_order(np.asarray(values), 1))
         np.testing.assert_array_equal(views[f"{name}/kernel_scale"], scale)
     assert_close(q_ref, np.take(np.asarray(q), layer.query_padding.positions(), axis=2), "int8 queries")
     assert_close(k_ref, np.asarray(k)[:, :, :num_kv_heads], "int8 keys")

@@ -17,9 +17,11 @@ from tests.helpers import assert_close
 from tests.helpers import mesh_scope
 from tests.models import checkpoints as ckpts
 from tp_zoo import layers
-from tp_zoo.kernels import int8_matmul as int8_matmul_kernel
-from tp_zoo.layers import quantize as q8
+from tp_zoo.kernels import int8_matmul
 from tp_zoo.layers.base import weight_views
+from tp_zoo.layers.quantize import int8 as q8
+from tp_zoo.layers.storage import to_kernel_order
+from tp_zoo.layers.storage import to_output_major
 
 M = tp_zoo.parallel.MODEL
 
@@ -42,13 +44,13 @@ def test_int8_matmul_kernel_exact_on_integer_operands(rows, k, n):
     rs = np.random.RandomState(rows)
     x = rs.randint(-8, 9, (rows, k)).astype("float32")
     values = rs.randint(-127, 128, (n, k)).astype("int8")  # output-major
-    got = np.asarray(int8_matmul_kernel.int8_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(values), interpret=True))
+    got = np.asarray(int8_matmul.int8_matmul(jnp.asarray(x, jnp.bfloat16), jnp.asarray(values), interpret=True))
     assert got.dtype == np.float32 and got.shape == (rows, n)
     np.testing.assert_array_equal(got, x.astype("int64") @ values.astype("int64").T)
 
 
 def test_int8_matmul_kernel_applies_only_on_gpu_to_few_rows_of_whole_blocks():
-    assert not int8_matmul_kernel.applies(jnp.zeros((1, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.int8))
+    assert not int8_matmul.applies(jnp.zeros((1, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.int8))
 
 
 @pytest.mark.parametrize("n_in", [1, 2])
@@ -58,7 +60,7 @@ def test_int8_product_of_output_major_values_is_x_times_the_kernel(n_in):
     rs = np.random.RandomState(3)
     kernel = rs.randint(-127, 128, (4, 6, 5)).astype("int8")  # in dims (4,) or (4, 6)
     x = rs.randint(-8, 9, (2, 3) + kernel.shape[:n_in]).astype("float32")
-    values = q8.to_output_major(kernel, n_in)
+    values = to_output_major(kernel, n_in)
     assert values.shape == kernel.shape[n_in:] + kernel.shape[:n_in]
     got = np.asarray(q8.int8_product(jnp.asarray(x), jnp.asarray(values), n_in))
     expected = np.tensordot(x.astype("int64"), kernel.astype("int64"), axes=n_in)
@@ -94,7 +96,7 @@ def test_layer_int8_values_and_scales_identical_at_every_tp(name):
             for var, layout in ((layer.kernel, values_layout), (layer.kernel_scale, layer.kernel_layout[n_in:])):
                 wanted = tp_zoo.parallel.sharding(layer.mesh_info, layout)
                 assert var.value.sharding.is_equivalent_to(wanted, len(layout)), (var.path, var.value.sharding)
-        values, scale = q8.to_kernel_order(layer.kernel.numpy(), n_in), layer.kernel_scale.numpy()
+        values, scale = to_kernel_order(layer.kernel.numpy(), n_in), layer.kernel_scale.numpy()
         assert np.abs(values.astype(int)).max() == 127
         y = np.asarray(layer(x))
         if ref is None:

@@ -1,8 +1,9 @@
 """bfloat16 fidelity: tp_zoo's bf16 logits are as close to float32 as transformers' own.
 
-For each family (OPT pre-LN, OPT post-LN with project_in/out, GPT-2, Llama
-GQA, Qwen2 with biases) a random checkpoint widened to hidden 256 and 4
-layers (so that bf16 error is well above noise) gives three sets of logits
+For each family case (`checkpoints.FAMILY_CASES`: OPT pre-LN, OPT post-LN
+with project_in/out, GPT-2, Llama GQA, Mistral's sliding window, Qwen2 with
+biases) a random checkpoint widened to hidden 256 and 4 layers (so that
+bf16 error is well above noise) gives three sets of logits
 on the shared right-padded batch: transformers in float32 (the reference),
 transformers in bfloat16 (`model.to(torch.bfloat16)`), and tp_zoo loaded
 with `from_preset(path, tp=2, dtype="bfloat16")`. The error is the mean
@@ -22,19 +23,6 @@ from tests.models import checkpoints as ckpts
 
 TOLERANCE = 1.05
 
-# CASES entry -> size overrides (hidden 256, 4 layers, vocab 512).
-FAMILIES = {
-    "opt_pre_ln": dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, word_embed_proj_dim=256,
-                       vocab_size=512),
-    "opt_post_ln_proj": dict(hidden_size=256, ffn_dim=1024, num_hidden_layers=4, word_embed_proj_dim=128,
-                             vocab_size=512),
-    "gpt2": dict(n_embd=256, n_layer=4, vocab_size=512),
-    "llama_gqa_llama3_rope": dict(hidden_size=256, head_dim=32, intermediate_size=512, num_hidden_layers=4,
-                                  vocab_size=512),
-    "qwen2_bias_untied": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=512),
-}
-
-
 @pytest.fixture(scope="module")
 def table():
     rows = {}
@@ -46,11 +34,11 @@ def table():
         print("\n\nbf16 mean |logit - float32 reference| (real positions):\n" + "\n".join(lines))
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(ckpts.FAMILY_CASES))
 def test_bf16_logits_as_close_as_transformers(name, tmp_path, table):
     import torch
 
-    model = ckpts.build_model(ckpts.CASES[name], **FAMILIES[name])
+    model = ckpts.build_model(ckpts.CASES[name], **ckpts.FAMILY_CASES[name])
     ids, mask = ckpts.batch(model.config.vocab_size)
     reference = ckpts.reference_logits(model, ids, mask)
     ckpts.save(model, tmp_path)

@@ -21,7 +21,7 @@ from tp_zoo.checkpoint.export import hf_tensors
 from tp_zoo.layers.base import paddings
 from tp_zoo.layers.base import real_part
 
-FAMILIES = ["opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "mistral_sliding_window", "qwen2_bias_untied"]
+FAMILIES = list(ckpts.FAMILY_CASES)
 MESHES = [(4, 1), (2, 2)]  # (tp, dp): tp=2 runs inside the dp=2 mesh
 STEPS = 3
 

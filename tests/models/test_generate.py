@@ -15,10 +15,13 @@ import torch
 
 import tp_zoo
 from tests.models import checkpoints as ckpts
+from tp_zoo import kernels
+from tp_zoo.kernels import decode_attention
+from tp_zoo.kernels import int8_matmul
 
 NEW_TOKENS = 32
 PROMPTS = ([5, 17, 42, 8, 23, 61, 9], [33, 2, 71], [12, 4, 90, 56, 3])
-FAMILIES = ["opt_pre_ln", "opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "mistral_sliding_window", "qwen2_bias_untied"]
+FAMILIES = list(ckpts.FAMILY_CASES)
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -297,33 +300,32 @@ def test_decode_step_updates_the_cache_in_place(llama_path):
     assert memory.temp_size_in_bytes < per_device / 2, (memory.temp_size_in_bytes, per_device)
 
 
-def _force_gpu_kernels(monkeypatch, interpret):
-    """Makes the decode step take the Pallas decode kernel and int8
-    product on the CPU too, sized for the tiny model (blocks of 8 keys,
-    16 x 16 int8 blocks); with `interpret`, run by Pallas' interpreter.
-    Returns the count of calls of each."""
-    from tp_zoo.kernels import decode_attention as decode_kernel
-    from tp_zoo.kernels import int8_matmul as int8_matmul_kernel
+def _forced_kernels(interpret):
+    """The Pallas decode kernel and int8 product forced onto the CPU too,
+    sized for the tiny model (blocks of 8 keys, 16 x 16 int8 blocks); with
+    `interpret`, run by Pallas' interpreter, else compiled for GPUs."""
+    return kernels.KernelConfigs(
+        decode_attention=kernels.DecodeAttentionConfig(forced=True, interpret=interpret, block=8),
+        int8_matmul=kernels.Int8MatmulConfig(forced=True, interpret=interpret, block_n=16, block_k=16),
+    )
 
+
+def _counted_kernel_calls(monkeypatch):
+    """Counts the calls of the decode kernel and int8 product (the trace's:
+    one per layer and program). Returns the counts."""
     calls = {"decode step": 0, "int8 product": 0}
 
     def counted(name, kernel):
         def run(*args):
             calls[name] += 1
-            return kernel(*args, interpret=interpret)
+            return kernel(*args)
         return run
 
-    monkeypatch.setattr(decode_kernel, "BLOCK", 8)
-    monkeypatch.setattr(decode_kernel, "applies", lambda q, k_cache: k_cache.shape[2] % 8 == 0)
-    monkeypatch.setattr(decode_kernel, "decode_step", counted("decode step", decode_kernel.decode_step))
-    monkeypatch.setattr(decode_kernel, "decode_step_fused", counted("decode step", decode_kernel.decode_step_fused))
-    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_K", 16)
-    monkeypatch.setattr(int8_matmul_kernel, "BLOCK_N", 16)
-    # The values are output-major, (N, K): whole blocks of outputs and of the reduction.
-    monkeypatch.setattr(int8_matmul_kernel, "applies", lambda x, values: (
-        values.shape[0] % int8_matmul_kernel.BLOCK_N == 0 and values.shape[1] % int8_matmul_kernel.BLOCK_K == 0
-    ))
-    monkeypatch.setattr(int8_matmul_kernel, "int8_matmul", counted("int8 product", int8_matmul_kernel.int8_matmul))
+    monkeypatch.setattr(decode_attention, "decode_step", counted("decode step", decode_attention.decode_step))
+    monkeypatch.setattr(
+        decode_attention, "decode_step_fused", counted("decode step", decode_attention.decode_step_fused)
+    )
+    monkeypatch.setattr(int8_matmul, "int8_matmul", counted("int8 product", int8_matmul.int8_matmul))
     return calls
 
 
@@ -343,14 +345,42 @@ def test_gpu_kernels_inside_the_sharded_decode_step(llama_path, monkeypatch, qua
         return np.asarray(lm.generate(inputs, stop_token_ids=None)["token_ids"])
 
     expected = greedy(1)
-    calls = _force_gpu_kernels(monkeypatch, interpret=True)
-    np.testing.assert_array_equal(greedy(2), expected)
+    calls = _counted_kernel_calls(monkeypatch)
+    with kernels.configured(_forced_kernels(interpret=True)):
+        np.testing.assert_array_equal(greedy(2), expected)
     assert calls["decode step"] > 0
     assert (calls["int8 product"] > 0) == (quantize == "int8")
 
 
+def test_cache_buckets_are_whole_blocks_of_the_decode_kernel_in_force():
+    """A width of 20 tokens: a cache of 64 positions with the default
+    64-key blocks, of 24 (8 sizes per octave) with 8-key blocks."""
+    from tp_zoo.models.generation import planning
+
+    assert planning.bucket(20) == 64
+    with kernels.configured(_forced_kernels(interpret=True)):
+        assert planning.bucket(20) == 24
+
+
+def test_generation_programs_are_keyed_by_the_kernel_configuration(llama_path, monkeypatch):
+    """The same model and shapes (64-key blocks either way): generate() in a
+    block that forces the decode kernel traces anew and takes it, rather
+    than reusing the program compiled without it; the same greedy ids."""
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
+    lm.compile(sampler="greedy")
+    calls = _counted_kernel_calls(monkeypatch)
+    inputs = _batch(64)
+    expected = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    assert calls["decode step"] == 0
+    forced = kernels.DecodeAttentionConfig(forced=True, interpret=True)
+    with kernels.configured(kernels.KernelConfigs(decode_attention=forced)):
+        got = lm.generate(inputs, stop_token_ids=None)["token_ids"]
+    assert calls["decode step"] == lm.backbone.num_layers
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
-def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch, quantize):
+def test_decode_step_lowers_for_gpus_at_tp2(llama_path, quantize):
     """The decode step at tp=2, its Pallas kernels compiled as on a GPU
     (Triton), lowers for CUDA: the kernels' results declare how they vary
     across the mesh, as shard_map asks. The decode kernel writes the new keys
@@ -360,16 +390,16 @@ def test_decode_step_lowers_for_gpus_at_tp2(llama_path, monkeypatch, quantize):
     dynamic-update-slices) and no padding."""
     from tp_zoo.models.generation import programs
 
-    _force_gpu_kernels(monkeypatch, interpret=False)
     lm = tp_zoo.from_preset(llama_path, tp=2, dtype="bfloat16", progress=False, quantize=quantize)
     caches = [block.attention.empty_cache(3, 64) for block in lm.backbone.transformer_layers]
     step = jax.jit(lambda tokens, positions, caches: programs.decode_step(lm, tokens, positions, caches))
-    lowered = step.trace(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches)
+    with kernels.configured(_forced_kernels(interpret=False)):
+        lowered = step.trace(np.array([1, 2, 3], "int32"), np.array([4, 9, 30], "int32"), caches)
     text = lowered.lower(lowering_platforms=("cuda",)).as_text()
     layers = lm.backbone.num_layers
-    kernels = [line for line in text.splitlines() if 'name = "tp_zoo_decode_attention"' in line]
-    assert len(kernels) == layers
-    assert all(line.count("stablehlo.output_operand_alias<") == 2 for line in kernels)
+    attention_calls = [line for line in text.splitlines() if 'name = "tp_zoo_decode_attention"' in line]
+    assert len(attention_calls) == layers
+    assert all(line.count("stablehlo.output_operand_alias<") == 2 for line in attention_calls)
     assert (text.count('name = "tp_zoo_int8_matmul"') > layers) == (quantize == "int8")
     # int8 values are stored as the kernel reads them: none is transposed per step.
     assert not [line for line in text.splitlines() if "stablehlo.transpose" in line and "xi8>" in line]

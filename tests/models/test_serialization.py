@@ -20,8 +20,7 @@ from tp_zoo import layers
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.mlp import gelu_tanh
 
-FAMILIES = ["opt_pre_ln", "opt_post_ln_proj", "gpt2", "llama_gqa_llama3_rope", "mistral_sliding_window",
-            "qwen2_bias_untied"]
+FAMILIES = list(ckpts.FAMILY_CASES)
 
 
 def _inputs(name):

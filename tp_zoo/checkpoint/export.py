@@ -17,7 +17,7 @@ import numpy as np
 from tp_zoo.checkpoint.layout import Layout
 from tp_zoo.checkpoint.tensor_files import write_safetensors
 from tp_zoo.layers.base import weight_views
-from tp_zoo.layers.quantize import dequantize
+from tp_zoo.layers.quantize import LocalWeights
 from tp_zoo.models import family_of
 
 _COPIED = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
@@ -29,6 +29,12 @@ def _to_tensor(entry, value):
     groups = entry.groups(value.ndim)
     value = value.reshape([int(np.prod([value.shape[d] for d in g])) for g in groups])
     return np.ascontiguousarray(value.T if entry.transposed else value)
+
+
+def _numpy_weights(layer):
+    """A quantized layer's kernel (and scale) as `LocalWeights` of numpy arrays."""
+    scale = None if layer.kernel_scale is None else layer.kernel_scale.numpy()
+    return LocalWeights(layer.kernel.numpy(), scale=scale)
 
 
 def hf_tensors(causal_lm):
@@ -48,23 +54,25 @@ def hf_tensors(causal_lm):
             "backbone.merge_lora() before exporting (or save them alone with "
             "backbone.save_lora_weights)."
         )
-    # int8 kernels are written dequantized (values x scales) in the layer's
-    # dtype, in the kernel's order (weight_views turns output-major values).
-    quantized = {id(l.kernel): l for l in causal_lm._flatten_layers() if getattr(l, "kernel_scale", None) is not None}
+    # Quantized kernels are written dequantized by their scheme (int8: values
+    # x scales) in the layer's dtype, in the kernel's order (weight_views
+    # turns output-major values).
+    quantized = {id(l.kernel): l for l in causal_lm._flatten_layers() if getattr(l, "scheme", None) and l.quantized}
     if quantized:
+        modes = sorted({l.quantized for l in quantized.values()})
         warnings.warn(
-            f"{len(quantized)} int8 kernels are exported dequantized (int8 values x their scales), "
-            "as float tensors: the Hugging Face layout has no int8 form here.",
+            f"{len(quantized)} quantized kernels ({', '.join(modes)}) are exported dequantized, "
+            "as float tensors: the Hugging Face layout has no quantized form here.",
             stacklevel=2,
         )
-    scales = {id(l.kernel_scale) for l in quantized.values()}
+    scales = {id(l.kernel_scale) for l in quantized.values() if l.kernel_scale is not None}
     for variable in causal_lm.weights:
         if "lora_kernel" in variable.path or id(variable) in scales:
             continue
         padded = None
         if id(variable) in quantized:
             layer = quantized[id(variable)]
-            padded = np.asarray(dequantize(variable.numpy(), layer.kernel_scale.numpy(), layer.variable_dtype))
+            padded = np.asarray(layer.scheme.dequantize(_numpy_weights(layer), layer.variable_dtype))
         for path, value in weight_views(variable, padded):
             entry, name = layout.find(path)
             if entry is None:

@@ -22,7 +22,6 @@ from tp_zoo.layers.quantize import check_mode
 from tp_zoo.models import DecoderCausalLM
 from tp_zoo.models import families
 from tp_zoo.models import family_of
-from tp_zoo.models.family import set_preset_loader
 from tp_zoo.models.tokenizer import CheckpointTokenizer
 
 
@@ -76,16 +75,17 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
     """
     if adapter is not None:
         read_adapter_config(adapter)
-    causal_lm = _load(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
+    causal_lm = load_for_class(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
     if adapter is not None:
         load_peft_adapter(causal_lm, adapter)
     return causal_lm
 
 
-def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True,
-          quantize=None):
+def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True,
+                   quantize=None):
     """from_preset, refusing a checkpoint whose family's classes are not
-    (subclasses of) `expected_class` (a CausalLM or Backbone class, or None)."""
+    (subclasses of) `expected_class` (a CausalLM or Backbone class, or None):
+    the classes' own from_preset (`tp_zoo.models.family.load_preset`)."""
     if quantize is not None:
         check_mode(quantize, "from_preset")
     distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
@@ -123,11 +123,9 @@ def _load(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pi
     finally:
         tensors.close()
     causal_lm.distribution = distribution
-    # What this process read from the files (each process reads only the
-    # blocks its own devices hold), against the checkpoint's size.
+    causal_lm.checkpoint_directory = directory
     causal_lm.load_stats = {"bytes_read": loader.bytes_read,
                             "checkpoint_bytes": sum(tensors.nbytes(n) for n in tensors.names())}
-    causal_lm.checkpoint_directory = directory
     return causal_lm
 
 
@@ -162,5 +160,3 @@ def _family_named(expected_class):
             return family.name
     return "no"
 
-
-set_preset_loader(lambda preset, expected_class, **kwargs: _load(preset, expected_class, **kwargs))

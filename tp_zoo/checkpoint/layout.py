@@ -1,6 +1,6 @@
 """Layout maps: which checkpoint tensor feeds which Keras variable, and how.
 
-A family's layout map (presets/layouts/<family>.json) lists entries of
+A family's layout map (tp_zoo/presets/layouts/<layout>.json) lists entries of
     variable   Keras variable path ("{i}" stands for the layer number)
     tensor     checkpoint tensor name (same "{i}")
     transform  how the tensor's dims become the variable's (TRANSFORMS)
@@ -38,12 +38,8 @@ TRANSFORMS = {
 
 
 def presets_dir():
-    """presets/ inside the installed package, or at the top of a checkout."""
-    here = Path(__file__).resolve()
-    for candidate in (here.parents[1] / "presets", here.parents[2] / "presets"):
-        if (candidate / "layouts").is_dir():
-            return candidate
-    raise FileNotFoundError("tp_zoo's presets/ folder was not found next to the package.")
+    """tp_zoo/presets/: the presets and layout maps, data inside the package."""
+    return Path(__file__).resolve().parents[1] / "presets"
 
 
 class LayoutEntry:
@@ -122,7 +118,7 @@ class LayoutEntry:
 
 
 class Layout:
-    """A family's layout map, loaded from presets/layouts/<family>.json."""
+    """A family's layout map, loaded from tp_zoo/presets/layouts/<layout>.json."""
 
     def __init__(self, family):
         path = presets_dir() / "layouts" / f"{family}.json"

@@ -12,9 +12,12 @@ block is made. Where a variable is padded for tp (vocab rows, attention
 heads, MLP units), only the tensor's real rows are read, each contiguous
 run into its place. A fused variable (q/k/v, gate/up) reads each part from
 its own tensor, as the separate variable it stands for, into its place
-among the others. int8 values (quantize="int8") are read the same way, in
-the float dtype, straight into output-major blocks (where a torch Linear
-weight's rows need no transpose), each block then quantized on its device.
+among the others. A quantized kernel (quantize="int8") is read the same
+way, in the float dtype, straight into blocks in its values' order
+(output-major for int8, where a torch Linear weight's rows need no
+transpose), each block then quantized on its device by the layer's
+quantization scheme, with the statistic (int8's scales) the scheme made
+first from the whole tensor.
 
 A variable's blocks are copied concurrently, so that every device's link
 is busy at once. Each block has a thread that reads its rows a chunk at a
@@ -48,12 +51,10 @@ from rich.progress import TransferSpeedColumn
 from tp_zoo.checkpoint.layout import LayoutEntry
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.layers.base import part_path
-from tp_zoo.layers.base import reshaped_box
 from tp_zoo.layers.base import scatter_real
-from tp_zoo.layers.quantize import int8_values
-from tp_zoo.layers.quantize import kernel_order
-from tp_zoo.layers.quantize import output_major
-from tp_zoo.layers.quantize import scale_from_absmax
+from tp_zoo.layers.storage import kernel_order
+from tp_zoo.layers.storage import output_major
+from tp_zoo.layers.storage import reshaped_box
 
 
 class _Tensor(NamedTuple):
@@ -77,7 +78,9 @@ class StreamingLoader:
         # The dtype a float kernel would have: int8 kernels are quantized
         # from it, as `quantize("int8")` on the float model would.
         self.float_dtype = jnp.dtype(float_dtype)
-        self._scales = {}  # kernel path -> its int8 scale (host), made with the scale variable
+        # kernel path -> its quantization statistic (host: int8's scales),
+        # made with the statistic's variable, kept for the kernel's values.
+        self._statistics = {}
         self.used = set()
         self.bytes_read = 0
         # Threads that copy a variable's blocks concurrently (one per block)
@@ -110,19 +113,20 @@ class StreamingLoader:
         self._copies.shutdown()
 
     # --- the weights_from protocol ---------------------------------------------
-    def __call__(self, path, shape, padding, dtype, sharding, parts=None):
+    def __call__(self, path, shape, padding, dtype, sharding, parts=None, from_kernel=None):
+        if from_kernel is not None and from_kernel.role == "statistic":
+            return self._statistic(path, from_kernel, sharding)
         # A fused variable's parts are read as the variables they stand for.
         views = [(path, padding)] if parts is None else [(part_path(path, p), p.padding) for p in parts.parts]
-        if path.endswith("/kernel_scale"):
-            scales = [self._int8_scale(view[: -len("_scale")], view_padding) for view, view_padding in views]
-            scale = scales[0] if parts is None else parts.join(scales, shape)
-            self._scales[path[: -len("_scale")]] = scale
-            return jnp.asarray(scale) if sharding is None else jax.device_put(scale, sharding)
-        scale = self._scales.pop(path) if jnp.dtype(dtype) == jnp.int8 else None
-        # int8 values are output-major (quantize.py), their last `inputs_last`
-        # dims the kernel's first: their tensors are found and read as the
-        # kernel's (the layout map's variable), into output-major blocks.
-        inputs_last = 0 if scale is None else len(shape) - scale.ndim
+        # A quantized kernel's values may be output-major (int8), their last
+        # `inputs_last` dims the kernel's first: their tensors are found and
+        # read as the kernel's (the layout map's variable), into blocks in
+        # the values' order, each then quantized on its device.
+        inputs_last, quantize = 0, None
+        if from_kernel is not None:
+            statistic = self._statistics.pop(path, None)
+            inputs_last = from_kernel.inputs_last
+            quantize = lambda x, block: from_kernel.scheme.quantize_block(x, statistic, block)
         views = [(view, kernel_order(view_padding, inputs_last)) for view, view_padding in views]
         found = [self._find(*view) for view in views]
         if all(f is None for f in found):
@@ -136,12 +140,28 @@ class StreamingLoader:
             _Tensor(entry, name, view_padding, None if parts is None else index)
             for index, ((entry, name), (_, view_padding)) in enumerate(zip(found, views))
         ]
-        value = self._place(tensors, parts, tuple(shape), dtype, sharding, scale, inputs_last)
+        value = self._place(tensors, parts, tuple(shape), dtype, sharding, inputs_last, quantize)
         for tensor in tensors:
             if tensor.name not in self.used:
                 self.used.add(tensor.name)
                 self._progress.advance(self._task, self.tensors.nbytes(tensor.name))
         return value
+
+    def _statistic(self, path, from_kernel, sharding):
+        """A quantization scheme's statistic variable (made before the values,
+        which it is kept for) from the float kernel's max |w| per output
+        channel, each part of a fused kernel from its own tensor."""
+        kernel_path = f"{path.rsplit('/', 1)[0]}/kernel"
+        out_parts = from_kernel.out_parts
+        if out_parts is None:
+            views = [(kernel_path, from_kernel.out_padding)]
+        else:
+            views = [(part_path(kernel_path, p), p.padding) for p in out_parts.parts]
+        maxima = [self._channel_absmax(view, view_padding) for view, view_padding in views]
+        out_shape = tuple(p.size for p in from_kernel.out_padding)
+        amax = maxima[0] if out_parts is None else out_parts.join(maxima, out_shape)
+        statistic = self._statistics[kernel_path] = from_kernel.scheme.statistic(amax)
+        return jnp.asarray(statistic) if sharding is None else jax.device_put(statistic, sharding)
 
     def _find(self, path, padding):
         """(layout entry, checkpoint tensor name) of the variable at `path`,
@@ -180,23 +200,24 @@ class StreamingLoader:
                 "bfloat16), with quantize='int8' for int8 weights."
             )
 
-    def _int8_scale(self, kernel_path, padding):
-        """The per-output-channel scale (host) of an int8 kernel (made before
-        the kernel): max |w| over the input dims / 127, read from the mapped
-        file in chunks of rows, so no whole tensor is held in host memory."""
+    def _channel_absmax(self, kernel_path, padding):
+        """A float kernel's max |w| over its input dims, per output channel
+        (float32, host; `padding` that of the output dims, 0 at it), read
+        from the mapped file in chunks of rows, so no whole tensor is held
+        in host memory."""
         entry, tensor = self.layout.find(kernel_path)
         name = self.layout.resolve(tensor, self.tensors.names()) if entry is not None else None
         if name is None:
-            raise CheckpointMismatchError(f"No checkpoint tensor for the int8 kernel {kernel_path}.")
+            raise CheckpointMismatchError(f"No checkpoint tensor for the quantized kernel {kernel_path}.")
         self._check_float(name, kernel_path)
         host = self.tensors.array(name)
         if entry.part is not None:
             axis, index, count = entry.part
             block = host.shape[axis] // count
             host = host[(slice(None),) * axis + (slice(index * block, (index + 1) * block),)]
-        scale_shape = tuple(p.true_size for p in padding)
+        out_shape = tuple(p.true_size for p in padding)
         rank = entry.variable_rank(host.ndim)
-        n_in = rank - len(scale_shape)
+        n_in = rank - len(out_shape)
         rows_are_inputs = _tensor_groups(entry, rank)[0][0] < n_in  # 2-D tensors: one input axis, one output axis
         rows = max(1, _CHUNK_BYTES // max(1, host[:1].nbytes))
         maxima = []
@@ -204,11 +225,9 @@ class StreamingLoader:
             chunk = np.abs(np.asarray(host[start : start + rows]).astype(self.float_dtype).astype(np.float32))
             maxima.append(chunk.max(axis=0) if rows_are_inputs else chunk.max(axis=1))
         amax = np.max(maxima, axis=0) if rows_are_inputs else np.concatenate(maxima)
-        scale = np.asarray(_scale_from_absmax(amax)).reshape(scale_shape)
-        # Padded output channels (vocab, heads, MLP units) get scale 1: they are zeros.
-        return scatter_real(scale, padding, fill=1.0)
+        return scatter_real(amax.reshape(out_shape), padding)
 
-    def _place(self, tensors, parts, shape, dtype, sharding, scale, inputs_last):
+    def _place(self, tensors, parts, shape, dtype, sharding, inputs_last, quantize):
         if sharding is None:
             indices = {jax.devices()[0]: tuple(slice(None) for _ in shape)}
         else:
@@ -217,9 +236,9 @@ class StreamingLoader:
         for device, index in indices.items():
             block = tuple(s.indices(n)[:2] for s, n in zip(index, shape))
             by_block[block].append(device)
-        # int8: read in the float dtype, output-major, quantize on the device
-        # with the block's slice of the whole-tensor scale.
-        read_dtype = self.float_dtype if scale is not None else dtype
+        # Quantized: read in the float dtype, in the values' order, each
+        # block quantized on its device (`quantize(block, box)`).
+        read_dtype = self.float_dtype if quantize is not None else dtype
         jobs = [
             self._blocks.submit(
                 self._copy_block, self._chunks(tensors, parts, block, shape, inputs_last), block, read_dtype, devices
@@ -229,11 +248,7 @@ class StreamingLoader:
         shards = []
         for block, job in zip(by_block, jobs):
             floats = job.result()
-            if scale is None:
-                shards += floats
-                continue
-            block_scale = scale[tuple(slice(a, b) for a, b in block[: scale.ndim])]
-            shards += [_quantize_block(x, jax.device_put(block_scale, x.devices().pop())) for x in floats]
+            shards += floats if quantize is None else [quantize(x, block) for x in floats]
         if sharding is None:
             return shards[0]
         return jax.make_array_from_single_device_arrays(shape, sharding, shards)
@@ -395,12 +410,3 @@ def _write_chunk(out, chunk, start, shape):
     written = jax.lax.dynamic_update_slice(_bitcast(out, bits), _bitcast(chunk, bits), tuple(start))
     return _bitcast(written, out.dtype)
 
-
-_scale_from_absmax = jax.jit(scale_from_absmax)
-
-
-@jax.jit
-def _quantize_block(block, scale):
-    """An output-major float block's int8 values, `scale` that of its leading (output) dims."""
-    scale = scale.reshape(scale.shape + (1,) * (block.ndim - scale.ndim))
-    return int8_values(block.astype(jnp.float32), scale)

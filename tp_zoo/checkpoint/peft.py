@@ -42,7 +42,7 @@ from tp_zoo.layers.base import part_path
 from tp_zoo.layers.base import set_weights
 from tp_zoo.layers.base import true_shape
 from tp_zoo.layers.base import true_value
-from tp_zoo.layers.quantize import kernel_order
+from tp_zoo.layers.storage import kernel_order
 from tp_zoo.models import family_of
 
 CONFIG_NAME = "adapter_config.json"

@@ -5,13 +5,14 @@ row's cached keys and values, bound by memory bandwidth. One program
 handles one (row, kv head, key split): its group of query heads (repeated
 in registers to at least 16 rows, the smallest tile a GPU matrix unit
 takes) against keys [split start, split end) ∩ [start, position] in blocks
-of `BLOCK` keys, with an online softmax in float32; blocks past a row's
+of `block` keys, with an online softmax in float32; blocks past a row's
 position are never read, so a short row in a batch of long ones costs only
 its own keys. The program whose split holds the row's new position also
 writes the new key and value into the caches, in place, so the step needs
 no separate cache writes. The splits' partial results are merged outside
 the kernel (flash-decoding): at batch 1 the splits are what keeps every SM
-busy.
+busy. Block size, split target and warps: `DecodeAttentionConfig`, the one
+in force when traced (`tp_zoo.kernels.configured`).
 
 Learned from `jax.experimental.pallas.ops.gpu.decode_attention`; laid out for
 tp_zoo's cache (batch, kv_heads, length, head_dim) and per-row positions.
@@ -25,69 +26,59 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from tp_zoo import parallel
+from tp_zoo.kernels import configuration
 
-BLOCK = 64
 _MIN_ROWS = 16
-# Enough programs to fill an H100/H200 (132 SMs) about twice over.
-_TARGET_PROGRAMS = 264
-_NUM_WARPS = 4
 _MASKED = -1e30
-
-# Set to False to compare with the XLA decode step (as a benchmark does).
-ENABLED = True
 
 
 def cache_length_multiple():
     """What a cache's length must be a multiple of for the kernel to take it
-    (whole blocks): callers that choose cache lengths ask here, so that they
-    follow a change of BLOCK."""
-    return BLOCK
+    (whole blocks of the configuration in force): callers that choose cache
+    lengths ask here, so that they follow its block."""
+    return configuration.active().decode_attention.block
 
 
 def applies(q, k_cache):
-    """On NVIDIA GPUs, for 16-bit heads of 64..256 (a power of two), and a
-    cache length that is a whole number of blocks."""
+    """On NVIDIA GPUs for 16-bit heads of 64..256 (a power of two), or
+    anywhere when forced; for a cache length of whole blocks."""
+    config = configuration.active().decode_attention
     d = q.shape[-1]
-    return (
-        ENABLED
-        and parallel.on_gpu()
-        and q.dtype in (jnp.bfloat16, jnp.float16)
-        and d in (64, 128, 256)
-        and k_cache.shape[2] % BLOCK == 0
-    )
+    built_for = parallel.on_gpu() and q.dtype in (jnp.bfloat16, jnp.float16) and d in (64, 128, 256)
+    return config.enabled and (config.forced or built_for) and k_cache.shape[2] % config.block == 0
 
 
 def _kernel(
     positions_ref, starts_ref, q_ref, k_new_ref, v_new_ref, k_ref, v_ref,
-    o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, rows, blocks_per_split, scale,
+    o_ref, m_ref, l_ref, k_out_ref, v_out_ref, *, rows, blocks_per_split, scale, block,
 ):
     split = pl.program_id(2)
     position = positions_ref[()]
     start = starts_ref[()]
-    first = jnp.maximum(split * blocks_per_split, start // BLOCK)
-    last = jnp.minimum((split + 1) * blocks_per_split, position // BLOCK + 1)
+    first = jnp.maximum(split * blocks_per_split, start // block)
+    last = jnp.minimum((split + 1) * blocks_per_split, position // block + 1)
     # The group's queries repeated to the `rows` the matrix unit takes, here
     # rather than padded in a separate kernel; the merge drops the copies.
     q = q_ref[...]
     q = jnp.broadcast_to(q, (rows // q.shape[0], *q.shape)).reshape(rows, q.shape[1])
     k_new = k_new_ref[...]
     v_new = v_new_ref[...]
-    offsets = jnp.arange(BLOCK)
+    offsets = jnp.arange(block)
 
     # The one split whose blocks hold the new position writes the new key and
     # value there (the caches are aliased to k_out/v_out: written in place).
     # No other program reads that position, and this one takes the new row
     # from k_new/v_new rather than from the cache, so the order of the store
     # and its loads does not matter.
-    @pl.when(split == position // BLOCK // blocks_per_split)
+    @pl.when(split == position // block // blocks_per_split)
     def _():
         k_out_ref[position, :] = k_new
         v_out_ref[position, :] = v_new
 
     def body(j, carry):
         acc, m, l = carry
-        keys = pl.ds(j * BLOCK, BLOCK)
-        key_positions = j * BLOCK + offsets
+        keys = pl.ds(j * block, block)
+        key_positions = j * block + offsets
         is_new = (key_positions == position)[:, None]
         k = jnp.where(is_new, k_new[None, :], k_ref[keys, :])
         scores = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
@@ -117,13 +108,15 @@ def _per_head(*shape):
     return pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
 
 
-def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, interpret=False):
+def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, interpret=None):
     """Writes each row's new key and value into its caches at its position,
     in place, and attends its queries to keys [start, position] of the row.
 
     q: (batch, heads, head_dim); k_new, v_new: (batch, kv_heads, head_dim),
     of the caches' dtype; caches (batch, kv_heads, length, head_dim);
-    positions, starts: (batch,) int. Returns (out, k_cache, v_cache).
+    positions, starts: (batch,) int. `interpret`: run by Pallas' interpreter
+    (None: as the configuration in force says). Returns (out, k_cache,
+    v_cache).
     """
     b, h, d = q.shape
     kv = k_cache.shape[1]
@@ -136,7 +129,7 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     return _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret)
 
 
-def decode_step_fused(qkv, k_cache, v_cache, positions, starts=None, interpret=False):
+def decode_step_fused(qkv, k_cache, v_cache, positions, starts=None, interpret=None):
     """`decode_step` from one array, the fused q/k/v product (batch, kv_heads,
     2 + group, head_dim): each kv head's new key, new value, then its group
     of queries (a power of two of them). The kernel reads its three operands
@@ -153,11 +146,13 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
     """The kernel and the merge of its splits. `operands`: (array, BlockSpec)
     of the queries (a block of `group_block` rows per (row, kv head)), the
     new keys and the new values."""
+    config = configuration.active().decode_attention
+    interpret = config.interpret if interpret is None else interpret
     (q, q_spec), (k_new, k_spec), (v_new, v_spec) = operands
     b, kv, t, d = k_cache.shape
     rows = max(_MIN_ROWS, group_block)
-    blocks = t // BLOCK
-    splits = min(blocks, max(1, -(-_TARGET_PROGRAMS // (b * kv))))
+    blocks = t // config.block
+    splits = min(blocks, max(1, -(-config.target_programs // (b * kv))))
     blocks_per_split = -(-blocks // splits)
     splits = -(-blocks // blocks_per_split)
     positions = positions.astype(jnp.int32)
@@ -168,7 +163,9 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
     inputs = (positions, starts, q, k_new, v_new, k_cache, v_cache)
     result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
     acc, m, l, k_cache, v_cache = pl.pallas_call(
-        functools.partial(_kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5),
+        functools.partial(
+            _kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5, block=config.block
+        ),
         grid=(b, kv, splits),
         in_specs=[per_row, per_row, q_spec, k_spec, v_spec, _per_head(t, d), _per_head(t, d)],
         out_specs=[per_split(rows, d), per_split(rows), per_split(rows), _per_head(t, d), _per_head(t, d)],
@@ -180,7 +177,7 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
             result(v_cache.shape, v_cache.dtype),
         ],
         input_output_aliases={5: 3, 6: 4},
-        compiler_params=plgpu.CompilerParams(num_warps=_NUM_WARPS, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=2),
         interpret=interpret,
         name="tp_zoo_decode_attention",
     )(*inputs)

@@ -25,8 +25,8 @@ from tp_zoo import parallel
 from tp_zoo.layers import attention_ops as ops
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.fused_linear import QKVParallelDense
 from tp_zoo.layers.linear import HeadMergeDense
-from tp_zoo.layers.linear import QKVParallelDense
 from tp_zoo.layers.rotary import RotaryEmbedding
 
 M = parallel.MODEL
@@ -167,18 +167,8 @@ class ParallelAttention(ShardedLayer):
 
     def _local_qkv_product(self, weights, x, positions):
         """This device's keys, values and queries from one product, keys and
-        queries rotated: (batch, seq, kv heads, 2 + group, head_dim). With a
-        replicated kernel, first cut out the kv head this device's queries
-        use and those queries."""
-        kernel, bias, lora = self.qkv.effective(weights[0], merge_lora=self.kv_replicated)
-        if self.kv_replicated:
-            devices_per_kv = self.tp // self.padded_kv_heads
-            queries = (self.padded_heads // self.padded_kv_heads) // devices_per_kv
-            index = parallel.model_index()
-            kernel, bias = self.qkv.take_group(
-                kernel, bias, index // devices_per_kv, (index % devices_per_kv) * queries, queries
-            )
-        y = self.qkv.apply(kernel, bias, x, lora)  # (batch, seq, kv heads, 2 + group, head_dim)
+        queries rotated: (batch, seq, kv heads, 2 + group, head_dim)."""
+        y = self.qkv.local_call(weights[0], x, own_heads=True)
         if self.rotary is not None:
             # Keys and queries rotated in one elementwise pass over the
             # product (values, slot 1, pass through): one kernel, not two.
@@ -198,7 +188,7 @@ class ParallelAttention(ShardedLayer):
             if padding_mask is not None:
                 mask = mask & padding_mask[:, None, :].astype(bool)
             out = ops.dense_attention(q, k, v, mask)
-        return self.output_dense.local_apply(weights[1], out)
+        return self.output_dense.local_call(weights[1], out)
 
     def _local_prefill(self, weights, x, lengths, cache):
         """Causal attention over prompts at positions 0..seq-1 (right padded to
@@ -213,14 +203,14 @@ class ParallelAttention(ShardedLayer):
             out = ops.fused_attention(q, k, v, lengths, self.sliding_window)
         else:
             out = ops.blockwise_attention(q, k, v, self.sliding_window)
-        return self.output_dense.local_apply(weights[1], out), cache
+        return self.output_dense.local_call(weights[1], out), cache
 
     def _local_decode(self, weights, x, positions, cache):
         """One new token per row at its own position: write its key and value
         into the cache, then attend to the row's keys up to it."""
         qkv = self._local_qkv_product(weights, x, positions[:, None])[:, 0]
         out, k_cache, v_cache = ops.decode_step_fused(qkv, *cache, positions, self.sliding_window)
-        return self.output_dense.local_apply(weights[1], out[:, None]), (k_cache, v_cache)
+        return self.output_dense.local_call(weights[1], out[:, None]), (k_cache, v_cache)
 
     def call(self, x, padding_mask=None, cache=None, positions=None):
         """Without a cache: attention over `x`. With `cache` (keys, values),
@@ -228,27 +218,25 @@ class ParallelAttention(ShardedLayer):
         new token per row at those positions (a decode step); without, `x`
         holds prompts from position 0, right padded as `padding_mask` says
         (the prefill)."""
-        weights, w_layouts = zip(*(p.weights_and_layouts() for p in self._projections()))
-        w_layouts = tuple(w_layouts)
+        weights = tuple(p.local_weights() for p in self._projections())
         x_layout = (B, None, None)
         if cache is None:
             has_mask = padding_mask is not None
-            args, layouts = (weights, x), (w_layouts, x_layout)
+            args, layouts = (x,), (x_layout,)
             if has_mask:
                 args, layouts = args + (padding_mask,), layouts + ((B, None),)
             local = lambda w, x, mask=None: self._local_attention(w, x, mask)
-            return self.run_sharded(local, layouts, x_layout, *args, key=("attention", has_mask))
+            return self.run_with_weights(local, weights, layouts, x_layout, *args, key=("attention", has_mask))
         cache_layouts = (self.cache_layout, self.cache_layout)
         out_layout = (x_layout, cache_layouts)
         if positions is None:
             lengths = jnp.sum(padding_mask.astype("int32"), axis=-1)
-            return self.run_sharded(
-                self._local_prefill, (w_layouts, x_layout, (B,), cache_layouts), out_layout,
-                weights, x, lengths, tuple(cache),
+            return self.run_with_weights(
+                self._local_prefill, weights, (x_layout, (B,), cache_layouts), out_layout, x, lengths, tuple(cache),
             )
-        return self.run_sharded(
-            self._local_decode, (w_layouts, x_layout, (B,), cache_layouts), out_layout,
-            weights, x, jnp.asarray(positions, "int32"), tuple(cache),
+        return self.run_with_weights(
+            self._local_decode, weights, (x_layout, (B,), cache_layouts), out_layout,
+            x, jnp.asarray(positions, "int32"), tuple(cache),
         )
 
     def compute_output_shape(self, input_shape):

@@ -13,14 +13,15 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
   cuDNN).
 - `decode_step`: one new token per row: its key and value written into the
   cache, its query against the row's cached keys, read once; a Pallas kernel
-  that does both on NVIDIA GPUs (`decode_kernel`), XLA elsewhere.
+  that does both on NVIDIA GPUs (`tp_zoo.kernels.decode_attention`), XLA
+  elsewhere.
 """
 
 import jax
 import jax.numpy as jnp
 
 from tp_zoo import parallel
-from tp_zoo.kernels import decode_attention as decode_kernel
+from tp_zoo.kernels import decode_attention
 from tp_zoo.layers.precision import product_precision
 
 _MASKED = -1e30
@@ -147,8 +148,8 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, window=None):
     """
     k_new, v_new = k_new.astype(k_cache.dtype), v_new.astype(v_cache.dtype)
     starts = _window_starts(positions, window)
-    if decode_kernel.applies(q, k_cache):
-        return decode_kernel.decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts)
+    if decode_attention.applies(q, k_cache):
+        return decode_attention.decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts)
     write = jax.vmap(lambda cache, new, p: jax.lax.dynamic_update_slice_in_dim(cache, new[:, None], p, axis=1))
     k_cache, v_cache = write(k_cache, k_new, positions), write(v_cache, v_new, positions)
     b, h, d = q.shape
@@ -174,8 +175,8 @@ def decode_step_fused(qkv, k_cache, v_cache, positions, window=None):
     runs. Returns (out (batch, heads, head_dim), k_cache, v_cache)."""
     b, kv, slots, d = qkv.shape
     group = slots - 2
-    if decode_kernel.applies(qkv, k_cache) and group & (group - 1) == 0:
+    if decode_attention.applies(qkv, k_cache) and group & (group - 1) == 0:
         starts = _window_starts(positions, window)
-        return decode_kernel.decode_step_fused(qkv.astype(k_cache.dtype), k_cache, v_cache, positions, starts)
+        return decode_attention.decode_step_fused(qkv.astype(k_cache.dtype), k_cache, v_cache, positions, starts)
     q = qkv[:, :, 2:].reshape(b, kv * group, d)
     return decode_step(q, qkv[:, :, 0], qkv[:, :, 1], k_cache, v_cache, positions, window)

@@ -2,11 +2,9 @@
 
 import contextlib
 import contextvars
-import itertools
-import math
-import operator
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
@@ -14,9 +12,9 @@ from keras.src.backend.common.name_scope import current_path
 
 from tp_zoo import parallel
 from tp_zoo.errors import ShardingError
-from tp_zoo.layers.quantize import kernel_order
-from tp_zoo.layers.quantize import to_kernel_order
-from tp_zoo.layers.quantize import to_output_major
+from tp_zoo.layers.storage import kernel_order
+from tp_zoo.layers.storage import to_kernel_order
+from tp_zoo.layers.storage import to_output_major
 
 _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 
@@ -25,7 +23,7 @@ _weight_source = contextvars.ContextVar("tp_zoo_weight_source", default=None)
 def weights_from(source):
     """Variables made in this scope take their values from `source`.
 
-    `source(path, shape, padding, dtype, sharding, parts)` returns the
+    `source(path, shape, padding, dtype, sharding, parts, from_kernel)` returns the
     variable's value as a global array of `shape` already placed on the
     devices (`sharding` is None when no mesh is active; `padding` has one
     `AxisPadding` per dim, saying where that dim's real entries sit among
@@ -34,6 +32,8 @@ def weights_from(source):
     random and then overwritten. `parts` (a `Fused`, or None) makes the
     variable of parts, each standing for the variable a separate layer
     would have had (at `part_path`): the source writes each into its place.
+    `from_kernel` (a quantization scheme's `FromKernel`, or None) marks a
+    variable made from the float kernel's tensors instead of one of its own.
     """
     token = _weight_source.set(source)
     try:
@@ -118,6 +118,11 @@ class AxisPadding(NamedTuple):
         return runs
 
 
+def full_padding(padding, shape):
+    """One `AxisPadding` per dim of `shape`, None entries (or no `padding`) unpadded."""
+    return tuple(AxisPadding.trailing(n, n) if p is None else p for p, n in zip(padding or (None,) * len(shape), shape))
+
+
 def paddings(variable):
     """One `AxisPadding` per dim of a variable (see `add_sharded_weight`)."""
     return getattr(variable, "_tp_zoo_padding", None) or tuple(
@@ -128,9 +133,14 @@ def paddings(variable):
 def inputs_last(variable):
     """How many trailing dims of `variable` are the leading (input) dims of
     the weight it stands for: int8 values are stored output-major
-    (quantize.py), and get/set_weights and export show them in the kernel's
+    (quantize/int8.py), and get/set_weights and export show them in the kernel's
     order. 0 for a variable stored in its weight's order."""
     return getattr(variable, "_tp_zoo_inputs_last", 0)
+
+
+def layout_of(variable):
+    """The layout a sharded variable was made with (see `add_sharded_weight`)."""
+    return variable._tp_zoo_layout
 
 
 def true_shape(variable):
@@ -174,112 +184,6 @@ def _padded(path, value, axis_paddings):
 def padded_value(variable, value):
     """`value` (of the variable's true shape) with zeros at the padding."""
     return _padded(variable.path, value, paddings(variable))
-
-
-# --- fused variables --------------------------------------------------------
-class Part(NamedTuple):
-    """One weight stored inside a fused variable, as a variable of its own
-    would be: the fused variable's block [offset, offset + size) along the
-    fused axis, reshaped (row-major) to `shape`, is the variable that a
-    separate layer named `layer` would hold, of that `shape`, `padding`
-    (an `AxisPadding` per dim) and `layout`."""
-
-    layer: str
-    size: int
-    shape: tuple
-    padding: tuple
-    layout: tuple
-
-
-class Fused(NamedTuple):
-    """Parts laid side by side along `axis` of one variable (q/k/v, gate/up):
-    one product per device where there were several. `axis` is never split
-    over devices: each device holds its slice of every part."""
-
-    axis: int
-    parts: tuple
-
-    def offsets(self):
-        """Where each part starts along `axis`."""
-        return list(itertools.accumulate((p.size for p in self.parts[:-1]), initial=0))
-
-    def blocks(self, value):
-        """(part, its block of `value` reshaped to the part's shape), in order."""
-        for part, offset in zip(self.parts, self.offsets()):
-            block = value[(slice(None),) * self.axis + (slice(offset, offset + part.size),)]
-            yield part, block.reshape(part.shape)
-
-    def join(self, values, shape):
-        """The fused value (numpy) of `shape` from one value per part (parts' shapes)."""
-        return np.concatenate([v.reshape(self._slab_shape(p, shape)) for p, v in zip(self.parts, values)], self.axis)
-
-    def in_fused(self, index, box, shape):
-        """Where a box of part `index` (a (start, stop) per dim of the part's
-        shape) lies in the fused variable of `shape`: one box there too, for
-        the boxes the loader writes (ValueError for any other)."""
-        part, offset = self.parts[index], self.offsets()[index]
-        box = reshaped_box(box, part.shape, self._slab_shape(part, shape))
-        start, stop = box[self.axis]
-        return box[: self.axis] + ((start + offset, stop + offset),) + box[self.axis + 1 :]
-
-    def in_part(self, index, box, shape):
-        """The box of part `index` (as its own variable) that a box of the
-        fused variable of `shape` holds (a device's block: all of `axis`)."""
-        if box[self.axis] != (0, shape[self.axis]):
-            raise ValueError(f"A box of a fused variable is split along its fused axis {self.axis}: {box}.")
-        part = self.parts[index]
-        slab = box[: self.axis] + ((0, part.size),) + box[self.axis + 1 :]
-        return reshaped_box(slab, self._slab_shape(part, shape), part.shape)
-
-    def _slab_shape(self, part, shape):
-        """The shape of a part's slab of the fused variable of `shape`."""
-        return shape[: self.axis] + (part.size,) + shape[self.axis + 1 :]
-
-
-def reshaped_box(box, shape, new_shape):
-    """A box ((start, stop) per dim) of an array of `shape` as a box of the
-    array reshaped (row-major) to `new_shape`. The dims are cut where both
-    shapes' leading sizes multiply to the same number; between two cuts the
-    box must hold one contiguous range of entries, and that range must be
-    one box of the new dims (ValueError otherwise)."""
-    sizes = list(itertools.accumulate(shape, operator.mul, initial=1))
-    new_sizes = list(itertools.accumulate(new_shape, operator.mul, initial=1))
-    cuts = [(sizes.index(n), new_sizes.index(n)) for n in sorted(set(sizes) & set(new_sizes))[1:]]
-    cuts[-1:] = [(len(shape), len(new_shape))]  # trailing dims of size 1 end the last run
-    new_box, i, j = [], 0, 0
-    for next_i, next_j in cuts:
-        entries = _flat_range(box[i:next_i], shape[i:next_i])
-        run_box = None if entries is None else _range_as_box(*entries, new_shape[j:next_j])
-        if run_box is None:
-            raise ValueError(f"The box {box} of shape {shape} is no box of shape {new_shape}.")
-        new_box += run_box
-        i, j = next_i, next_j
-    return tuple(new_box)
-
-
-def _flat_range(box, shape):
-    """(first entry, count) of a box of `shape` if it is one row-major range, else None."""
-    start, count, stride, whole = 0, 1, 1, True  # whole: the dims inside are all whole
-    for (lo, hi), n in reversed(list(zip(box, shape))):
-        if hi - lo > 1 and not whole:
-            return None
-        start, count, stride = start + lo * stride, count * (hi - lo), stride * n
-        whole = whole and (lo, hi) == (0, n)
-    return start, count
-
-
-def _range_as_box(start, count, shape):
-    """The entries [start, start + count) of `shape` (row-major) as a box, or None."""
-    box = []
-    for k in range(len(shape)):
-        inner = math.prod(shape[k + 1 :])
-        if start % inner == 0 and count % inner == 0:
-            return box + [(start // inner, (start + count) // inner)] + [(0, n) for n in shape[k + 1 :]]
-        if start % inner + count > inner:
-            return None
-        box.append((start // inner, start // inner + 1))
-        start %= inner
-    return box
 
 
 def fused(variable):
@@ -401,30 +305,31 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         return 1 if self.mesh_info is None else self.mesh_info.tp
 
     def add_sharded_weight(
-        self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None, parts=None, inputs_last=0
+        self, name, shape, layout, initializer, trainable=True, dtype=None, padding=None, parts=None, inputs_last=0,
+        from_kernel=None,
     ):
         """A variable of global `shape`, its dims split as `layout` says.
 
         `layout` has one entry per dim: `parallel.MODEL` (split over the
-        tensor-parallel devices) or None (whole on every device). Where
-        `shape` pads dims up to a multiple of tp, `padding` (one
-        `AxisPadding` or None per dim) says where the real entries sit (at
-        the end of a vocab, inside each kv group of heads). The checkpoint
-        source, get_weights/set_weights, saving and export see only the
-        real entries; a trainable variable's padding starts at zero whatever its
-        initializer (int8 values and scales come whole, their padding made).
-        `dtype` overrides the layer's variable dtype (int8 kernels and their
-        scales). `parts` (a `Fused`) makes a fused variable: the checkpoint
-        source reads each part as a separate layer's variable (its path,
-        shape and padding) into its place, and get/set_weights and export
-        show the parts. `inputs_last`: how many trailing dims are the leading dims of
-        the weight the variable stands for (int8 values, output-major), for
-        get/set_weights and export to show it in the weight's order.
+        tensor-parallel devices) or None (whole on every device); it is
+        declared here once, and `layout_of(variable)` gives it to whatever runs
+        the variable sharded. Where `shape` pads dims up to a multiple of
+        tp, `padding` (one `AxisPadding` or None per dim) says where the
+        real entries sit (at the end of a vocab, inside each kv group of
+        heads). The checkpoint source, get_weights/set_weights, saving and
+        export see only the real entries; a trainable variable's padding
+        starts at zero whatever its initializer (quantized kernels come
+        whole, their padding made). `dtype` overrides the layer's variable
+        dtype (quantized kernels). `parts` (a `Fused`) makes a fused
+        variable: the checkpoint source reads each part as a separate
+        layer's variable (its path, shape and padding) into its place, and
+        get/set_weights and export show the parts. `inputs_last`: how many
+        trailing dims are the leading dims of the weight the variable stands
+        for (output-major int8 values), for get/set_weights and export to
+        show it in the weight's order. `from_kernel`: see `weights_from`.
         """
         shape = tuple(int(s) for s in shape)
-        padding = tuple(
-            AxisPadding.trailing(n, n) if p is None else p for p, n in zip(padding or (None,) * len(shape), shape)
-        )
+        padding = full_padding(padding, shape)
         if tuple(p.size for p in padding) != shape:
             raise ValueError(f"{self.name}/{name}: padding {padding} does not fit shape {shape}.")
         dtype = dtype or self.variable_dtype
@@ -436,18 +341,13 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             value = None
             source = _weight_source.get()
             if source is not None:
-                value = source(f"{current_path()}/{name}", shape, padding, dtype, sharding, parts)
+                value = source(f"{current_path()}/{name}", shape, padding, dtype, sharding, parts, from_kernel)
             variable = keras.Variable(
-                initializer=keras.initializers.get(initializer)
-                if value is None
-                else value,
-                shape=shape,
-                dtype=dtype,
-                trainable=trainable,
-                name=name,
-                layout=keras_layout,
+                initializer=keras.initializers.get(initializer) if value is None else value,
+                shape=shape, dtype=dtype, trainable=trainable, name=name, layout=keras_layout,
             )
         variable._tp_zoo_padding = padding
+        variable._tp_zoo_layout = tuple(layout)
         if parts is not None:
             variable._tp_zoo_fused = parts
         if inputs_last:
@@ -483,3 +383,11 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
             compiled=self._sharded_programs, key=(fn if key is None else key, repr(in_layouts)),
         )
 
+    def run_with_weights(self, fn, weights, in_layouts, out_layouts, *args, key=None):
+        """`fn(local weights, *local args)` on every device (`run_sharded`):
+        `weights` a pytree of variables (`LocalWeights`, tuples of them) that
+        enter as each device's shards, by the layouts they were made with.
+        The one place where weights enter a sharded computation."""
+        values = jax.tree.map(lambda v: v.value, weights)
+        layouts = jax.tree.map(layout_of, weights)
+        return self.run_sharded(fn, (layouts,) + tuple(in_layouts), out_layouts, values, *args, key=key)

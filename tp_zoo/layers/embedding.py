@@ -18,12 +18,17 @@ import jax.numpy as jnp
 import keras
 
 from tp_zoo import parallel
-from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
+from tp_zoo.layers.base import full_padding
 from tp_zoo.layers.base import round_up
 from tp_zoo.layers.loss import local_cross_entropy
-from tp_zoo.layers.precision import product_precision
+from tp_zoo.layers.quantize import KernelSpec
+from tp_zoo.layers.quantize import LocalWeights
+from tp_zoo.layers.quantize import check_mode
+from tp_zoo.layers.quantize import install
+from tp_zoo.layers.quantize import scheme_for
+from tp_zoo.layers.quantize import use_own_quantize
 
 M = parallel.MODEL
 B = parallel.BATCH
@@ -62,13 +67,7 @@ class VocabParallelEmbedding(ShardedLayer):
     def call(self, ids):
         ids = jnp.asarray(ids, dtype="int32")
         layout = (B,) + (None,) * (ids.ndim - 1)
-        return self.run_sharded(
-            self.local_lookup,
-            ((M, None), layout),
-            layout + (None,),
-            self.embeddings.value,
-            ids,
-        )
+        return self.run_with_weights(self.local_lookup, self.embeddings, (layout,), layout + (None,), ids)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape) + (self.output_dim,)
@@ -88,12 +87,14 @@ class VocabParallelLMHead(ShardedLayer):
 
     Tied: multiplies by the table of `tied_embedding` (a
     `VocabParallelEmbedding`). Untied: owns a `kernel` of shape
-    (hidden, vocab) split on the vocab dim, which `quantize("int8")` makes
+    (hidden, vocab) split on the vocab dim, stored by its quantization
+    scheme as the linear layers' kernels are: `quantize("int8")` makes it
     int8 values stored output-major, (vocab, hidden), with a float32 scale
-    per vocab entry (as the linear layers do).
+    per vocab entry.
     """
 
     kernel_layout = (None, M)  # the float kernel's (hidden, vocab)
+    kernel_scale = None  # the scheme's scale variable, where it has one
 
     def __init__(
         self,
@@ -104,10 +105,8 @@ class VocabParallelLMHead(ShardedLayer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        if quantized is not None:
-            q8.check_mode(quantized, self.name)
-        self.quantized = quantized
-        q8.use_own_quantize(self)
+        self.scheme = scheme_for(quantized, self.name)
+        use_own_quantize(self)
         self.vocab_size = vocab_size
         self.tied_embedding = tied_embedding
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
@@ -119,56 +118,50 @@ class VocabParallelLMHead(ShardedLayer):
                 f"has {tied_embedding.input_dim} rows."
             )
 
+    @property
+    def quantized(self):
+        """None, or the quantization mode of the kernel ("int8")."""
+        return self.scheme.mode
+
     def build(self, input_shape):
         if self.tied_embedding is not None:
             if not self.tied_embedding.built:
                 self.tied_embedding.build()
-        elif self.quantized:  # made quantized: the values come from a file
-            self.kernel_scale, self.kernel = self._add_int8_kernel(input_shape[-1], "ones", "zeros")
-        else:
-            self.kernel = self.add_sharded_weight(
-                "kernel",
-                (input_shape[-1], self.padded_vocab_size),
-                self.kernel_layout,
-                self.kernel_initializer,
-                padding=(None, self.vocab_padding),
-            )
+            return
+        # A quantized scheme's values come from a file.
+        for name, variable in self.scheme.create_weights(self, self._kernel_spec(input_shape[-1])).items():
+            setattr(self, name, variable)
 
-    def _add_int8_kernel(self, hidden, scale, values):
-        return q8.add_int8_weights(
-            self, (hidden, self.padded_vocab_size), self.kernel_layout, (None, self.vocab_padding), 1, scale, values
-        )
+    def _kernel_spec(self, hidden):
+        shape = (hidden, self.padded_vocab_size)
+        return KernelSpec(shape, self.kernel_layout, full_padding((None, self.vocab_padding), shape), 1,
+                          initializer=self.kernel_initializer)
 
     def quantize(self, mode=None, type_check=True, config=None):
-        """int8 values (vocab, hidden) with a per-vocab-entry float32 scale (untied heads)."""
-        q8.check_mode(mode, self.name)
+        """The kernel in `mode`'s scheme (int8: values (vocab, hidden) with a
+        per-vocab-entry float32 scale); untied heads only."""
+        check_mode(mode, self.name)
         if self.tied_embedding is not None or self.quantized or not self.built or config is not None:
             raise ValueError(f"{self.name}: only a built, untied, float LM head can be quantized, with no config.")
-        values, scale = q8.quantize_int8(self.kernel.value, 1)
-        kernel_scale, kernel = self._add_int8_kernel(self.kernel.shape[0], scale, values)
-        q8.install(self, kernel_scale, kernel, mode)
+        scheme, spec = scheme_for(mode), self._kernel_spec(self.kernel.shape[0])
+        values = scheme.quantize(self.kernel.value, spec.n_in, self.variable_dtype)
+        install(self, scheme, scheme.create_weights(self, spec, values))
 
-    def _weights(self):
-        """(values, layouts) of what the local logits are made from."""
-        if self.quantized:
-            return (self.kernel.value, self.kernel_scale.value), (q8.output_major(self.kernel_layout, 1), (M,))
+    def local_weights(self):
+        """The `LocalWeights` the local logits are made from: the tied table, or the kernel."""
         if self.tied_embedding is not None:
-            return (self.tied_embedding.embeddings.value,), ((M, None),)
-        return (self.kernel.value,), (self.kernel_layout,)
+            return LocalWeights(self.tied_embedding.embeddings)
+        return LocalWeights(self.kernel, scale=self.kernel_scale)
 
     def _local_logits(self, weights, h):
         """This device's slice of the (padded) vocab's logits, in h's dtype."""
-        if self.quantized:
-            values, scale = weights
-            return (q8.int8_product(h, values, 1) * scale).astype(h.dtype)
         equation = "...d,vd->...v" if self.tied_embedding is not None else "...d,dv->...v"
-        return jnp.einsum(equation, h, weights[0], precision=product_precision(h, weights[0]))
+        return self.scheme.apply(weights, h, equation, 1)
 
     def call(self, x):
         layout = (B,) + (None,) * (x.ndim - 2)
-        weights, layouts = self._weights()
-        logits = self.run_sharded(
-            self._local_logits, (layouts, layout + (None,)), layout + (M,), weights, x,
+        logits = self.run_with_weights(
+            self._local_logits, self.local_weights(), (layout + (None,),), layout + (M,), x,
             key=("logits", self.quantized, self.tied_embedding is None),
         )
         if self.padded_vocab_size != self.vocab_size:
@@ -186,7 +179,6 @@ class VocabParallelLMHead(ShardedLayer):
         logits made, reduced vocab-parallel, and made again in the backward
         pass."""
         layout = (B,) + (None,) * (x.ndim - 2)
-        weights, layouts = self._weights()
         local_vocab = self.padded_vocab_size // self.tp
         chunk = self.loss_chunk_tokens or max(256, 2**27 // local_vocab)
 
@@ -208,8 +200,8 @@ class VocabParallelLMHead(ShardedLayer):
             losses = jax.lax.map(lambda pair: chunk_loss(*pair), (h, labels))
             return losses.reshape(-1)[:tokens].reshape(lead)
 
-        return self.run_sharded(
-            local, (layouts, layout + (None,), layout), layout, weights, x, jnp.asarray(labels, "int32"),
+        return self.run_with_weights(
+            local, self.local_weights(), (layout + (None,), layout), layout, x, jnp.asarray(labels, "int32"),
             key=("cross_entropy", chunk, self.quantized, self.tied_embedding is None),
         )
 

@@ -16,8 +16,8 @@ from tp_zoo import parallel
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import ShardedLayer
 from tp_zoo.layers.base import round_up
+from tp_zoo.layers.fused_linear import MergedColumnParallelDense
 from tp_zoo.layers.linear import ColumnParallelDense
-from tp_zoo.layers.linear import MergedColumnParallelDense
 from tp_zoo.layers.linear import RowParallelDense
 
 B = parallel.BATCH
@@ -83,16 +83,16 @@ class ParallelMLP(ShardedLayer):
         self.down.build(tuple(input_shape[:-1]) + (self.padded_intermediate_dim,))
 
     def _local_mlp(self, weights, x):
-        h = self.up.local_apply(weights[0], x)
+        h = self.up.local_call(weights[0], x)
         if self.gated:
             gate, up = self.up.split(h)
             h = self.act(gate) * up
-        return self.down.local_apply(weights[1], h)
+        return self.down.local_call(weights[1], h)
 
     def call(self, x):
-        weights, layouts = zip(*(p.weights_and_layouts() for p in self._projections()))
+        weights = tuple(p.local_weights() for p in self._projections())
         x_layout = (B,) + (None,) * (x.ndim - 1)
-        return self.run_sharded(self._local_mlp, (tuple(layouts), x_layout), x_layout, weights, x)
+        return self.run_with_weights(self._local_mlp, weights, (x_layout,), x_layout, x)
 
     def compute_output_shape(self, input_shape):
         return tuple(input_shape[:-1]) + (self.hidden_dim,)

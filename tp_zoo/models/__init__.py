@@ -1,8 +1,9 @@
 """Model families; each a backbone and a causal LM built from tp_zoo.layers.
 
 A family is a folder here holding a file of its own name (llama/llama.py)
-and registers itself (see `family.py`): adding one is that folder, plus
-its presets data. (generation/ is a package of another kind.)
+that registers it (see `family.py`); its classes are found here by their
+names (`tp_zoo.models.LlamaCausalLM`). (generation/ is a package of another
+kind.)
 """
 
 import importlib
@@ -18,11 +19,8 @@ from tp_zoo.models.preprocessor import CausalLMPreprocessor
 
 for _module in pkgutil.iter_modules(__path__):
     if _module.ispkg and (Path(_module.module_finder.path) / _module.name / f"{_module.name}.py").exists():
-        importlib.import_module(f"{__name__}.{_module.name}")
+        importlib.import_module(f"{__name__}.{_module.name}.{_module.name}")
 
-from tp_zoo.models.gpt2 import GPT2Backbone  # noqa: E402
-from tp_zoo.models.gpt2 import GPT2CausalLM  # noqa: E402
-from tp_zoo.models.llama import LlamaBackbone  # noqa: E402
-from tp_zoo.models.llama import LlamaCausalLM  # noqa: E402
-from tp_zoo.models.opt import OPTBackbone  # noqa: E402
-from tp_zoo.models.opt import OPTCausalLM  # noqa: E402
+for _family in families():
+    for _cls in (_family.causal_lm, _family.causal_lm.backbone_cls):
+        globals()[_cls.__name__] = _cls

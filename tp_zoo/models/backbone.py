@@ -19,8 +19,10 @@ from tp_zoo.layers import VocabParallelEmbedding
 from tp_zoo.layers.base import TrueShapeWeights
 from tp_zoo.layers.base import set_weights
 from tp_zoo.layers.base import true_value
-from tp_zoo.layers import quantize as q8
 from tp_zoo.layers.decoder_block import make_norm
+from tp_zoo.layers.quantize import check_mode
+from tp_zoo.layers.quantize import scheme_for
+from tp_zoo.layers.quantize import use_own_quantize
 from tp_zoo.models.family import load_preset
 
 
@@ -100,12 +102,39 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
 
     def __init__(self, dtype=None, quantized=None, **kwargs):
         options = {k: kwargs.pop(k) for k in DecoderConfig.names() if k in kwargs}
-        if quantized is not None:
-            q8.check_mode(quantized)
+        scheme = scheme_for(quantized)
         config = DecoderConfig(**options)
         policy = keras.dtype_policies.get(dtype) if dtype is not None else None
+        self._make_layers(config, policy)
+        # A quantized model's config (a .keras file): its projections are
+        # built with the scheme's kernels, which the saved weights then fill.
+        self.quantized = quantized
+        for projection in self.quantizable_layers():
+            projection.scheme = scheme
 
-        # === Layers ===
+        # === Functional model ===
+        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
+        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
+        x = self.embed(token_ids)
+        for block in self.transformer_layers:
+            x = block(x, padding_mask=padding_mask)
+        x = self.finish(x)
+        super().__init__(
+            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
+            outputs=x,
+            dtype=dtype,
+            **kwargs,
+        )
+        use_own_quantize(self)
+
+        # === Config ===
+        self.decoder_config = config
+        for name in DecoderConfig.names():
+            if name != "final_norm":
+                setattr(self, name, getattr(config, name))
+
+    def _make_layers(self, config, policy):
+        """The embeddings (and OPT's projections), the blocks and the final norm."""
         self.token_embedding = VocabParallelEmbedding(
             config.vocab_size, config.embedding_dim, name="token_embedding", dtype=policy
         )
@@ -127,21 +156,13 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         else:
             rotary = RotaryEmbedding(config.head_dim, config.rope_theta, config.rope_scaling)
         attention = dict(
-            num_heads=config.num_heads,
-            num_kv_heads=config.num_kv_heads,
-            head_dim=config.head_dim,
-            hidden_dim=config.hidden_dim,
-            rotary=rotary,
-            use_qkv_bias=config.qkv_bias,
-            use_output_bias=config.output_bias,
-            sliding_window=config.sliding_window,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, head_dim=config.head_dim,
+            hidden_dim=config.hidden_dim, rotary=rotary, use_qkv_bias=config.qkv_bias,
+            use_output_bias=config.output_bias, sliding_window=config.sliding_window,
         )
         mlp = dict(
-            hidden_dim=config.hidden_dim,
-            intermediate_dim=config.intermediate_dim,
-            activation=config.activation,
-            gated=config.gated_mlp,
-            use_bias=config.mlp_bias,
+            hidden_dim=config.hidden_dim, intermediate_dim=config.intermediate_dim, activation=config.activation,
+            gated=config.gated_mlp, use_bias=config.mlp_bias,
         )
         self.transformer_layers = [
             DecoderBlock(
@@ -153,35 +174,6 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
         self.output_norm = None
         if config.final_norm:
             self.output_norm = make_norm(config.norm, config.norm_epsilon, "final_norm", policy)
-
-        # A quantized model's config (a .keras file): its projections are
-        # built with int8 kernels, which the saved weights then fill.
-        self.quantized = quantized
-        if quantized is not None:
-            for projection in self.quantizable_layers():
-                projection.quantized = quantized
-
-        # === Functional model ===
-        token_ids = keras.Input(shape=(None,), dtype="int32", name="token_ids")
-        padding_mask = keras.Input(shape=(None,), dtype="int32", name="padding_mask")
-        x = self.embed(token_ids)
-        for block in self.transformer_layers:
-            x = block(x, padding_mask=padding_mask)
-        x = self.finish(x)
-        super().__init__(
-            inputs={"token_ids": token_ids, "padding_mask": padding_mask},
-            outputs=x,
-            dtype=dtype,
-            **kwargs,
-        )
-
-        q8.use_own_quantize(self)
-
-        # === Config ===
-        self.decoder_config = config
-        for name in DecoderConfig.names():
-            if name != "final_norm":
-                setattr(self, name, getattr(config, name))
 
     @classmethod
     def from_preset(cls, preset, **kwargs):
@@ -267,7 +259,7 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
     def check_quantize(self, mode, config=None, owner=None):
         """The checks of `quantize`, all before anything changes (`owner`:
         the causal LM holding this backbone, whose optimizer counts too)."""
-        q8.check_mode(mode, f"{self.name}.quantize")
+        check_mode(mode, f"{self.name}.quantize")
         if config is not None:
             raise ValueError(f"A quantization config is not supported; call quantize({mode!r}).")
         if self.quantized is not None:

@@ -97,6 +97,13 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
         self.tokenizer = tokenizer
         # The distribution the model was built under (None: one device).
         self.distribution = keras.distribution.distribution()
+        # Set by `tp_zoo.from_preset` for a Hugging Face checkpoint (else
+        # None): its directory (export copies its tokenizer files, a PEFT
+        # adapter names it as its base) and what this process read of it,
+        # {"bytes_read", "checkpoint_bytes"} (each process reads only the
+        # blocks its own devices hold).
+        self.checkpoint_directory = None
+        self.load_stats = None
         self.lm_head = VocabParallelLMHead(
             backbone.vocab_size,
             tied_embedding=backbone.token_embedding if backbone.tie_embeddings else None,

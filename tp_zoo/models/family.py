@@ -1,9 +1,12 @@
 """What makes a model family itself, and the registry of families.
 
-Each family file (tp_zoo/models/<family>/<family>.py) holds its backbone's
-translation of a Hugging Face config, its classes, and one `Family` entry:
-the model types it reads, its tokenizer's BOS convention and its layout map
-(presets/layouts/<layout>.json). Everything else is the shared decoder.
+A family is a folder tp_zoo/models/<name>/ whose file <name>.py holds its
+backbone's translation of a Hugging Face config, its classes, and one
+`Family` entry, registered when `tp_zoo.models` imports the file: the model
+types it reads, its tokenizer's BOS convention and its layout map
+(tp_zoo/presets/layouts/<layout>.json). Its named checkpoints are the
+entries of tp_zoo/presets/presets.json whose "family" is its name.
+Everything else is the shared decoder.
 """
 
 import dataclasses
@@ -26,6 +29,12 @@ class Family:
     layout: str
 
     def register(self):
+        for family in _FAMILIES:
+            if family.name == self.name:
+                raise ValueError(f"A family named {self.name!r} is already registered.")
+            shared = set(family.model_types) & set(self.model_types)
+            if shared:
+                raise ValueError(f"Family {self.name!r}: model types {sorted(shared)} are read by {family.name!r}.")
         _FAMILIES.append(self)
         return self
 
@@ -48,16 +57,15 @@ def family_of(config):
     )
 
 
-# The checkpoint room (above this one) registers how presets are loaded, so
-# that the families' classes can offer KerasHub's `Class.from_preset`.
-_preset_loader = None
-
-
-def set_preset_loader(load):
-    """`load(preset, expected_class, **kwargs)` -> a CausalLM."""
-    global _preset_loader
-    _preset_loader = load
-
-
 def load_preset(preset, expected_class, **kwargs):
-    return _preset_loader(preset, expected_class, **kwargs)
+    """`tp_zoo.from_preset(preset, **kwargs)`, refusing a checkpoint whose
+    family's classes are not (subclasses of) `expected_class`: the model
+    classes' own `from_preset`."""
+    # KerasHub's API puts from_preset on the model classes, while reading a
+    # checkpoint is the checkpoint room's, above this one: this is the one
+    # place this room reaches up, importing it when called. (A loader that
+    # the checkpoint room installed here when imported would be missing after
+    # `import tp_zoo.models` alone, since `import tp_zoo` imports nothing.)
+    from tp_zoo.checkpoint.from_preset import load_for_class
+
+    return load_for_class(preset, expected_class, **kwargs)

@@ -91,10 +91,10 @@ def _activation_bytes(lm, tokens, remat):
     local_vocab = head.padded_vocab_size // tp
     chunk = min(tokens, head.loss_chunk_tokens or max(256, 2**27 // local_vocab))
     loss = tokens * hidden * (4 + 2 * c) + 3 * 4 * chunk * local_vocab
-    # An int8 kernel is multiplied as a compute-dtype copy, made again in
-    # the backward pass: the largest one's, twice.
-    converted = 2 * c * max((math.prod(l.kernel.shape) for l in backbone.quantizable_layers() if l.quantized),
-                            default=0) // tp
+    # A quantized kernel may be multiplied as a compute-dtype copy, made
+    # again in the backward pass: the largest one's, twice.
+    converted = 2 * max((l.scheme.product_copy_bytes(l.kernel.shape, c) for l in backbone.quantizable_layers()),
+                        default=0) // tp
     return tokens * (backbone.num_layers * kept + recompute) + loss + converted
 
 

@@ -3,7 +3,7 @@ tokens, and the shapes its compiled programs take.
 
 Prompt widths and cache lengths are rounded up to buckets (8 sizes per
 octave), so that few shapes compile, and cache lengths to whole blocks of the
-decode kernel, the only caches it takes.
+decode kernel (of its configuration in force), the only caches it takes.
 """
 
 import dataclasses
@@ -11,7 +11,8 @@ import math
 
 import numpy as np
 
-from tp_zoo.kernels import decode_attention as decode_kernel
+from tp_zoo import kernels
+from tp_zoo.kernels import decode_attention
 from tp_zoo.models.generation.inputs import Prompts
 from tp_zoo.models.generation.inputs import parse_prompts
 
@@ -26,6 +27,9 @@ class Request:
     width: int  # longest prompt + its budget
     cache_length: int
     prompt_width: int
+    # The kernels' configurations in force when planned: the cache length
+    # follows its decode block, and the programs are traced under it.
+    kernel_configs: kernels.KernelConfigs
 
     @property
     def batch(self):
@@ -64,13 +68,14 @@ def plan_request(lm, inputs, max_length, max_new_tokens, stop_token_ids, chat_te
         stop_token_ids = _checkpoint_stop_ids(lm)
     stop_token_ids = tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None else None
     return Request(prompts, budgets, stop_token_ids, width, cache_length,
-                   prompt_width=min(bucket(int(prompts.lengths.max())), cache_length))
+                   prompt_width=min(bucket(int(prompts.lengths.max())), cache_length),
+                   kernel_configs=kernels.active())
 
 
 def bucket(n):
     """`n` rounded up to one of 8 sizes per octave (and to whole decode
     kernel blocks), so that few shapes compile and at most 1/8 is padding."""
-    step = math.lcm(decode_kernel.cache_length_multiple(), 1 << max(0, n.bit_length() - 4))
+    step = math.lcm(decode_attention.cache_length_multiple(), 1 << max(0, n.bit_length() - 4))
     return -(-n // step) * step
 
 

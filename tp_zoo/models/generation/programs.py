@@ -5,7 +5,9 @@ STREAM_STEPS decode steps per call).
 
 Each is jitted once per model and sampler (keras_hub's compile() resets
 them), and runs on explicit variable values as KerasHub's compiled generate
-does; the sampler's seed state comes back out and is assigned.
+does; the sampler's seed state comes back out and is assigned. The kernels'
+configurations are a static argument, as the cache length is: a program is
+traced under them, and other configurations trace it anew.
 """
 
 import functools
@@ -17,6 +19,7 @@ import keras
 import keras_hub
 import numpy as np
 
+from tp_zoo import kernels
 from tp_zoo.models import memory
 
 # Decode steps per compiled call when streaming: text shows every few
@@ -139,32 +142,36 @@ def _stream_steps(lm, caches, carry, lengths, budgets, stop_token_ids, cache_len
 
 
 # --- compiled, on explicit variable values ---------------------------------------------
-def _stateless(lm, state, fn, *args):
+def _stateless(lm, state, kernel_configs, fn, *args):
     """`fn(lm, *args)` on explicit variable values (as KerasHub's compiled
-    generate does), returning the sampler's advanced seed state too."""
+    generate does) and the kernels configured by `kernel_configs`,
+    returning the sampler's advanced seed state too."""
     sampler_values, trainable, non_trainable = state
     mapping = itertools.chain(
         zip(lm.sampler.variables, sampler_values),
         zip(lm.trainable_variables, trainable),
         zip(lm.non_trainable_variables, non_trainable),
     )
-    with keras.StatelessScope(state_mapping=mapping) as scope:
+    with kernels.configured(kernel_configs), keras.StatelessScope(state_mapping=mapping) as scope:
         result = fn(lm, *args)
     new_values = [scope.get_current_value(v) for v in lm.sampler.variables]
     return result, [n if n is not None else v for n, v in zip(new_values, sampler_values)]
 
 
 # Named arguments, which jit's static and donated arguments are named by.
-def _run_whole(lm, state, token_ids, lengths, budgets, stop_token_ids, cache_length):
-    return _stateless(lm, state, _all_new_tokens, token_ids, lengths, budgets, stop_token_ids, cache_length)
+def _run_whole(lm, state, token_ids, lengths, budgets, stop_token_ids, cache_length, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _all_new_tokens, token_ids, lengths, budgets, stop_token_ids,
+                      cache_length)
 
 
-def _run_stream_start(lm, state, token_ids, lengths, budgets, stop_token_ids, cache_length):
-    return _stateless(lm, state, _stream_start, token_ids, lengths, budgets, stop_token_ids, cache_length)
+def _run_stream_start(lm, state, token_ids, lengths, budgets, stop_token_ids, cache_length, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _stream_start, token_ids, lengths, budgets, stop_token_ids,
+                      cache_length)
 
 
-def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids, cache_length):
-    return _stateless(lm, state, _stream_steps, caches, carry, lengths, budgets, stop_token_ids, cache_length)
+def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids, cache_length, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _stream_steps, caches, carry, lengths, budgets, stop_token_ids,
+                      cache_length)
 
 
 # name -> (function, jit options). Streamed steps take the caches donated, so
@@ -183,7 +190,8 @@ def program(lm, name="whole"):
     if name not in lm.generate_function:
         function, options = _PROGRAMS[name]
         lm.generate_function[name] = jax.jit(
-            functools.partial(function, lm), static_argnames=("stop_token_ids", "cache_length"), **options
+            functools.partial(function, lm), static_argnames=("stop_token_ids", "cache_length", "kernel_configs"),
+            **options,
         )
     return lm.generate_function[name]
 
@@ -224,6 +232,7 @@ def generated_ids(lm, request):
     ids, sampler_values = within_memory(lm, request, lambda: program(lm)(
         variable_values(lm), request.token_ids, request.lengths, request.budgets,
         stop_token_ids=request.stop_token_ids, cache_length=request.cache_length,
+        kernel_configs=request.kernel_configs,
     ))
     keep_sampler_state(lm, sampler_values)
     return np.asarray(ids)

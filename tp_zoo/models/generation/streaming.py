@@ -29,7 +29,8 @@ def stream_ids(lm, inputs, max_length=None, max_new_tokens=None, stop_token_ids=
 def stream_rows(lm, request):
     """`stream_ids`' generator: per compiled call, each row's new ids."""
     lengths, budgets = request.lengths, request.budgets
-    options = {"stop_token_ids": request.stop_token_ids, "cache_length": request.cache_length}
+    options = {"stop_token_ids": request.stop_token_ids, "cache_length": request.cache_length,
+               "kernel_configs": request.kernel_configs}
     state = programs.variable_values(lm)
     (caches, carry, tokens), sampler_values = programs.within_memory(
         lm, request, lambda: programs.program(lm, "stream start")(state, request.token_ids, lengths, budgets, **options)

@@ -1,0 +1,125 @@
+"""On an NVIDIA GPU: the compiled kernels and cuDNN's attention against the
+XLA paths, in bf16.
+
+1. ParallelAttention with cuDNN's fused attention against the dense XLA
+   attention (right padding, a sliding window).
+2. The prefill's cuDNN attention against the blockwise attention.
+3. The Pallas decode step against the XLA one, for ragged row positions
+   (0 to the end of the cache) and a window: its output, and the caches it
+   writes in place (bitwise); and from the fused q/k/v product.
+4. The Pallas int8 product against XLA's.
+
+Tolerance, where not bitwise: max |diff| <= 2e-2 x max(1, max |reference|)
+(bf16 keeps 8 bits, ~4e-3 per rounding, and the paths add in other
+orders); the int8 products, float32 sums of exact bf16 x int8 products:
+1e-5 x max |reference|.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close
+from tp_zoo import kernels
+from tp_zoo.kernels import decode_attention
+from tp_zoo.kernels import int8_matmul
+from tp_zoo.layers import ParallelAttention
+from tp_zoo.layers import RotaryEmbedding
+from tp_zoo.layers import attention_ops
+
+pytestmark = pytest.mark.gpu
+
+BF16 = 2e-2
+XLA_DECODE = kernels.KernelConfigs(decode_attention=kernels.DecodeAttentionConfig(enabled=False))
+
+
+@pytest.mark.parametrize("window", [None, 64])
+def test_layer_with_cudnn_attention_matches_xla(monkeypatch, window):
+    rs = np.random.RandomState(0)
+    x = rs.randn(3, 256, 256).astype("float32")
+    mask = np.ones((3, 256), "int32")
+    mask[1, 200:] = 0
+    mask[2, 17:] = 0
+    real = mask.astype(bool)
+    layer = ParallelAttention(8, 32, 256, num_kv_heads=2, rotary=RotaryEmbedding(32), sliding_window=window,
+                              dtype="bfloat16")
+    layer.build(x.shape)
+    outs = {}
+    for fused in (True, False):
+        monkeypatch.setattr(attention_ops, "FUSED_ATTENTION", fused)
+        # A new jit each time: cuDNN or XLA is chosen when traced.
+        outs[fused] = np.asarray(jax.jit(lambda x, m: layer(x, padding_mask=m))(x, mask), "float32")
+    assert_close(outs[False][real], outs[True][real], f"layer, window={window}: cuDNN vs XLA", rel=BF16)
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_prefill_cudnn_attention_matches_blockwise(window):
+    rs = np.random.RandomState(1)
+    q, k, v = (jnp.asarray(rs.randn(2, 1000, h, 128), jnp.bfloat16) for h in (32, 8, 8))
+    lengths = jnp.array([1000, 1000])
+    assert attention_ops.fused_applies(q)
+    fused = jax.jit(lambda q, k, v: attention_ops.fused_attention(q, k, v, lengths, window))(q, k, v)
+    blocks = jax.jit(lambda q, k, v: attention_ops.blockwise_attention(q, k, v, window))(q, k, v)
+    assert_close(np.asarray(blocks, "float32"), np.asarray(fused, "float32"),
+                 f"prefill, window={window}: cuDNN vs blockwise", rel=BF16)
+
+
+def _decode_inputs():
+    """Llama-3-8B heads (32 over 8, head_dim 128), rows at the first key,
+    either side of the first block boundary, inside and at the end of a
+    4096-key cache."""
+    rs = np.random.RandomState(2)
+    b, t = 6, 4096
+    q = jnp.asarray(rs.randn(b, 32, 128), jnp.bfloat16)
+    k_new, v_new = (jnp.asarray(rs.randn(b, 8, 128), jnp.bfloat16) for _ in range(2))
+    k, v = (jnp.asarray(rs.randn(b, 8, t, 128), jnp.bfloat16) for _ in range(2))
+    return q, k_new, v_new, k, v, jnp.array([0, 62, 63, 64, 2999, t - 1])
+
+
+def _float32(arrays):
+    return [np.asarray(a, "float32") for a in arrays]
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_kernel_matches_xla(window):
+    q, k_new, v_new, k, v, positions = _decode_inputs()
+    # A new jit each time: the kernel or the XLA path is chosen when traced.
+    step = lambda: jax.jit(lambda *a: attention_ops.decode_step(*a, window))(q, k_new, v_new, k, v, positions)
+    assert decode_attention.applies(q, k)
+    kernel = _float32(step())
+    with kernels.configured(XLA_DECODE):
+        assert not decode_attention.applies(q, k)
+        xla = _float32(step())
+    assert_close(xla[0], kernel[0], f"decode, window={window}: Pallas kernel vs XLA", rel=BF16)
+    for written, expected in zip(kernel[1:], xla[1:]):
+        np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize("window", [None, 100])
+def test_decode_kernel_reads_the_fused_qkv_product(window):
+    """decode_step_fused, its operands read out of the fused product by the
+    kernel, against the XLA decode step of the same q, k and v."""
+    q, k_new, v_new, k, v, positions = _decode_inputs()
+    qkv = jnp.concatenate([k_new[:, :, None], v_new[:, :, None], q.reshape(6, 8, 4, 128)], axis=2)
+    assert decode_attention.applies(qkv, k)
+    fused = _float32(jax.jit(lambda *a: attention_ops.decode_step_fused(*a, window))(qkv, k, v, positions))
+    with kernels.configured(XLA_DECODE):
+        xla = _float32(jax.jit(lambda *a: attention_ops.decode_step(*a, window))(q, k_new, v_new, k, v, positions))
+    assert_close(xla[0], fused[0], f"fused decode, window={window}: Pallas kernel vs XLA", rel=BF16)
+    for written, expected in zip(fused[1:], xla[1:]):
+        np.testing.assert_array_equal(written, expected)
+
+
+@pytest.mark.parametrize("rows", [1, 16, 64])
+def test_int8_kernel_matches_xla(rows):
+    """x times a Llama-3-8B layer's fused gate/up int8 values (output-major,
+    28672 x 4096), as XLA computes it: int8 -> bf16, float32 products."""
+    rs = np.random.RandomState(3)
+    values = jnp.asarray(rs.randint(-127, 128, (28672, 4096)), jnp.int8)
+    x = jnp.asarray(rs.standard_normal((rows, 4096)), jnp.bfloat16)
+    assert int8_matmul.applies(x, values)
+    got = jax.jit(int8_matmul.int8_matmul)(x, values)
+    want = jnp.dot(x, values.T.astype(jnp.bfloat16), preferred_element_type=jnp.float32)
+    assert float(jnp.abs(want).max()) > 1  # so the bound below is 1e-5 x max |reference|
+    assert_close(want, got, f"int8 product, {rows} rows: Pallas kernel vs XLA", rel=1e-5)
