@@ -55,12 +55,13 @@ def hf_config(shape, **overrides):
     }
 
 
-def tp_zoo_model(config, tp, dtype, quantized=None, dp=1):
+def tp_zoo_model(config, tp, dtype, quantized=None, dp=1, fsdp=1):
     """tp_zoo's Llama with random weights, made directly sharded on the
-    devices (a (dp, tp) mesh); with quantized="int8" its kernels are made
-    int8 on the devices (zeros, scales of one: the bytes a decode step
-    reads, never a float copy)."""
-    with tp_zoo.distribution(tp=tp, dp=dp).scope():
+    devices (a (dp, tp) mesh, or (fsdp, tp) with the variables split over
+    fsdp too); with quantized="int8" its kernels are made int8 on the
+    devices (zeros, scales of one: the bytes a decode step reads, never a
+    float copy)."""
+    with tp_zoo.distribution(tp=tp, dp=dp, fsdp=fsdp).scope():
         return LlamaCausalLM(backbone=LlamaBackbone.from_hf_config(config, dtype=dtype, quantized=quantized))
 
 

@@ -23,6 +23,10 @@ beside the tp=1 decode rows of the 8B shape unless --skip-keras-hub):
                       runs when --tp has 1)
   train8b             8B full fine-tune, the same at 4 x 1024, tp >= 2 only (float32
                       weights, gradients and AdamW moments: 128 GB)
+  fsdp8b              8B full fine-tune in bf16 (tp_zoo's AdamW: float32 moments,
+                      stochastic rounding; 95 GiB at 4 x 1024 on one H200), 4 x 1024
+                      per device: one GPU (fsdp=1), fsdp=2 (the state split over two
+                      GPUs) and tp=2, whatever --tp says
   load8b              an 8B bf16 safetensors checkpoint, written once (--checkpoint-dir
                       keeps it) and read into the page cache, loaded at each tp: GB/s
 
@@ -135,6 +139,8 @@ class Train:
     seq: int
     extra_meshes: tuple  # (tp, dp) meshes beside --tp's (tp, 1) ones, run when --tp has 1: dp=2
     min_tp: int = 1  # 8B: weights, gradients and AdamW moments in float32 (128 GB) need two H200s
+    dtype: str = "mixed_bfloat16"
+    meshes: tuple = ()  # (tp, data devices, fully sharded): these in place of --tp's
 
 
 @dataclasses.dataclass
@@ -157,6 +163,8 @@ ROWS = {
     "prefill8b": Prefill("llama3_8b", 2048),
     "train1b": Train("llama3_1b", 8, 1024, extra_meshes=((1, 2),)),
     "train8b": Train("llama3_8b", 4, 1024, extra_meshes=(), min_tp=2),
+    "fsdp8b": Train("llama3_8b", 4, 1024, extra_meshes=(), dtype="bfloat16",
+                    meshes=((1, 1, False), (1, 2, True), (2, 1, False))),
     "load8b": Load("llama3_8b"),
 }
 
@@ -175,7 +183,7 @@ class Cell:
     """One row measured on one model: its figures, or why there are none."""
 
     row: str
-    model: str  # "tp_zoo tp=2", "tp_zoo tp=1 dp=2", "KerasHub tp=1"
+    model: str  # "tp_zoo tp=2", "tp_zoo tp=1 dp=2", "tp_zoo tp=1 fsdp=2", "KerasHub tp=1"
     tp: int
     dp: int = 1
     figures: list = dataclasses.field(default_factory=list)
@@ -341,17 +349,19 @@ def for_training(lm):
     return lm
 
 
-def model_name(tp, dp):
-    return f"tp_zoo tp={tp}" + (f" dp={dp}" if dp > 1 else "")
+def model_name(tp, dp, fully_sharded=False):
+    return f"tp_zoo tp={tp}" + (f" {'fsdp' if fully_sharded else 'dp'}={dp}" if dp > 1 else "")
 
 
-def model_job(bench, shape, dtype, tp, dp, prepare, measured, quantized=None):
+def model_job(bench, shape, dtype, tp, dp, prepare, measured, quantized=None, fully_sharded=False):
     """A job on tp_zoo's Llama of `shape` (its int8 form with quantized="int8")
-    on a (dp, tp) mesh, made ready by `prepare`; `measured` lists (row,
-    measure) pairs."""
+    on a (dp, tp) mesh (the variables split over dp too if `fully_sharded`),
+    made ready by `prepare`; `measured` lists (row, measure) pairs."""
     config = bench.config(shape)
-    cells = [Cell(name, model_name(tp, dp), tp, dp) for name, _ in measured]
-    return Job(lambda: prepare(tp_zoo_model(config, tp, dtype, quantized, dp=dp)), cells, [m for _, m in measured])
+    cells = [Cell(name, model_name(tp, dp, fully_sharded), tp, dp) for name, _ in measured]
+    data = {"fsdp": dp} if fully_sharded else {"dp": dp}
+    return Job(lambda: prepare(tp_zoo_model(config, tp, dtype, quantized, **data)), cells,
+               [m for _, m in measured])
 
 
 def jobs(bench, rows, tps, skip_keras_hub):
@@ -377,10 +387,11 @@ def jobs(bench, rows, tps, skip_keras_hub):
     for name in rows:
         spec = ROWS[name]
         if isinstance(spec, Train):
-            meshes = [(tp, 1) for tp in tps if tp >= spec.min_tp] + (list(spec.extra_meshes) if 1 in tps else [])
-            for tp, dp in meshes:
-                plan.append(model_job(bench, spec.shape, "mixed_bfloat16", tp, dp, for_training,
-                                      [(name, bench.train(spec, tp, dp))]))
+            meshes = spec.meshes or [(tp, 1, False) for tp in tps if tp >= spec.min_tp] + (
+                [(tp, dp, False) for tp, dp in spec.extra_meshes] if 1 in tps else [])
+            for tp, dp, fully_sharded in meshes:
+                plan.append(model_job(bench, spec.shape, spec.dtype, tp, dp, for_training,
+                                      [(name, bench.train(spec, tp, dp))], fully_sharded=fully_sharded))
         if isinstance(spec, Load):
             cells = [Cell(name, model_name(tp, 1), tp) for tp in tps]
             plan.append(Job(lambda spec=spec: bench.checkpoint(spec.shape), cells, [bench.load(tp) for tp in tps]))

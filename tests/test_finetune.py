@@ -134,6 +134,8 @@ def _data(tmp_path, name, content):
         ({"save_every": 2}, r"^save_every=2 needs out, a folder to save the checkpoints in\.$"),
         ({"save_every": 0, "out": "run"}, r"^save_every=0: must be"),
         ({"batch_size": 3, "dp": 2}, r"^batch_size=3 is not divisible by dp=2\.$"),
+        ({"batch_size": 6, "fsdp": 4}, r"^batch_size=6 is not divisible by fsdp=4\.$"),
+        ({"dp": 2, "fsdp": 2}, r"^dp=2 and fsdp=2: give one of them \(fsdp devices split the batch too\)\.$"),
         ({"out": "a_file"}, r"a_file is a file, not a folder\.$"),
         ({"out": "a_file/run"}, r"run cannot be made: .*a_file is a file\.$"),
     ],
@@ -249,3 +251,27 @@ def test_finetune_picks_remat_and_refuses_what_cannot_fit(checkpoint, monkeypatc
     with pytest.raises(tp_zoo.errors.DeviceMemoryError, match=r"^Training 4 x 32 tokens needs about"):
         finetune(lm, data, steps=2, batch_size=4, seq_len=32, progress=False)
     assert not steps  # refused before the first step
+
+
+def test_cli_fine_tunes_fully_sharded_and_says_the_memory_before_loading(checkpoint, tmp_path, capsys, monkeypatch):
+    """`tp-zoo finetune --tp 2 --fsdp 2` prints its per-device estimate
+    before the model loads, trains, and says the mesh when it resumes; a
+    step that cannot fit is refused before anything loads."""
+    from tp_zoo import cli
+    from tp_zoo.models import memory
+
+    run = tmp_path / "run"
+    common = ["finetune", str(checkpoint / "model"), "--data", str(checkpoint / "data.txt"), "--batch-size", "4",
+              "--seq-len", "16", "--fsdp", "2", "--out", str(run)]
+    args = [*common, "--steps", "2", "--tp", "2"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "finetune: before loading, remat='none': about " in err and " per device (weights " in err
+    assert cli.main([*common, "--steps", "3", "--tp", "4"]) == 0
+    assert f"resuming from {run / 'checkpoints' / 'step_00000002'}: step 2 of 3, no LoRA, tp=4 fsdp=2 " \
+           "(saved at tp=2 fsdp=2)" in capsys.readouterr().err
+    loaded = []
+    monkeypatch.setattr(tp_zoo, "from_preset", lambda *a, **k: loaded.append(1))
+    monkeypatch.setattr(memory, "free_device_bytes", lambda devices: 1000)
+    assert cli.main(args) == 2
+    assert "Training 4 x 16 tokens needs about" in capsys.readouterr().err and not loaded

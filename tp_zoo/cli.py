@@ -139,14 +139,22 @@ def _finetune(args):
 
     import tp_zoo
     from tp_zoo.finetune import check_finetune
+    from tp_zoo.checkpoint.from_preset import is_keras_hub_preset
     from tp_zoo.finetune import finetune
+    from tp_zoo.finetune import planned_memory
 
     console = Console()
     settings = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                     lora_rank=args.lora_rank, save_every=args.save_every, out=args.out, stride=args.stride)
-    check_finetune(args.data, **settings, dp=args.dp)  # before the model loads, which can take minutes
+    # Everything that can be checked before the model loads, which takes minutes.
+    check_finetune(args.data, **settings, dp=args.dp, fsdp=args.fsdp)
+    if not is_keras_hub_preset(args.preset):
+        remat, plan = planned_memory(args.preset, args.batch_size, args.seq_len, args.lora_rank, args.remat,
+                                     tp=args.tp, dp=args.dp, fsdp=args.fsdp, dtype=args.dtype, quantize=args.quantize)
+        print(f"finetune: before loading, remat={remat!r}: about {plan}.", file=sys.stderr)
     template = _chat_template_file(args.chat_template)
-    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, dtype=args.dtype, quantize=args.quantize)
+    lm = tp_zoo.from_preset(args.preset, tp=args.tp, dp=args.dp, fsdp=args.fsdp, dtype=args.dtype,
+                            quantize=args.quantize)
     losses = finetune(lm, args.data, **settings, packing=args.packing, chat_template=template, remat=args.remat)
     if losses:
         console.print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps")
@@ -186,7 +194,10 @@ def _add_finetune_command(commands):
     ft = commands.add_parser("finetune", help="fine-tune on a .txt or .jsonl file, sharded, resumable")
     ft.add_argument("preset", metavar="PRESET_OR_DIR")
     ft.add_argument("--tp", type=int, default=1)
-    ft.add_argument("--dp", type=int, default=1)
+    ft.add_argument("--dp", type=int, default=1, help="data-parallel devices, each with a whole tp share of the model")
+    ft.add_argument("--fsdp", type=int, default=1,
+                    help="fully sharded data-parallel devices (instead of --dp): they split the batch, and also "
+                         "the weights, gradients and optimizer state")
     ft.add_argument("--data", required=True,
                     help=".txt (one document) or .jsonl, a line each: {'text': ...}, {'messages': [...]} (only the "
                          "assistant's replies trained) or {'prompt': ..., 'completion': ...} (only the completion)")

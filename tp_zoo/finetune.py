@@ -40,12 +40,17 @@ from tp_zoo.checkpoint.peft import save_peft_adapter
 from tp_zoo.checkpoint.training_state import check_lora_rank
 from tp_zoo.checkpoint.training_state import describe_lora
 from tp_zoo.checkpoint.training_state import latest_checkpoint
-from tp_zoo.checkpoint.training_state import mesh_sizes
 from tp_zoo.checkpoint.training_state import read_manifest
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
 from tp_zoo.errors import FinetuneSettingsError
+from tp_zoo.checkpoint.from_preset import checkpoint_dtype
+from tp_zoo.checkpoint.source import checkpoint_directory
+from tp_zoo.checkpoint.source import read_config
+from tp_zoo.models.family import family_of
+from tp_zoo.models.memory import fitting_remat
+from tp_zoo.models.memory import planned_training_memory
 from tp_zoo.models.memory import remat_for
 from tp_zoo.models.memory import training_memory
 from tp_zoo.models.training_examples import FORMATS
@@ -97,21 +102,24 @@ def read_examples(path):
 
 
 def check_finetune(data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None, save_every=None,
-                   out=None, stride=None, dp=1):
+                   out=None, stride=None, dp=1, fsdp=1):
     """Refuses, before a model is loaded and before anything is written,
     settings `finetune` cannot run (a FinetuneSettingsError), a bad data
     file (a DataFileError) and a resume of checkpoints in `out` trained
     with LoRA of another rank (a CheckpointMismatchError). Returns the
     data's examples (as `read_examples`)."""
-    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("dp", dp),
+    for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("dp", dp), ("fsdp", fsdp),
                         ("lora_rank", lora_rank), ("save_every", save_every), ("stride", stride)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise FinetuneSettingsError(f"{name}={value!r}: must be a whole number of at least 1.")
     if not isinstance(lr, keras.optimizers.schedules.LearningRateSchedule) and (
             isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0):
         raise FinetuneSettingsError(f"lr={lr!r}: the learning rate must be a positive finite number.")
-    if batch_size % dp:
-        raise FinetuneSettingsError(f"batch_size={batch_size} is not divisible by dp={dp}.")
+    if dp > 1 and fsdp > 1:
+        raise FinetuneSettingsError(f"dp={dp} and fsdp={fsdp}: give one of them (fsdp devices split the batch too).")
+    for name, degree in (("dp", dp), ("fsdp", fsdp)):
+        if batch_size % degree:
+            raise FinetuneSettingsError(f"batch_size={batch_size} is not divisible by {name}={degree}.")
     if save_every is not None and out is None:
         raise FinetuneSettingsError(f"save_every={save_every} needs out, a folder to save the checkpoints in.")
     if out is not None:
@@ -121,6 +129,26 @@ def check_finetune(data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_ran
     if latest is not None:
         check_lora_rank(read_manifest(latest), lora_rank, latest)
     return examples
+
+
+def planned_memory(preset, batch_size=8, seq_len=128, lora_rank=None, remat="auto", tp=1, dp=1, fsdp=1, dtype=None,
+                   quantize=None):
+    """(remat policy, `TrainingMemory` per device) of fine-tuning a Hugging
+    Face checkpoint on the mesh, from its config.json alone, before any
+    weight is loaded: "auto" takes the least recompute that fits the free
+    memory of the mesh's devices; DeviceMemoryError (with the estimate)
+    when nothing fits."""
+    config = read_config(checkpoint_directory(preset))
+    decoder = family_of(config).causal_lm.backbone_cls.decoder_config(config)
+    data = max(dp, fsdp)
+
+    def estimate(policy):
+        return planned_training_memory(decoder, batch_size, seq_len, policy, tp=tp, data=data, fully_sharded=fsdp > 1,
+                                       dtype=dtype or checkpoint_dtype(config), quantize=quantize, lora_rank=lora_rank)
+
+    policy = fitting_remat(f"Training {batch_size} x {seq_len} tokens", estimate,
+                           jax.devices()[: tp * data], remat, weights_on_device=False)
+    return policy, estimate(policy)
 
 
 def _check_out(out):
@@ -221,9 +249,9 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     fits the free device memory; a step that cannot fit is refused before
     it runs (DeviceMemoryError, with the estimate).
     """
-    dp = causal_lm.data_parallel_degree
+    data_parallel = dict(list(causal_lm.mesh_sizes.items())[1:])
     examples = check_finetune(data, steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, lora_rank=lora_rank,
-                              save_every=save_every, out=out, stride=stride, dp=dp)
+                              save_every=save_every, out=out, stride=stride, **data_parallel)
     out = Path(out) if out is not None else None
     latest = latest_checkpoint(out / "checkpoints") if out is not None else None
     done = read_manifest(latest)["step"] if latest is not None else 0
@@ -245,7 +273,7 @@ def finetune(causal_lm, data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lor
     if latest is not None:
         start = restore_training_state(causal_lm, latest)
         _say(f"resuming from {latest}: step {start} of {steps}, {describe_lora(lora_rank)}, "
-             f"{_mesh_change(read_manifest(latest).get('mesh'), mesh_sizes(causal_lm))}.")
+             f"{_mesh_change(read_manifest(latest).get('mesh'), causal_lm.mesh_sizes)}.")
     losses = _train_steps(causal_lm, x, y, range(start, steps), batch_size, seed, out, save_every, progress)
     if out is not None:
         if lora_rank is not None:

@@ -25,7 +25,8 @@ from tp_zoo.models import family_of
 from tp_zoo.models.tokenizer import CheckpointTokenizer
 
 
-def _checkpoint_dtype(config):
+def checkpoint_dtype(config):
+    """The dtype a model loads in by default: the checkpoint's own (float32 if it names another)."""
     dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     return dtype if dtype in ("float32", "bfloat16", "float16") else "float32"
 
@@ -44,7 +45,7 @@ def _refuse_quantized(config, directory):
 
 
 def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True, quantize=None,
-                adapter=None):
+                adapter=None, fsdp=1):
     """Loads a checkpoint straight into per-device shards.
 
     Args:
@@ -52,7 +53,10 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
             Hugging Face checkpoint (config.json + safetensors) or a KerasHub
             preset (`lm.save_to_preset(dir)`), or "hf://org/name". Downloads go through `huggingface_hub` (its cache,
             HF_HUB_OFFLINE and tokens apply) and fetch only the files needed.
-        tp, dp, devices: the mesh, as for `tp_zoo.distribution`.
+        tp, dp, fsdp, devices: the mesh, as for `tp_zoo.distribution`:
+            `fsdp=N` in place of `dp=N` also splits every variable (and
+            its optimizer moments) over those N devices, for fine-tuning
+            what one device's share of tp cannot hold.
         dtype: variable and compute dtype (or a Keras dtype policy name such as
             "mixed_bfloat16"); defaults to the checkpoint's own dtype.
         allow_pickle: accept checkpoints that only have pickled PyTorch files.
@@ -75,23 +79,23 @@ def from_preset(preset, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False
     """
     if adapter is not None:
         read_adapter_config(adapter)
-    causal_lm = load_for_class(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize)
+    causal_lm = load_for_class(preset, None, tp, dp, dtype, devices, allow_pickle, progress, quantize, fsdp)
     if adapter is not None:
         load_peft_adapter(causal_lm, adapter)
     return causal_lm
 
 
 def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None, allow_pickle=False, progress=True,
-                   quantize=None):
+                   quantize=None, fsdp=1):
     """from_preset, refusing a checkpoint whose family's classes are not
     (subclasses of) `expected_class` (a CausalLM or Backbone class, or None):
     the classes' own from_preset (`tp_zoo.models.family.load_preset`)."""
     if quantize is not None:
         check_mode(quantize, "from_preset")
-    distribution = parallel.distribution(tp=tp, dp=dp, devices=devices)
-    if tp * dp == 1 and devices is None:
+    distribution = parallel.distribution(tp=tp, dp=dp, devices=devices, fsdp=fsdp)
+    if tp * dp * fsdp == 1 and devices is None:
         distribution = None  # one device: a plain single-device model
-    if _is_keras_hub_preset(preset):
+    if is_keras_hub_preset(preset):
         if quantize is not None:
             raise ValueError("quantize= applies to Hugging Face checkpoints; call lm.quantize() on a loaded preset.")
         return _load_keras_hub_preset(preset, expected_class, distribution, dtype)
@@ -111,7 +115,7 @@ def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None,
     tensors = open_tensors(directory, allow_pickle=allow_pickle)
     try:
         layout = Layout(family.layout)
-        dtype = dtype or _checkpoint_dtype(config)
+        dtype = dtype or checkpoint_dtype(config)
         loader = StreamingLoader(tensors, layout, progress=progress, description=f"loading {directory.name} (tp={tp})",
                                  float_dtype=keras.dtype_policies.get(dtype).variable_dtype)
         scope = distribution.scope() if distribution is not None else contextlib.nullcontext()
@@ -129,7 +133,8 @@ def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None,
     return causal_lm
 
 
-def _is_keras_hub_preset(preset):
+def is_keras_hub_preset(preset):
+    """A directory written by KerasHub's `save_to_preset`, not a Hugging Face checkpoint."""
     return (Path(preset) / "metadata.json").is_file() and (Path(preset) / "task.json").is_file()
 
 

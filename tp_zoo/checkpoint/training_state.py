@@ -29,8 +29,6 @@ from tp_zoo.checkpoint.tensor_files import write_safetensors
 from tp_zoo.errors import CheckpointMismatchError
 from tp_zoo.layers.base import AxisPadding
 from tp_zoo.layers.base import paddings
-from tp_zoo.parallel import BATCH
-from tp_zoo.parallel import MODEL
 
 _NAME = re.compile(r"^step_(\d{8})$")
 
@@ -79,7 +77,7 @@ def save_training_state(causal_lm, directory, step, keep=2):
         tmp.mkdir()
     _barrier(f"tp_zoo save {step} begin")
     manifest = {"step": step, "model": _fingerprint(causal_lm), "config": _config(causal_lm),
-                "mesh": mesh_sizes(causal_lm), "variables": {}}
+                "mesh": causal_lm.mesh_sizes, "variables": {}}
     pieces = []
     for key, variable, padding in _state(causal_lm):
         value = variable.value
@@ -152,15 +150,6 @@ def check_lora_rank(manifest, rank, path):
 def describe_lora(rank):
     """"LoRA rank 8", or "no LoRA" for None."""
     return "no LoRA" if rank is None else f"LoRA rank {rank}"
-
-
-def mesh_sizes(causal_lm):
-    """{"tp", "dp"}: the sizes of the model's mesh (1 and 1 without one)."""
-    if causal_lm.distribution is None:
-        return {"tp": 1, "dp": 1}
-    mesh = causal_lm.distribution.device_mesh
-    sizes = dict(zip(mesh.axis_names, mesh.shape))
-    return {"tp": sizes.get(MODEL, 1), "dp": sizes.get(BATCH, 1)}
 
 
 def restore_training_state(causal_lm, path):

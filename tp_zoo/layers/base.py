@@ -313,7 +313,8 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         `layout` has one entry per dim: `parallel.MODEL` (split over the
         tensor-parallel devices) or None (whole on every device); it is
         declared here once, and `layout_of(variable)` gives it to whatever runs
-        the variable sharded. Where `shape` pads dims up to a multiple of
+        the variable sharded (with the dim the data-parallel devices split
+        too when the mesh is fully sharded: `parallel.storage_layout`). Where `shape` pads dims up to a multiple of
         tp, `padding` (one `AxisPadding` or None per dim) says where the
         real entries sit (at the end of a vocab, inside each kv group of
         heads). The checkpoint source, get_weights/set_weights, saving and
@@ -333,6 +334,7 @@ class ShardedLayer(TrueShapeWeights, keras.layers.Layer):
         if tuple(p.size for p in padding) != shape:
             raise ValueError(f"{self.name}/{name}: padding {padding} does not fit shape {shape}.")
         dtype = dtype or self.variable_dtype
+        layout = parallel.storage_layout(self.mesh_info, layout, shape)
         keras_layout = sharding = None
         if self.mesh_info is not None:
             keras_layout = parallel.variable_layout(self.mesh_info, layout)

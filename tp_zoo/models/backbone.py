@@ -133,6 +133,17 @@ class DecoderBackbone(TrueShapeWeights, keras_hub.models.Backbone):
             if name != "final_norm":
                 setattr(self, name, getattr(config, name))
 
+    @classmethod
+    def decoder_config(cls, config):
+        """The `DecoderConfig` of a Hugging Face config.json (a dict); each
+        family translates its own, refusing what it cannot build."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_hf_config(cls, config, dtype=None, **options):
+        """The backbone of a Hugging Face config.json (a dict)."""
+        return cls(**dataclasses.asdict(cls.decoder_config(config)), dtype=dtype, **options)
+
     def _make_layers(self, config, policy):
         """The embeddings (and OPT's projections), the blocks and the final norm."""
         self.token_embedding = VocabParallelEmbedding(

@@ -51,7 +51,8 @@ def _checks_batch(method):
         if rows is None and isinstance(x, dict) and hasattr(x.get("token_ids"), "shape"):
             rows = x["token_ids"].shape[0] if method.__name__.endswith("_on_batch") else None
         if dp > 1 and rows is not None and rows % dp:
-            raise ValueError(f"A batch of {rows} is not divisible by dp={dp}.")
+            data = list(self.mesh_sizes)[1]
+            raise ValueError(f"A batch of {rows} is not divisible by {data}={dp}.")
         if isinstance(y, (np.ndarray, jax.Array)) and np.issubdtype(y.dtype, np.integer) and y.size:
             ignored = getattr(getattr(self, "loss", None), "ignore_class", None)
             labels = np.asarray(y)
@@ -134,10 +135,19 @@ class DecoderCausalLM(TrueShapeWeights, keras_hub.models.CausalLM):
     @property
     def data_parallel_degree(self):
         """The size of the "batch" axis of the model's mesh (1 without one)."""
+        return list(self.mesh_sizes.values())[1]
+
+    @property
+    def mesh_sizes(self):
+        """{"tp": ..., "dp": ...}, or {"tp": ..., "fsdp": ...} when the
+        data-parallel devices split the variables too: the model's mesh
+        (1 and 1 without one)."""
         if self.distribution is None:
-            return 1
+            return {"tp": 1, "dp": 1}
         mesh = self.distribution.device_mesh
-        return dict(zip(mesh.axis_names, mesh.shape)).get("batch", 1)
+        sizes = dict(zip(mesh.axis_names, mesh.shape))
+        data = "fsdp" if getattr(self.distribution, "fully_sharded", False) else "dp"
+        return {"tp": sizes.get("model", 1), data: sizes.get("batch", 1)}
 
     @_under_own_distribution
     def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="top_k", **kwargs):

@@ -16,6 +16,9 @@ class FloatScheme(QuantizationScheme):
         )
         return {"kernel": kernel}
 
+    def stored_bytes(self, entries, outputs, itemsize):
+        return entries * itemsize
+
     def quantize(self, kernel, n_in, dtype):
         return {"kernel": kernel.astype(dtype)}
 

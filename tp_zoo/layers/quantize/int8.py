@@ -139,6 +139,9 @@ class Int8Scheme(QuantizationScheme):
         block_scale = statistic[tuple(slice(a, b) for a, b in box[: statistic.ndim])]
         return _quantize_block(block, jax.device_put(block_scale, block.devices().pop()))
 
+    def stored_bytes(self, entries, outputs, itemsize):
+        return entries + 4 * outputs  # int8 values, a float32 scale per output channel
+
     def product_copy_bytes(self, kernel_shape, itemsize):
         # Multiplied as a compute-dtype copy (XLA's product; the GPU decode kernel reads int8).
         return itemsize * math.prod(kernel_shape)

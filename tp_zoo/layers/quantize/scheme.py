@@ -147,6 +147,12 @@ class QuantizationScheme:
         it lies, `statistic` the whole statistic (host) or None."""
         raise NotImplementedError
 
+    def stored_bytes(self, entries, outputs, itemsize):
+        """Bytes a kernel of `entries` weights and `outputs` output channels
+        is stored in, for a layer whose variables are of `itemsize` (a
+        memory estimate made before the model is built)."""
+        raise NotImplementedError
+
     def product_copy_bytes(self, kernel_shape, itemsize):
         """Bytes of the copy of a kernel of `kernel_shape` the product makes
         in the compute dtype (of `itemsize`), 0 where it reads it as stored."""

@@ -216,7 +216,7 @@ def within_memory(lm, request, call):
     the same error if XLA runs out)."""
     shape = (request.batch, request.prompt_width, request.cache_length)
     needed = memory.generation_bytes(lm, *shape)
-    free = memory.free_device_bytes(lm)
+    free = memory.free_device_bytes(memory.model_devices(lm))
     if free is not None and needed > free:
         raise memory.generation_memory_error(*shape, needed, free)
     try:

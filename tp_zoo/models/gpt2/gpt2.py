@@ -9,6 +9,7 @@ Conv1D (`c_attn`, stored input-major); the layout map splits it per head.
 import keras
 
 from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.backbone import DecoderConfig
 from tp_zoo.models.causal_lm import DecoderCausalLM
 from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
@@ -21,7 +22,7 @@ _ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class GPT2Backbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None, **options):
+    def decoder_config(cls, config):
         if config.get("scale_attn_by_inverse_layer_idx", False):
             refuse(config, "scale_attn_by_inverse_layer_idx=true")
         if not config.get("scale_attn_weights", True):
@@ -32,7 +33,7 @@ class GPT2Backbone(DecoderBackbone):
         if activation not in _ACTIVATIONS:
             refuse(config, f"activation_function={activation!r}")
         hidden = config["n_embd"]
-        return cls(
+        return DecoderConfig(
             vocab_size=config["vocab_size"],
             hidden_dim=hidden,
             num_layers=config["n_layer"],
@@ -44,8 +45,6 @@ class GPT2Backbone(DecoderBackbone):
             norm_epsilon=config.get("layer_norm_epsilon", 1e-5),
             activation=_ACTIVATIONS[activation],
             tie_embeddings=True,
-            dtype=dtype,
-            **options,
         )
 
 

@@ -10,6 +10,7 @@ attention window.
 import keras
 
 from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.backbone import DecoderConfig
 from tp_zoo.models.causal_lm import DecoderCausalLM
 from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
@@ -19,7 +20,7 @@ from tp_zoo.models.hf_config import rope_settings
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class LlamaBackbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None, **options):
+    def decoder_config(cls, config):
         if config.get("hidden_act", "silu") != "silu":
             refuse(config, f"hidden_act={config['hidden_act']!r}")
         model_type = config.get("model_type")
@@ -28,7 +29,7 @@ class LlamaBackbone(DecoderBackbone):
         qkv_bias = model_type == "qwen2" or config.get("attention_bias", False)
         sliding_window = config.get("sliding_window") if model_type == "mistral" else None
         rope_theta, rope_scaling = rope_settings(config)
-        return cls(
+        return DecoderConfig(
             vocab_size=config["vocab_size"],
             hidden_dim=config["hidden_size"],
             num_layers=config["num_hidden_layers"],
@@ -48,8 +49,6 @@ class LlamaBackbone(DecoderBackbone):
             output_bias=model_type != "qwen2" and config.get("attention_bias", False),
             sliding_window=sliding_window,
             tie_embeddings=config.get("tie_word_embeddings", False),
-            dtype=dtype,
-            **options,
         )
 
 

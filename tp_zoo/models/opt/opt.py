@@ -11,6 +11,7 @@ from `hidden_size`, the tokens live in the narrower width and
 import keras
 
 from tp_zoo.models.backbone import DecoderBackbone
+from tp_zoo.models.backbone import DecoderConfig
 from tp_zoo.models.causal_lm import DecoderCausalLM
 from tp_zoo.models.family import Family
 from tp_zoo.models.hf_config import refuse
@@ -19,7 +20,7 @@ from tp_zoo.models.hf_config import refuse
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class OPTBackbone(DecoderBackbone):
     @classmethod
-    def from_hf_config(cls, config, dtype=None, **options):
+    def decoder_config(cls, config):
         if config.get("activation_function", "relu") not in ("relu", "gelu"):
             refuse(config, f"activation_function={config['activation_function']!r}")
         if not config.get("layer_norm_elementwise_affine", True):
@@ -27,7 +28,7 @@ class OPTBackbone(DecoderBackbone):
         hidden = config["hidden_size"]
         pre_norm = config.get("do_layer_norm_before", True)
         bias = config.get("enable_bias", True)
-        return cls(
+        return DecoderConfig(
             vocab_size=config["vocab_size"],
             hidden_dim=hidden,
             num_layers=config["num_hidden_layers"],
@@ -46,8 +47,6 @@ class OPTBackbone(DecoderBackbone):
             qkv_bias=bias,
             output_bias=bias,
             tie_embeddings=True,
-            dtype=dtype,
-            **options,
         )
 
 
