@@ -112,6 +112,10 @@ def test_checkpoint_of_another_model_is_refused(checkpoint, tmp_path):
     other_rope.compile(optimizer="adamw")
     with pytest.raises(CheckpointMismatchError, match=r"its config differs in 1 entries \(rope_theta: "):
         restore_training_state(other_rope, saved)
+    # tp-zoo finetune refuses it before loading the model, from its config.json.
+    with pytest.raises(CheckpointMismatchError, match=r"its config differs in 1 entries \(rope_theta: "):
+        check_finetune(checkpoint / "data.txt", **{k: v for k, v in STEPS.items() if k != "progress"},
+                       out=tmp_path / "run", config=other)
 
 
 def _data(tmp_path, name, content):

@@ -132,6 +132,13 @@ def test_bad_meshes_are_refused_in_one_line(checkpoint, kwargs, message):
         tp_zoo.from_preset(checkpoint, progress=False, **kwargs)
 
 
+def test_an_fsdp_that_cannot_split_the_model_is_refused_before_loading(tmp_path):
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**CONFIG, "hidden_size": 36, "num_attention_heads": 6,
+                                                              "num_key_value_heads": 2})).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"^fsdp=8 does not divide the hidden size 36, along which"):
+        tp_zoo.from_preset(tmp_path, fsdp=8, progress=False)
+
+
 def test_a_batch_fsdp_does_not_divide_is_refused(checkpoint):
     lm = _compiled(checkpoint, 4, 1)
     x, y = _batch()

@@ -62,8 +62,9 @@ if mode == "tp4":
                                 np.asarray(multihost_utils.process_allgather(b.value, tiled=True))))
             for a, b in zip(lm.weights, again.weights)]
     result["restored_equal"] = all(same)
-elif mode == "dp2_tp2":
-    lm = tp_zoo.from_preset(checkpoint, tp=2, dp=2, dtype="float32", progress=False)
+elif mode in ("dp2_tp2", "fsdp2_tp2"):  # fsdp: the variables split over the two processes' devices too
+    data = {"dp": 2} if mode == "dp2_tp2" else {"fsdp": 2}
+    lm = tp_zoo.from_preset(checkpoint, tp=2, **data, dtype="float32", progress=False)
     result["losses"] = train(lm, dp=2)
 elif mode == "die":
     lm = tp_zoo.from_preset(checkpoint, tp=4, dtype="float32", progress=False)

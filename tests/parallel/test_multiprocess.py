@@ -67,10 +67,11 @@ def test_tp4_spanning_two_processes(llama_path, single_process, tmp_path):
           f"of {results[0]['load_stats']['checkpoint_bytes']}; loss max|diff| {diff:.2e}")
 
 
-def test_dp2_tp2_with_tp_inside_each_process(llama_path, single_process, tmp_path):
-    results = _run(llama_path, tmp_path, "dp2_tp2")
+@pytest.mark.parametrize("mode", ["dp2_tp2", "fsdp2_tp2"])
+def test_data_parallel_over_processes_with_tp_inside_each(llama_path, single_process, tmp_path, mode):
+    results = _run(llama_path, tmp_path, mode)
     for r in results:
-        assert_close(single_process["losses"], r["losses"], "dp2 x tp2 losses")
+        assert_close(single_process["losses"], r["losses"], f"{mode} losses")
 
 
 def test_a_dead_process_makes_the_other_fail_in_bounded_time(llama_path, tmp_path):

@@ -103,6 +103,7 @@ def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None,
     config = read_config(directory)
     _refuse_quantized(config, directory)
     family = family_of(config)
+    _check_fsdp_splits(family, config, fsdp)
     cls = family.causal_lm
     if expected_class is not None and not issubclass(cls, expected_class) and not issubclass(
         cls.backbone_cls, expected_class
@@ -131,6 +132,15 @@ def load_for_class(preset, expected_class, tp=1, dp=1, dtype=None, devices=None,
     causal_lm.load_stats = {"bytes_read": loader.bytes_read,
                             "checkpoint_bytes": sum(tensors.nbytes(n) for n in tensors.names())}
     return causal_lm
+
+
+def _check_fsdp_splits(family, config, fsdp):
+    """Refuses, before loading, an fsdp degree that cannot split the model:
+    its weights are split along the hidden size, which fsdp must divide."""
+    hidden = family.causal_lm.backbone_cls.decoder_config(config).hidden_dim
+    if fsdp > 1 and hidden % fsdp:
+        raise ValueError(f"fsdp={fsdp} does not divide the hidden size {hidden}, along which fully sharded "
+                         f"weights are split: use an fsdp that divides {hidden}.")
 
 
 def is_keras_hub_preset(preset):

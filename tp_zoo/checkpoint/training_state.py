@@ -76,7 +76,7 @@ def save_training_state(causal_lm, directory, step, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
     _barrier(f"tp_zoo save {step} begin")
-    manifest = {"step": step, "model": _fingerprint(causal_lm), "config": _config(causal_lm),
+    manifest = {"step": step, "model": _fingerprint(causal_lm), "config": _comparable(getattr(causal_lm, "hf_config", None)),
                 "mesh": causal_lm.mesh_sizes, "variables": {}}
     pieces = []
     for key, variable, padding in _state(causal_lm):
@@ -200,7 +200,14 @@ def _check_same_model(causal_lm, manifest, path):
         raise CheckpointMismatchError(
             f"{path} was saved from a different model ({manifest['model']}); this one is {mine}."
         )
-    saved, config = manifest.get("config"), _config(causal_lm)
+    check_same_config(manifest, getattr(causal_lm, "hf_config", None), path)
+
+
+def check_same_config(manifest, config, path):
+    """Refuses the checkpoint at `path` (its `manifest`) for a model of
+    another Hugging Face `config` (a dict; None: nothing to compare), as
+    `tp-zoo finetune` does before loading the model."""
+    saved, config = manifest.get("config"), _comparable(config)
     if saved is not None and config is not None and saved != config:
         differ = sorted(k for k in saved.keys() | config.keys() if saved.get(k) != config.get(k))
         shown = ", ".join(f"{k}: {saved.get(k)!r} saved, {config.get(k)!r} here" for k in differ[:3])
@@ -253,10 +260,9 @@ def _assemble(variable, padding, saved_padding, pieces, files, path):
 _WRITING_ONLY = ("_name_or_path", "transformers_version", "torch_dtype", "dtype")
 
 
-def _config(causal_lm):
-    """The model's Hugging Face config less how it was written (None without
-    one), as its JSON reads back (tuples as lists), to compare with a manifest's."""
-    config = getattr(causal_lm, "hf_config", None)
+def _comparable(config):
+    """A Hugging Face config less how it was written (None for None), as its
+    JSON reads back (tuples as lists): what a manifest records and compares."""
     if config is None:
         return None
     return json.loads(json.dumps({k: v for k, v in config.items() if k not in _WRITING_ONLY}))
