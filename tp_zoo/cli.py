@@ -138,10 +138,11 @@ def _finetune(args):
     from rich.console import Console
 
     import tp_zoo
-    from tp_zoo.finetune import check_finetune
     from tp_zoo.checkpoint.from_preset import is_keras_hub_preset
     from tp_zoo.checkpoint.source import checkpoint_directory
     from tp_zoo.checkpoint.source import read_config
+    from tp_zoo.finetune import check_finetune
+    from tp_zoo.finetune import check_resumes_model
     from tp_zoo.finetune import finetune
     from tp_zoo.finetune import planned_memory
 
@@ -149,9 +150,9 @@ def _finetune(args):
     settings = dict(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
                     lora_rank=args.lora_rank, save_every=args.save_every, out=args.out, stride=args.stride)
     # Everything that can be checked before the model loads, which takes minutes.
-    hub_config = None if is_keras_hub_preset(args.preset) else read_config(checkpoint_directory(args.preset))
-    check_finetune(args.data, **settings, dp=args.dp, fsdp=args.fsdp, config=hub_config)
-    if hub_config is not None:
+    check_finetune(args.data, **settings, dp=args.dp, fsdp=args.fsdp)
+    if not is_keras_hub_preset(args.preset):
+        check_resumes_model(args.out, read_config(checkpoint_directory(args.preset)))
         remat, plan = planned_memory(args.preset, args.batch_size, args.seq_len, args.lora_rank, args.remat,
                                      tp=args.tp, dp=args.dp, fsdp=args.fsdp, dtype=args.dtype, quantize=args.quantize)
         print(f"finetune: before loading, remat={remat!r}: about {plan}.", file=sys.stderr)

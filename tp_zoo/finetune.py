@@ -103,13 +103,12 @@ def read_examples(path):
 
 
 def check_finetune(data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_rank=None, save_every=None,
-                   out=None, stride=None, dp=1, fsdp=1, config=None):
+                   out=None, stride=None, dp=1, fsdp=1):
     """Refuses, before a model is loaded and before anything is written,
     settings `finetune` cannot run (a FinetuneSettingsError), a bad data
     file (a DataFileError) and a resume of checkpoints in `out` trained
-    with LoRA of another rank or (given the Hugging Face `config` of the
-    model to load) from another model (a CheckpointMismatchError). Returns
-    the data's examples (as `read_examples`)."""
+    with LoRA of another rank (a CheckpointMismatchError). Returns the
+    data's examples (as `read_examples`)."""
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len), ("dp", dp), ("fsdp", fsdp),
                         ("lora_rank", lora_rank), ("save_every", save_every), ("stride", stride)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
@@ -130,8 +129,15 @@ def check_finetune(data, steps=100, batch_size=8, seq_len=128, lr=1e-4, lora_ran
     latest = latest_checkpoint(Path(out) / "checkpoints") if out is not None else None
     if latest is not None:
         check_lora_rank(read_manifest(latest), lora_rank, latest)
-        check_same_config(read_manifest(latest), config, latest)
     return examples
+
+
+def check_resumes_model(out, config):
+    """Refuses, before the model loads, checkpoints in `out` saved from a
+    model of another Hugging Face `config` (a CheckpointMismatchError)."""
+    latest = latest_checkpoint(Path(out) / "checkpoints") if out is not None else None
+    if latest is not None:
+        check_same_config(read_manifest(latest), config, latest)
 
 
 def planned_memory(preset, batch_size=8, seq_len=128, lora_rank=None, remat="auto", tp=1, dp=1, fsdp=1, dtype=None,

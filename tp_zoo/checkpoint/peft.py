@@ -276,15 +276,7 @@ def load_peft_adapter(causal_lm, directory):
             f"{', '.join(f'{hf} ({ours})' for hf, ours in sorted(supported.items()))}."
         )
     rank = config["r"]
-    for name, pair in sorted(by_module.items()):
-        expected = modules[name].peft_shapes(rank)
-        got = (pair["A"].shape, pair["B"].shape)
-        if got != expected:
-            raise CheckpointMismatchError(
-                f"{directory}: lora_A/lora_B of {name} are {got[0]}/{got[1]}; at r={rank} this model's "
-                f"({expected[0][1]} in, {expected[1][0]} out features) are {expected[0]}/{expected[1]}: "
-                "the adapter was made for another base model."
-            )
+    _check_shapes(directory, modules, by_module, rank)
     adapted = [m for m in modules.values() if m.adapted]
     if adapted:
         ranks = sorted({m.layer.lora_rank for m in adapted})
@@ -318,6 +310,19 @@ def load_peft_adapter(causal_lm, directory):
         values += [pair["A"].T.reshape(module.in_shape + (rank,)),
                    pair["B"].T.reshape((rank,) + module.out_shape) * fold]
     set_weights(variables, values)
+
+
+def _check_shapes(directory, modules, by_module, rank):
+    """Refuses adapters whose A/B shapes are not this model's at `rank`."""
+    for name, pair in sorted(by_module.items()):
+        expected = modules[name].peft_shapes(rank)
+        got = (pair["A"].shape, pair["B"].shape)
+        if got != expected:
+            raise CheckpointMismatchError(
+                f"{directory}: lora_A/lora_B of {name} are {got[0]}/{got[1]}; at r={rank} this model's "
+                f"({expected[0][1]} in, {expected[1][0]} out features) are {expected[0]}/{expected[1]}: "
+                "the adapter was made for another base model."
+            )
 
 
 def _warn_if_other_base(causal_lm, config):
