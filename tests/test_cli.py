@@ -28,8 +28,8 @@ def test_demo_fine_tunes_and_generates(tmp_path, capsys):
     # The checkpoint the demo wrote is a normal Hugging Face directory.
     assert cli.main(["generate", str(tmp_path / "demo"), "--tp", "2", "--prompt", "We hold these truths",
                      "--max-length", "20", "--top-k", "4", "--seed", "3"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("We hold these truths") == 1 and "new tokens in" in out
+    out, err = capsys.readouterr()
+    assert out.count("We hold these truths") == 1 and "new tokens in" in err
     # And its int8 form, quantized while loading.
     assert cli.main(["generate", str(tmp_path / "demo"), "--tp", "2", "--prompt", "We hold these truths",
                      "--max-new-tokens", "8", "--quantize", "int8"]) == 0
@@ -164,3 +164,25 @@ def test_finetune_refuses_bad_settings_before_loading_the_model(monkeypatch, cap
     assert cli.main(["finetune", "opt_125m", "--data", "data.txt", *arguments]) == 2
     assert problem in _error_line(capsys.readouterr().err)
     assert [p.name for p in tmp_path.iterdir()] == ["data.txt"]
+
+
+@pytest.mark.parametrize(
+    "arguments,problem",
+    [(["--temperature", "-0.5"], "temperature=-0.5: must be a finite number of at least 0 (0 is greedy)."),
+     (["--temperature", "inf", "--seed", "1"], "temperature=inf: must be a finite number of at least 0 (0 is greedy)."),
+     (["--top-k", "0"], "top_k=0: must be a whole number of at least 1."),
+     (["--top-p", "0.9", "--top-k", "-1"], "top_k=-1: must be a whole number of at least 1."),
+     (["--top-p", "1.01", "--temperature", "0"], "top_p=1.01: must be a number in (0, 1].")],
+)
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_meaningless_sampling_is_refused_before_loading_the_model(monkeypatch, capsys, command, arguments, problem):
+    _loading_fails(monkeypatch)
+    prompt = ["--prompt", "hi"] if command == "generate" else []
+    assert cli.main([command, "opt_125m", *prompt, *arguments]) == 2
+    assert _error_line(capsys.readouterr().err) == f"tp-zoo: error: {problem}"
+
+
+def test_chat_refuses_max_new_tokens_below_one_before_loading_the_model(monkeypatch, capsys):
+    _loading_fails(monkeypatch)
+    assert cli.main(["chat", "opt_125m", "--max-new-tokens", "0"]) == 2
+    assert _error_line(capsys.readouterr().err) == "tp-zoo: error: --max-new-tokens 0: must be at least 1."

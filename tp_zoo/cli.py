@@ -24,16 +24,23 @@ def _demo(args):
 
 
 def _sampler(args):
+    """The sampler of --temperature, --top-k, --top-p and --seed (greedy
+    without any), checked: generate()'s rules (a temperature of 0 is greedy)."""
     import keras_hub
 
+    from tp_zoo.models.generation.sampling import check_sampler
+
     extra = {} if args.temperature is None else {"temperature": args.temperature}
-    if args.top_k is not None:
-        return keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, **extra)
-    if args.top_p is not None:
-        return keras_hub.samplers.TopPSampler(p=args.top_p, seed=args.seed, **extra)
-    if args.temperature is not None or args.seed is not None:
-        return keras_hub.samplers.RandomSampler(seed=args.seed, **extra)
-    return keras_hub.samplers.GreedySampler()
+    if args.top_p is not None:  # within the --top-k most likely tokens, if given
+        sampler = keras_hub.samplers.TopPSampler(p=args.top_p, k=args.top_k, seed=args.seed, **extra)
+    elif args.top_k is not None:
+        sampler = keras_hub.samplers.TopKSampler(k=args.top_k, seed=args.seed, **extra)
+    elif args.temperature is not None or args.seed is not None:
+        sampler = keras_hub.samplers.RandomSampler(seed=args.seed, **extra)
+    else:
+        sampler = keras_hub.samplers.GreedySampler()
+    check_sampler(sampler)
+    return sampler
 
 
 def _load_for_generation(args, console):
@@ -41,13 +48,22 @@ def _load_for_generation(args, console):
 
     import tp_zoo
 
+    sampler = _sampler(args)  # refused before the model loads, which takes minutes
     start = time.perf_counter()
     # The loading bar only on a terminal: piped, stdout holds the generated text alone.
     lm = tp_zoo.from_preset(args.preset, tp=args.tp, dtype=args.dtype, quantize=args.quantize,
                             progress=sys.stdout.isatty())
     console.print(f"loaded in {time.perf_counter() - start:.1f} s on {args.tp} device(s)")
-    lm.compile(sampler=_sampler(args))
+    lm.compile(sampler=sampler)
     return lm
+
+
+def _status_console():
+    """Rich output for status lines and errors: on stderr, as stdout holds the
+    model's text alone, and unwrapped (off a terminal rich wraps at 80 columns)."""
+    from rich.console import Console
+
+    return Console(stderr=True, soft_wrap=True)
 
 
 def _write(text):
@@ -60,21 +76,16 @@ def _write(text):
 def _generate(args):
     import time
 
-    from rich.console import Console
-
-    console = Console()
+    console = _status_console()
     lm = _load_for_generation(args, console)
     start = time.perf_counter()
     pieces = lm.generate(args.prompt, max_length=args.max_length, max_new_tokens=args.max_new_tokens, stream=True)
-    prompt_ids = lm.tokenizer.encode(args.prompt)
-    text = lm.tokenizer.decode(prompt_ids)  # what the streamed pieces continue
-    _write(text)
+    _write(lm.tokenizer.decode(lm.tokenizer.encode(args.prompt)))  # the text the streamed pieces continue
     for piece in pieces:
         _write(piece)
-        text += piece
     _write("\n")
     seconds = time.perf_counter() - start
-    new_tokens = max(0, len(lm.tokenizer.encode(text)) - len(prompt_ids))
+    new_tokens = len(pieces.new_ids)
     console.print(
         f"[dim]{new_tokens} new tokens in {seconds:.2f} s = {new_tokens / seconds:.1f} tokens/s "
         "(this first call includes compiling the decode loop)[/dim]"
@@ -93,17 +104,20 @@ def _chat_template_file(path):
 
 def _chat(args):
     """Reads user lines from stdin and prints each reply as it streams; the
-    conversation is kept until /reset, /exit or the end of the input."""
-    from rich.console import Console
-
+    conversation is kept until /reset, /exit or the end of the input, its
+    oldest turns dropped once it outgrows the model's positions."""
     from tp_zoo.models.chat_template import ChatTemplate
 
-    console = Console(stderr=True)  # status and errors; replies go to stdout
+    console = _status_console()
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens}: must be at least 1.")
     template = _chat_template_file(args.chat_template)
     lm = _load_for_generation(args, console)
-    ChatTemplate(lm.tokenizer, template)  # a missing or broken template fails here, before any input
+    rendering = ChatTemplate(lm.tokenizer, template)  # a missing or broken template fails here, before any input
+    positions = lm.backbone.max_sequence_length
+    reply_tokens = _reply_tokens(args.max_new_tokens, positions)
     start = [{"role": "system", "content": args.system}] if args.system else []
-    messages = list(start)
+    messages, told = list(start), False  # told: that the oldest turns are being dropped
     interactive = sys.stdin.isatty()
     if interactive:
         console.print("[dim]/reset clears the conversation, /exit (or Ctrl-D) ends it[/dim]")
@@ -114,24 +128,55 @@ def _chat(args):
         if not line or line.strip() == "/exit":
             return
         if line.strip() == "/reset":
-            messages = list(start)
+            messages, told = list(start), False
             console.print("[dim](conversation cleared)[/dim]")
             continue
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = ""
         try:
-            for piece in lm.generate(messages, max_new_tokens=args.max_new_tokens, chat_template=template,
-                                     stream=True):
+            asked = _within_positions(rendering, [*messages, {"role": "user", "content": line.rstrip("\n")}],
+                                      len(start), reply_tokens, positions)
+            if len(asked) <= len(messages) and not told:
+                console.print(f"[dim](the conversation has outgrown the model's {positions} positions: its oldest "
+                              "turns are dropped from now on; /reset starts afresh)[/dim]")
+                told = True
+            reply = ""
+            for piece in lm.generate(asked, max_new_tokens=reply_tokens, chat_template=template, stream=True):
                 _write(piece)
                 reply += piece
-        except ValueError as error:  # e.g. a conversation grown past the model's positions
-            messages.pop()
+        except ValueError as error:  # e.g. a message alone beyond the model's positions
             print(f"tp-zoo: error: {error}", file=sys.stderr)
             continue
         _write("\n")
-        messages.append({"role": "assistant", "content": reply})
+        messages = [*asked, {"role": "assistant", "content": reply}]
+
+
+def _reply_tokens(max_new_tokens, positions):
+    """Tokens each reply may take (and the room kept for it): --max-new-tokens,
+    by default generate()'s 512 for a conversation, at most half the model's
+    positions so that turns remain to keep."""
+    from tp_zoo.models.generation.inputs import DEFAULT_REPLY_TOKENS
+
+    reply_tokens = max_new_tokens or min(DEFAULT_REPLY_TOKENS, positions // 2)
+    if reply_tokens >= positions:
+        raise ValueError(f"--max-new-tokens {reply_tokens} leaves no room for a message within the model's "
+                         f"{positions} positions.")
+    return reply_tokens
+
+
+def _within_positions(rendering, messages, kept, reply_tokens, positions):
+    """`messages` less its oldest turns (a user message and the replies that
+    follow it; the first `kept`, the system message, stay) until it renders,
+    with a reply of `reply_tokens`, within the model's `positions`; refused
+    if the last user message alone does not fit."""
+    while (length := len(rendering.encode(messages, add_generation_prompt=True))) + reply_tokens > positions:
+        next_turn = next((i for i in range(kept + 1, len(messages)) if messages[i]["role"] == "user"), None)
+        if next_turn is None:
+            system = " with the system message" if kept else ""
+            raise ValueError(f"The message is {length} tokens as the chat template renders it{system}: with a reply "
+                             f"of {reply_tokens} tokens, beyond the model's {positions} positions; send a shorter one.")
+        messages = messages[:kept] + messages[next_turn:]
+    return messages
 
 
 def _finetune(args):
@@ -247,7 +292,8 @@ def _parser():
     chat.add_argument("preset", metavar="PRESET_OR_DIR")
     chat.add_argument("--system", default=None, help="a system message to start the conversation with")
     chat.add_argument("--max-new-tokens", type=int, default=None,
-                      help="tokens per reply (default: up to 512, as the model's positions allow)")
+                      help="tokens per reply, and the room kept for one: the oldest turns are dropped to keep it "
+                           "(default: 512, or half the model's positions if fewer)")
     chat.add_argument("--chat-template", default=None, metavar="FILE",
                       help="a Jinja chat template in place of the checkpoint's")
     _add_generation_arguments(chat)

@@ -10,6 +10,7 @@ transformers' AutoTokenizer reads the same files.
 
 import io
 import json
+import re
 import shutil
 import sys
 
@@ -293,6 +294,7 @@ def test_chat_command_with_piped_input(checkpoints, monkeypatch, capsys):
     too_long = "four score " * 300
     lines = f"Hello there!\n{too_long}\nAnd then?\n/reset\nHello there!\n/exit\nnot read\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    capsys.readouterr()  # the checkpoint's writing
     assert cli.main(["chat", str(directory), "--tp", "2", "--max-new-tokens", "8", "--system", "Be brief."]) == 0
     [lm] = loaded
     system, first = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}
@@ -302,18 +304,69 @@ def test_chat_command_with_piped_input(checkpoints, monkeypatch, capsys):
     # stdout holds the streamed replies alone, and they are generate()'s.
     out, err = capsys.readouterr()
     assert out == f"{reply}\n{follow_up}\n{reply}\n"
-    assert "tp-zoo: error: A conversation of" in err and "beyond the model's 256 positions" in err
+    length = len(ChatTemplate(lm.tokenizer).encode([system, {"role": "user", "content": too_long}],
+                                                   add_generation_prompt=True))
+    assert err.splitlines()[1:] == [
+        f"tp-zoo: error: The message is {length} tokens as the chat template renders it with the system message: "
+        "with a reply of 8 tokens, beyond the model's 256 positions; send a shorter one.",
+        "(conversation cleared)",
+    ]
 
 
-def test_generate_command_streams(checkpoints, monkeypatch, capsys):
-    directory, _, _ = checkpoints("tinyllama_zephyr")
-    loaded = _loaded_by_the_command(monkeypatch)
-    assert cli.main(["generate", str(directory), "--prompt", "Four score", "--max-new-tokens", "20"]) == 0
-    [lm] = loaded
-    out = capsys.readouterr().out
-    streamed = "".join(lm.generate("Four score", max_new_tokens=20, stream=True))
-    assert lm.tokenizer.decode(lm.tokenizer.encode("Four score")) + streamed + "\n" in out
-    assert "new tokens in" in out
+# User lines of which one fits the chat checkpoint's 256 positions with the
+# system message and a reply of 8 tokens, two do not (checked below).
+LONG_LINES = ["four score and seven years ago " * 4, "our fathers brought forth upon this continent " * 3,
+              "a new nation, conceived in liberty and dedicated " * 3]
+
+
+def test_chat_command_drops_the_oldest_turns_beyond_the_positions(checkpoints, models, monkeypatch, capsys):
+    """Once the conversation and a reply outgrow the model's positions, each
+    line is answered with the oldest turns dropped (the system message
+    kept), which is said once; a line beyond the positions alone is refused
+    and the conversation goes on. --temperature 0 is greedy, a seed or not."""
+    directory, _, _ = checkpoints("llama3.1")
+    lm = models("llama3.1", 2)  # greedy
+    template = ChatTemplate(lm.tokenizer)
+    system = {"role": "system", "content": "Be brief."}
+    user = [{"role": "user", "content": line} for line in LONG_LINES]
+    reply = [lm.generate([system, u], max_new_tokens=8) for u in user]
+    for before, after in [(0, 1), (1, 2)]:
+        assert len(template.encode([system, user[before]], add_generation_prompt=True)) + 8 <= 256  # one fits,
+        answered = [system, user[before], {"role": "assistant", "content": reply[before]}, user[after]]
+        assert len(template.encode(answered, add_generation_prompt=True)) + 8 > 256  # two do not
+    lines = "".join(f"{line}\n" for line in [*LONG_LINES[:2], "four score " * 300, LONG_LINES[2]])
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    capsys.readouterr()  # the checkpoint's writing
+    assert cli.main(["chat", str(directory), "--tp", "2", "--max-new-tokens", "8", "--system", "Be brief.",
+                     "--temperature", "0", "--seed", "5"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "".join(f"{r}\n" for r in reply) and all(reply)
+    notice, refusal = err.splitlines()[1:]
+    assert notice == ("(the conversation has outgrown the model's 256 positions: its oldest turns are dropped from "
+                      "now on; /reset starts afresh)")
+    assert refusal.startswith("tp-zoo: error: The message is ") and "beyond the model's 256 positions" in refusal
+
+
+def test_generate_command_streams(checkpoints, models, monkeypatch, capsys):
+    """stdout holds the prompt's text and its continuation alone, the status
+    lines go to stderr, and the count of new tokens is that of the ids made
+    (not of the text encoded again: 9 with this byte-level tokenizer);
+    --temperature 0 is greedy whatever --top-k, --top-p and --seed."""
+    directory, _, _ = checkpoints("llama3.1")
+    lm = models("llama3.1", 1)  # greedy
+    pieces = lm.generate("Four score", max_new_tokens=5, stream=True)
+    text = lm.tokenizer.decode(lm.tokenizer.encode("Four score")) + "".join(pieces)
+    assert len(pieces.new_ids) == 5 and not set(pieces.new_ids.tolist()) & set(lm.tokenizer.eos_ids)  # no stop
+    assert len(lm.tokenizer.encode(text)) - len(lm.tokenizer.encode("Four score")) == 9  # the old count
+    capsys.readouterr()  # the checkpoint's writing
+    greedy_ways = [[], ["--temperature", "0", "--top-k", "4", "--seed", "3"], ["--temperature", "0", "--top-p", "0.5"]]
+    for sampling in greedy_ways:
+        assert cli.main(["generate", str(directory), "--prompt", "Four score", "--max-new-tokens", "5",
+                         *sampling]) == 0
+        out, err = capsys.readouterr()
+        assert out == text + "\n"
+        assert re.fullmatch(r"loaded in [\d.]+ s on 1 device\(s\)\n5 new tokens in [\d.]+ s = [\d.]+ tokens/s "
+                            r"\(this first call includes compiling the decode loop\)\n", err), err
 
 
 def test_a_saved_tokenizer_keeps_its_chat_template_and_stops(checkpoints, tmp_path):

@@ -18,6 +18,7 @@ from tests.models import checkpoints as ckpts
 from tp_zoo import kernels
 from tp_zoo.kernels import decode_attention
 from tp_zoo.kernels import int8_matmul
+from tp_zoo.models import generation
 
 NEW_TOKENS = 32
 PROMPTS = ([5, 17, 42, 8, 23, 61, 9], [33, 2, 71], [12, 4, 90, 56, 3])
@@ -282,6 +283,41 @@ def test_whole_sequence_samplers_are_refused(llama_path):
     lm.compile(sampler=keras_hub.samplers.BeamSampler(num_beams=2))
     with pytest.raises(ValueError, match="BeamSampler searches over whole sequences"):
         lm.generate(_batch(20), stop_token_ids=None)
+
+
+def test_temperature_zero_is_greedy(llama_path):
+    """As in OpenAI's API, whatever the sampler (keras_hub's divide the
+    logits by the temperature: NaNs, so token 0 every time)."""
+    greedy = _greedy(llama_path)
+    lm = tp_zoo.from_preset(llama_path, tp=2, dtype="float32", progress=False)
+    for sampler in [keras_hub.samplers.RandomSampler(temperature=0),
+                    keras_hub.samplers.TopKSampler(k=5, temperature=0, seed=2),
+                    keras_hub.samplers.TopPSampler(p=0.9, temperature=0.0, seed=2),
+                    keras_hub.samplers.GreedySampler(temperature=0)]:
+        lm.compile(sampler=sampler)
+        np.testing.assert_array_equal(lm.generate(_batch(40), stop_token_ids=None)["token_ids"], greedy,
+                                      err_msg=type(sampler).__name__)
+
+
+@pytest.mark.parametrize(
+    "sampler,message",
+    [(keras_hub.samplers.RandomSampler(temperature=-0.5),
+      "temperature=-0.5: must be a finite number of at least 0 (0 is greedy)."),
+     (keras_hub.samplers.TopKSampler(k=5, temperature=float("nan")),
+      "temperature=nan: must be a finite number of at least 0 (0 is greedy)."),
+     (keras_hub.samplers.TopKSampler(k=0), "top_k=0: must be a whole number of at least 1."),
+     (keras_hub.samplers.TopPSampler(p=0.9, k=0), "top_k=0: must be a whole number of at least 1."),
+     (keras_hub.samplers.TopPSampler(p=0), "top_p=0: must be a number in (0, 1]."),
+     (keras_hub.samplers.TopPSampler(p=1.5), "top_p=1.5: must be a number in (0, 1].")],
+)
+def test_meaningless_sampler_settings_are_refused(llama_path, sampler, message):
+    lm = tp_zoo.from_preset(llama_path, tp=1, dtype="float32", progress=False)
+    lm.compile(sampler=sampler)
+    for call in (lambda: lm.generate(_batch(20), stop_token_ids=None),
+                 lambda: list(generation.stream_ids(lm, _batch(20), stop_token_ids=None))):
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == message
 
 
 def test_decode_step_updates_the_cache_in_place(llama_path):

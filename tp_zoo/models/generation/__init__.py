@@ -26,17 +26,20 @@ Conversations are rendered with the checkpoint's chat template
 (the checkpoint's stop tokens).
 
 Sampling is the compiled sampler's (`lm.compile(sampler=...)`): any keras_hub
-sampler that decides token by token (greedy, top-k, top-p, random).
+sampler that decides token by token (greedy, top-k, top-p, random), with
+OpenAI's API's semantics (`sampling`: a temperature of 0 is greedy).
 
 The modules, in the order a call passes them: `inputs` (strings,
 conversations or ids, parsed into prompts), `planning` (budgets and shapes),
-`programs` (the compiled passes), `streaming` (ids and text as they come).
+`programs` (the compiled passes, their tokens picked by `sampling`),
+`streaming` (ids and text as they come).
 """
 
 from tp_zoo.models.generation import programs
 from tp_zoo.models.generation.planning import plan_request
+from tp_zoo.models.generation.sampling import check_sampler
+from tp_zoo.models.generation.streaming import TextStream
 from tp_zoo.models.generation.streaming import stream_ids
-from tp_zoo.models.generation.streaming import stream_text
 
 __all__ = ["generate", "stream_ids"]
 
@@ -63,26 +66,26 @@ def generate(lm, inputs, max_length=None, max_new_tokens=None, stop_token_ids="a
         strip_prompt: return only the generated part (of strings or ids).
         chat_template: for conversations, a Jinja chat template to use in
             place of the checkpoint's (`tp_zoo.models.chat_template`).
-        stream: return a generator of text pieces as they are decoded (one
-            string or conversation only); see `stream_ids`.
+        stream: return an iterator of text pieces as they are decoded (one
+            string or conversation only, a `TextStream`); see `stream_ids`.
 
     A conversation is rendered with the chat template and its generation
     prompt, and its reply is returned: the text the model generates up to
     its end-of-turn token (a stop token), without it.
 
     Returns strings for string inputs, replies for conversations, else
-    {"token_ids", "padding_mask"}. With `stream=True`, a generator of
+    {"token_ids", "padding_mask"}. With `stream=True`, a `TextStream` of
     strings whose concatenation is that result less the prompt: for a string
     prompt, the text that follows the prompt's own decoded text (so a space
     the tokenizer folds into the first new token shows); for a conversation,
-    the reply.
+    the reply. Its `new_ids` are the ids made so far.
     """
-    programs.check_sampler(lm.sampler)
+    check_sampler(lm.sampler)
     request = plan_request(lm, inputs, max_length, max_new_tokens, stop_token_ids, chat_template)
     if stream:
         if not request.prompts.single:
             raise ValueError("stream=True takes one prompt: a string or one conversation (stream_ids streams ids).")
-        return stream_text(lm, request)
+        return TextStream(lm, request)
     generated = programs.generated_ids(lm, request)
     new_rows = [request.new_ids(r, generated[r]) for r in range(request.batch)]
     return request.prompts.result(lm, request, new_rows, strip_prompt)

@@ -16,11 +16,11 @@ import itertools
 import jax
 import jax.numpy as jnp
 import keras
-import keras_hub
 import numpy as np
 
 from tp_zoo import kernels
 from tp_zoo.models import memory
+from tp_zoo.models.generation.sampling import next_tokens
 
 # Decode steps per compiled call when streaming: text shows every few
 # milliseconds on a GPU, and the host's turn between calls (hidden behind the
@@ -60,18 +60,6 @@ def decode_step(lm, tokens, positions, caches):
 
 
 # --- sampled, token by token ---------------------------------------------------------
-def check_sampler(sampler):
-    if type(sampler).__call__ is not keras_hub.samplers.Sampler.__call__:
-        raise ValueError(
-            f"{type(sampler).__name__} searches over whole sequences, which tp_zoo's generate() does "
-            "not do; use a sampler that picks token by token: 'greedy', 'top_k', 'top_p' or 'random'."
-        )
-
-
-def _sample(sampler, logits):
-    return sampler.get_next_token(sampler.compute_probabilities(logits)).astype("int32")
-
-
 def _is_stop(tokens, stop_token_ids):
     if not stop_token_ids:
         return jnp.zeros(tokens.shape, bool)
@@ -82,7 +70,7 @@ def _first_tokens(lm, token_ids, lengths, budgets, stop_token_ids, cache_length)
     """The prefill and each row's first new token: (first (batch,), caches,
     done (batch,))."""
     logits, caches = prefill(lm, token_ids, lengths, cache_length)
-    first = _sample(lm.sampler, logits)
+    first = next_tokens(lm.sampler, logits)
     return first, caches, _is_stop(first, stop_token_ids) | (budgets <= 1)
 
 
@@ -102,7 +90,7 @@ def _decode_steps(lm, tokens, origin, caches, step, previous, done, lengths, bud
         # clamped into the cache and its tokens are dropped.
         positions = jnp.minimum(lengths + step - 1, cache_length - 1)
         logits, caches = decode_step(lm, previous, positions, caches)
-        token = jnp.where(done, 0, _sample(sampler, logits))
+        token = jnp.where(done, 0, next_tokens(sampler, logits))
         tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], step - origin, axis=1)
         done = done | _is_stop(token, stop_token_ids) | (step + 1 >= budgets)
         return tokens, caches, step + 1, token, done

@@ -5,6 +5,7 @@ import numpy as np
 
 from tp_zoo.models.generation import programs
 from tp_zoo.models.generation.planning import plan_request
+from tp_zoo.models.generation.sampling import check_sampler
 
 
 def stream_ids(lm, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", chat_template=None):
@@ -22,7 +23,7 @@ def stream_ids(lm, inputs, max_length=None, max_new_tokens=None, stop_token_ids=
     ids are those of `generate` exactly, and a seeded sampler draws the
     same ones (its seed state advances once per token either way).
     """
-    programs.check_sampler(lm.sampler)
+    check_sampler(lm.sampler)
     return stream_rows(lm, plan_request(lm, inputs, max_length, max_new_tokens, stop_token_ids, chat_template))
 
 
@@ -54,18 +55,34 @@ def stream_rows(lm, request):
         step = next_step
 
 
-def stream_text(lm, request):
-    """Text pieces of the one row's new tokens, from `stream_rows`: what its
-    kind of prompt shows (a string's continuation, a conversation's reply)."""
-    prompts = request.prompts
-    text = IncrementalText(lm.tokenizer.decode, prompts.text_context())
-    for [new] in stream_rows(lm, request):
-        piece = text.add(prompts.shown_ids(new, request.stop_token_ids))
+class TextStream:
+    """`generate(..., stream=True)`'s iterator: text pieces of the one row's
+    new tokens, from `stream_rows`, as its kind of prompt shows them (a
+    string's continuation, a conversation's reply). `new_ids`: the ids made
+    so far, their stop token included (the text of a reply leaves it out),
+    so that a caller counts tokens without encoding text again."""
+
+    def __init__(self, lm, request):
+        self.new_ids = np.zeros(0, "int32")
+        self._pieces = self._text_pieces(lm, request)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return next(self._pieces)
+
+    def _text_pieces(self, lm, request):
+        prompts = request.prompts
+        text = IncrementalText(lm.tokenizer.decode, prompts.text_context())
+        for [new] in stream_rows(lm, request):
+            self.new_ids = np.concatenate([self.new_ids, new])
+            piece = text.add(prompts.shown_ids(new, request.stop_token_ids))
+            if piece:
+                yield piece
+        piece = text.add((), final=True)
         if piece:
             yield piece
-    piece = text.add((), final=True)
-    if piece:
-        yield piece
 
 
 class IncrementalText:
