@@ -106,6 +106,19 @@ def test_lora_on_an_int8_base_equals_one_device(checkpoint):
     assert _local_bytes(base.value) * 8 == base.value.nbytes  # the frozen base is split too
 
 
+def test_bf16_weights_train_with_fit_as_on_one_device(checkpoint):
+    """bf16 weights (tp_zoo's AdamW: float32 moments, stochastic rounding
+    of each shard) through `fit`: fsdp=2 x tp=2 follows one device within
+    bf16's rounding (as tests/models/test_bf16_training.py measures it)."""
+    x, y = _batch()
+    histories = []
+    for fsdp, tp in [(1, 1), (2, 2)]:
+        lm = _compiled(checkpoint, fsdp, tp, dtype="bfloat16")
+        histories.append(lm.fit(x, y, batch_size=8, epochs=STEPS, verbose=0).history["loss"])
+    assert histories[0][0] - histories[0][-1] > 0.01, histories[0]
+    np.testing.assert_allclose(histories[1], histories[0], atol=0.01, rtol=0)
+
+
 def test_resume_across_mesh_shapes_continues_the_curve(checkpoint, one_device, tmp_path):
     """Two steps at fsdp=4 x tp=2, saved; the third at fsdp=2 x tp=4, then on
     one device: both give the uninterrupted run's third loss."""
