@@ -197,8 +197,9 @@ def _finetune(args):
     # Everything that can be checked before the model loads, which takes minutes.
     check_finetune(args.data, **settings, dp=args.dp, fsdp=args.fsdp)
     if not is_keras_hub_preset(args.preset):
-        check_resumes_model(args.out, read_config(checkpoint_directory(args.preset)))
-        remat, plan = planned_memory(args.preset, args.batch_size, args.seq_len, args.lora_rank, args.remat,
+        config = read_config(checkpoint_directory(args.preset))
+        check_resumes_model(args.out, config)
+        remat, plan = planned_memory(config, args.batch_size, args.seq_len, args.lora_rank, args.remat,
                                      tp=args.tp, dp=args.dp, fsdp=args.fsdp, dtype=args.dtype, quantize=args.quantize)
         print(f"finetune: before loading, remat={remat!r}: about {plan}.", file=sys.stderr)
     template = _chat_template_file(args.chat_template)

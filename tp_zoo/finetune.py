@@ -47,8 +47,6 @@ from tp_zoo.checkpoint.training_state import save_training_state
 from tp_zoo.errors import DataFileError
 from tp_zoo.errors import FinetuneSettingsError
 from tp_zoo.checkpoint.from_preset import checkpoint_dtype
-from tp_zoo.checkpoint.source import checkpoint_directory
-from tp_zoo.checkpoint.source import read_config
 from tp_zoo.models.family import family_of
 from tp_zoo.models.memory import fitting_remat
 from tp_zoo.models.memory import planned_training_memory
@@ -140,14 +138,13 @@ def check_resumes_model(out, config):
         check_same_config(read_manifest(latest), config, latest)
 
 
-def planned_memory(preset, batch_size=8, seq_len=128, lora_rank=None, remat="auto", tp=1, dp=1, fsdp=1, dtype=None,
+def planned_memory(config, batch_size=8, seq_len=128, lora_rank=None, remat="auto", tp=1, dp=1, fsdp=1, dtype=None,
                    quantize=None):
     """(remat policy, `TrainingMemory` per device) of fine-tuning a Hugging
-    Face checkpoint on the mesh, from its config.json alone, before any
-    weight is loaded: "auto" takes the least recompute that fits the free
-    memory of the mesh's devices; DeviceMemoryError (with the estimate)
-    when nothing fits."""
-    config = read_config(checkpoint_directory(preset))
+    Face checkpoint on the mesh, from its `config` (config.json's dict)
+    alone, before any weight is loaded: "auto" takes the least recompute
+    that fits the free memory of the mesh's devices; DeviceMemoryError
+    (with the estimate) when nothing fits."""
     decoder = family_of(config).causal_lm.backbone_cls.decoder_config(config)
     data = max(dp, fsdp)
 
@@ -208,10 +205,8 @@ def batch_for_step(step, count, batch_size, seed=0):
 
 def _mesh_change(saved, now):
     """The mesh a run resumes on, and the one it was saved on if another."""
-    at = " ".join(f"{name}={size}" for name, size in now.items())
-    if saved in (None, now):
-        return at
-    return f"{at} (saved at {' '.join(f'{name}={size}' for name, size in saved.items())})"
+    sizes = lambda mesh: " ".join(f"{name}={size}" for name, size in mesh.items())
+    return sizes(now) if saved in (None, now) else f"{sizes(now)} (saved at {sizes(saved)})"
 
 
 def _train_steps(causal_lm, x, y, steps, batch_size, seed, out, save_every, progress):

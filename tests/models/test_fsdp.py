@@ -16,6 +16,7 @@ import transformers
 
 import tp_zoo
 from tests.helpers import assert_close
+from tp_zoo.checkpoint.source import read_config
 from tp_zoo.checkpoint.training_state import restore_training_state
 from tp_zoo.finetune import planned_memory
 from tp_zoo.models.backbone import DecoderConfig
@@ -165,7 +166,7 @@ def test_the_estimate_before_loading_is_the_loaded_models(checkpoint, fsdp, tp, 
     against the estimate of the loaded model, which counts each variable's
     shard: the weights, gradients and moments the same bytes, the whole
     step within 2%."""
-    _, planned = planned_memory(checkpoint, 8, 16, lora_rank, "none", tp=tp, fsdp=fsdp)
+    _, planned = planned_memory(read_config(checkpoint), 8, 16, lora_rank, "none", tp=tp, fsdp=fsdp)
     lm = _compiled(checkpoint, fsdp, tp, lora_rank=lora_rank)
     loaded = training_memory(lm, 8, 16, "none")
     assert planned.weights == loaded.weights and planned.gradients == loaded.gradients, (planned, loaded)

@@ -81,6 +81,12 @@ class VocabParallelEmbedding(ShardedLayer):
         }
 
 
+def loss_chunk(local_vocab, setting=None):
+    """Positions per chunk of the loss: `setting`, or by default as many as
+    keep a chunk's float32 logits (of `local_vocab` entries) near 512 MiB."""
+    return setting or max(256, 2**27 // local_vocab)
+
+
 @keras.saving.register_keras_serializable(package="tp_zoo")
 class VocabParallelLMHead(ShardedLayer):
     """hidden -> logits over the vocab, split on the vocab dim.
@@ -180,7 +186,7 @@ class VocabParallelLMHead(ShardedLayer):
         pass."""
         layout = (B,) + (None,) * (x.ndim - 2)
         local_vocab = self.padded_vocab_size // self.tp
-        chunk = self.loss_chunk_tokens or max(256, 2**27 // local_vocab)
+        chunk = loss_chunk(local_vocab, self.loss_chunk_tokens)
 
         def local(weights, h, labels):
             h = h.astype(self.compute_dtype)  # Keras' loss hands hidden states over in float32

@@ -21,6 +21,7 @@ from tp_zoo.layers.attention import padded_heads
 from tp_zoo.layers.base import layout_of
 from tp_zoo.layers.base import round_up
 from tp_zoo.layers.decoder_block import REMAT_POLICIES
+from tp_zoo.layers.embedding import loss_chunk
 from tp_zoo.layers.decoder_block import check_remat
 from tp_zoo.layers.quantize import scheme_for
 from tp_zoo.parallel import FSDP
@@ -77,7 +78,7 @@ class _Widths(NamedTuple):
     intermediate: int  # padded for tp (all devices)
     layers: int
     vocab: int  # padded for tp (all devices)
-    loss_chunk_tokens: int  # None: the head's default
+    loss_chunk: int  # positions per chunk of the loss
     product_copy: int  # bytes of the largest quantized kernel's compute-dtype copy, per device
     gathered_block: int  # bytes of one block's weights gathered over fully sharded devices (0: not sharded)
 
@@ -94,7 +95,8 @@ def _model_widths(lm):
         gathered = sum(_shard_bytes(v) * (mesh_info.dp if FSDP in layout_of(v) else 1) for v in block.weights)
     return _Widths(tp, lm.data_parallel_degree, c, backbone.hidden_dim, attention.padded_heads, attention.head_dim,
                    attention.local_kv_heads, block.mlp.padded_intermediate_dim, backbone.num_layers,
-                   lm.lm_head.padded_vocab_size, lm.lm_head.loss_chunk_tokens, copy // tp, gathered)
+                   lm.lm_head.padded_vocab_size,
+                   loss_chunk(lm.lm_head.padded_vocab_size // tp, lm.lm_head.loss_chunk_tokens), copy // tp, gathered)
 
 
 def _shard_bytes(variable):
@@ -125,7 +127,7 @@ def _activation_bytes(w, tokens, remat):
     # The loss: hidden states in float32 and their gradient, and one chunk's
     # float32 logits (with their exponentials and gradient).
     local_vocab = w.vocab // tp
-    chunk = min(tokens, w.loss_chunk_tokens or max(256, 2**27 // local_vocab))
+    chunk = min(tokens, w.loss_chunk)
     loss = tokens * hidden * (4 + 2 * c) + 3 * 4 * chunk * local_vocab
     # A quantized kernel may be multiplied as a compute-dtype copy, made
     # again in the backward pass (the largest one's, twice); fully sharded,
@@ -193,7 +195,7 @@ def planned_training_memory(config, batch_size, seq_len, remat="none", tp=1, dat
         largest, gradients = lora_rank * max(h, kv * group * hd // qkv_split) // split, 4 * entries
         weights += gradients  # the adapters are weights too
     widths = _Widths(tp, data, c, h, kv * group, hd, kv // tp if kv % tp == 0 else 1, inter,
-                     config.num_layers, vocab, None,
+                     config.num_layers, vocab, loss_chunk(vocab // tp),
                      max((scheme.product_copy_bytes((n,), c) for n, _ in kernels), default=0),
                      block_bytes if fully_sharded else 0)
     tokens = -(-batch_size // data) * seq_len
