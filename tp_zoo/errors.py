@@ -63,3 +63,22 @@ class FinetuneSettingsError(ValueError):
     """Fine-tuning settings that cannot run, refused before the model loads:
     a count below 1, a learning rate that is not a positive number, an
     output folder that is a file or cannot be written."""
+
+
+class RequestError(ValueError):
+    """A generation request the server or engine cannot take: a field out of
+    range or of the wrong type, a prompt beyond the model's positions.
+    `param` names the field (OpenAI's error object carries it)."""
+
+    def __init__(self, message, param=None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(ValueError):
+    """The engine's queue of waiting requests is full; `retry_after` is a
+    suggested wait in seconds (a server answers 429 with it)."""
+
+    def __init__(self, message, retry_after=1):
+        super().__init__(message)
+        self.retry_after = retry_after

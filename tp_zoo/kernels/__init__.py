@@ -7,5 +7,6 @@ or a `configured(KernelConfigs(...))` block's."""
 from tp_zoo.kernels.configuration import DecodeAttentionConfig
 from tp_zoo.kernels.configuration import Int8MatmulConfig
 from tp_zoo.kernels.configuration import KernelConfigs
+from tp_zoo.kernels.configuration import PagedAttentionConfig
 from tp_zoo.kernels.configuration import active
 from tp_zoo.kernels.configuration import configured

@@ -33,6 +33,22 @@ class DecodeAttentionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PagedAttentionConfig:
+    """The paged decode attention kernel's (`paged_attention`)."""
+
+    enabled: bool = True  # False: the caller's XLA path on GPUs too (to compare with)
+    forced: bool = False  # as DecodeAttentionConfig's: taken on any device and dtype
+    interpret: bool = False  # run by Pallas' interpreter, not compiled by Triton
+    # Keys per loop step: block // page_size whole pages (a power of two),
+    # at least one page.
+    block: int = 64
+    # Enough programs to fill an H100/H200 (132 SMs) about twice over.
+    target_programs: int = 264
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
 class Int8MatmulConfig:
     """The int8 product kernel's (`int8_matmul`)."""
 
@@ -54,6 +70,7 @@ class KernelConfigs:
     """Every kernel's configuration (hashable: a key of compiled programs)."""
 
     decode_attention: DecodeAttentionConfig = DecodeAttentionConfig()
+    paged_attention: PagedAttentionConfig = PagedAttentionConfig()
     int8_matmul: Int8MatmulConfig = Int8MatmulConfig()
 
 

@@ -160,6 +160,21 @@ class ParallelAttention(ShardedLayer):
         itemsize = jnp.dtype(dtype or self.compute_dtype).itemsize
         return 2 * batch_size * self.local_kv_heads * max_length * self.head_dim * itemsize
 
+    # --- paged KV cache (a serving engine's) ----------------------------------------
+    page_layout = (M, None, None, None)
+
+    def empty_pages(self, num_pages, page_size, dtype=None):
+        """(keys, values) pages of zeros, each (kv heads, num_pages, page_size,
+        head_dim), split over the devices on the kv heads as the cache is."""
+        shape = (self.local_kv_heads * self.tp, num_pages, page_size, self.head_dim)
+        sharding = None if self.mesh_info is None else parallel.sharding(self.mesh_info, self.page_layout)
+        # Two arrays, not one twice: the engine donates both to each step.
+        return tuple(jnp.zeros(shape, dtype or self.compute_dtype, device=sharding) for _ in range(2))
+
+    def page_bytes(self, page_size, dtype=None):
+        """Bytes of one page of keys and values on one device."""
+        return self.cache_bytes(1, page_size, dtype)
+
     # --- computation ----------------------------------------------------------
     def _local_qkv(self, weights, x, positions):
         """This device's queries, keys and values."""
@@ -212,12 +227,26 @@ class ParallelAttention(ShardedLayer):
         out, k_cache, v_cache = ops.decode_step_fused(qkv, *cache, positions, self.sliding_window)
         return self.output_dense.local_call(weights[1], out[:, None]), (k_cache, v_cache)
 
-    def call(self, x, padding_mask=None, cache=None, positions=None):
+    def _local_paged(self, weights, x, starts, valid, tables, pages):
+        """Each row's tokens at positions starts, starts + 1, ... (those
+        `valid`), their keys and values written into the row's pages, then
+        attending to the row's keys up to each of them."""
+        positions = starts[:, None] + jnp.arange(x.shape[1])
+        qkv = self._local_qkv_product(weights, x, positions)  # (rows, width, kv, 2 + group, d)
+        pages = ops.write_pages(*pages, qkv[:, :, :, 0], qkv[:, :, :, 1], tables, positions, valid)
+        q = qkv[:, :, :, 2:].reshape(qkv.shape[:2] + (-1, self.head_dim))
+        out = ops.paged_attention(q, *pages, tables, positions, self.sliding_window)
+        return self.output_dense.local_call(weights[1], out), pages
+
+    def call(self, x, padding_mask=None, cache=None, positions=None, block_tables=None):
         """Without a cache: attention over `x`. With `cache` (keys, values),
         returns (output, new cache): with `positions` (batch,), `x` is one
         new token per row at those positions (a decode step); without, `x`
         holds prompts from position 0, right padded as `padding_mask` says
-        (the prefill)."""
+        (the prefill). With `block_tables` (batch, table width), `cache` is
+        pages (`empty_pages`) and `x` each row's next tokens from its
+        position in `positions`, those of `padding_mask` real (a decode
+        step, or a chunk of a prompt)."""
         weights = tuple(p.local_weights() for p in self._projections())
         x_layout = (B, None, None)
         if cache is None:
@@ -227,6 +256,13 @@ class ParallelAttention(ShardedLayer):
                 args, layouts = args + (padding_mask,), layouts + ((B, None),)
             local = lambda w, x, mask=None: self._local_attention(w, x, mask)
             return self.run_with_weights(local, weights, layouts, x_layout, *args, key=("attention", has_mask))
+        if block_tables is not None:
+            page_layouts = (self.page_layout, self.page_layout)
+            return self.run_with_weights(
+                self._local_paged, weights, (x_layout, (B,), (B, None), (B, None), page_layouts),
+                (x_layout, page_layouts), x, jnp.asarray(positions, "int32"), padding_mask.astype(bool),
+                jnp.asarray(block_tables, "int32"), tuple(cache),
+            )
         cache_layouts = (self.cache_layout, self.cache_layout)
         out_layout = (x_layout, cache_layouts)
         if positions is None:

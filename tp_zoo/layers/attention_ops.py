@@ -15,6 +15,12 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
   cache, its query against the row's cached keys, read once; a Pallas kernel
   that does both on NVIDIA GPUs (`tp_zoo.kernels.decode_attention`), XLA
   elsewhere.
+- `write_pages`, `paged_attention`: the same over a paged cache (a serving
+  engine's): pages of (kv_heads, num_pages, page_size, head_dim), each row's
+  keys at position p in page tables[row, p // page_size], slot p % page_size.
+  One new token per row reads its pages with a Pallas kernel on NVIDIA GPUs
+  (`tp_zoo.kernels.paged_attention`); chunks of prompts, and every step
+  elsewhere, gather the row's pages for XLA.
 """
 
 import jax
@@ -22,6 +28,7 @@ import jax.numpy as jnp
 
 from tp_zoo import parallel
 from tp_zoo.kernels import decode_attention
+from tp_zoo.kernels import paged_attention as paged_kernel
 from tp_zoo.layers.precision import product_precision
 
 _MASKED = -1e30
@@ -180,3 +187,39 @@ def decode_step_fused(qkv, k_cache, v_cache, positions, window=None):
         return decode_attention.decode_step_fused(qkv.astype(k_cache.dtype), k_cache, v_cache, positions, starts)
     q = qkv[:, :, 2:].reshape(b, kv * group, d)
     return decode_step(q, qkv[:, :, 0], qkv[:, :, 1], k_cache, v_cache, positions, window)
+
+
+def write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
+    """Writes new keys and values (rows, width, kv_heads, head_dim) at their
+    positions (rows, width) into the pages their rows' tables (rows,
+    table_width) name. Tokens not `valid` (rows, width) go to slot 0 of page
+    0, a page no sequence owns. Returns (k_pages, v_pages)."""
+    page_size = k_pages.shape[2]
+    pages = jnp.take_along_axis(tables, jnp.minimum(positions // page_size, tables.shape[1] - 1), axis=1)
+    pages = jnp.where(valid, pages, 0).reshape(-1)
+    slots = jnp.where(valid, positions % page_size, 0).reshape(-1)
+    write = lambda cache, new: cache.at[:, pages, slots].set(
+        jnp.swapaxes(new.reshape(-1, *new.shape[2:]), 0, 1).astype(cache.dtype)
+    )
+    return write(k_pages, k_new), write(v_pages, v_new)
+
+
+def paged_attention(q, k_pages, v_pages, tables, positions, window=None):
+    """Queries (rows, width, heads, head_dim) at `positions` (rows, width)
+    against their rows' keys up to them (within the window), read from the
+    pages of the rows' tables (written already). Returns (rows, width,
+    heads, head_dim)."""
+    rows, width, h, d = q.shape
+    if width == 1 and paged_kernel.applies(q, k_pages):
+        position = positions[:, 0]
+        out = paged_kernel.paged_decode_attention(
+            q[:, 0], k_pages, v_pages, tables, position, _window_starts(position, window)
+        )
+        return out[:, None]
+    kv, _, page_size, _ = k_pages.shape
+    gather = lambda pages: jnp.moveaxis(pages[:, tables], 0, 3).reshape(rows, -1, kv, d)
+    keys = jnp.arange(tables.shape[1] * page_size)
+    mask = keys[None, None, :] <= positions[:, :, None]
+    if window is not None:
+        mask &= positions[:, :, None] - keys[None, None, :] < window
+    return dense_attention(q, gather(k_pages), gather(v_pages), mask)

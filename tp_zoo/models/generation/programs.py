@@ -21,6 +21,7 @@ import numpy as np
 from tp_zoo import kernels
 from tp_zoo.models import memory
 from tp_zoo.models.generation.sampling import next_tokens
+from tp_zoo.models.generation.sampling import row_tokens
 
 # Decode steps per compiled call when streaming: text shows every few
 # milliseconds on a GPU, and the host's turn between calls (hidden behind the
@@ -57,6 +58,27 @@ def decode_step(lm, tokens, positions, caches):
         x, cache = block(x, cache=cache, positions=positions)
         new_caches.append(cache)
     return lm.lm_head(backbone.finish(x))[:, 0], new_caches
+
+
+def paged_step(lm, token_ids, starts, counts, pages, tables):
+    """Each row's next `counts` tokens (batch, width; right padded) at
+    positions starts, starts + 1, ... through the model, over a paged cache
+    (per-layer (keys, values) pages; `tables` (batch, table width) each
+    row's pages): their keys and values written into the row's pages.
+    Returns the logits after each row's last token (batch, vocab), split on
+    the vocab, and the pages. A decode step is a width of 1; a prompt's
+    chunk, wider."""
+    backbone = lm.backbone
+    width = token_ids.shape[1]
+    offsets = jnp.arange(width)[None, :]
+    x = backbone.embed(token_ids, starts[:, None] + offsets)
+    real = offsets < counts[:, None]
+    new_pages = []
+    for block, layer_pages in zip(backbone.transformer_layers, pages):
+        x, layer_pages = block(x, padding_mask=real, cache=layer_pages, positions=starts, block_tables=tables)
+        new_pages.append(layer_pages)
+    last = jnp.take_along_axis(x, (counts - 1)[:, None, None], axis=1)
+    return lm.lm_head(backbone.finish(last))[:, 0], new_pages
 
 
 # --- sampled, token by token ---------------------------------------------------------
@@ -162,12 +184,27 @@ def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids
                       cache_length)
 
 
+def _sampled_paged_step(lm, token_ids, starts, counts, pages, tables, sampling, cuts):
+    """`paged_step` and each row's next token by its own `sampling`
+    (temperature, top_k, top_p, seed states: see `row_tokens`)."""
+    logits, pages = paged_step(lm, token_ids, starts, counts, pages, tables)
+    return row_tokens(logits, *sampling, cuts=cuts), pages
+
+
+def _run_paged_step(lm, state, token_ids, starts, counts, pages, tables, sampling, cuts, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _sampled_paged_step, token_ids, starts, counts, pages, tables,
+                      sampling, cuts)
+
+
 # name -> (function, jit options). Streamed steps take the caches donated, so
-# they are updated in place from call to call, as inside one program.
+# they are updated in place from call to call, as inside one program; so do a
+# serving engine's steps (tp_zoo.serving) its pages.
+_GENERATE_STATICS = ("stop_token_ids", "cache_length", "kernel_configs")
 _PROGRAMS = {
-    "whole": (_run_whole, {}),
-    "stream start": (_run_stream_start, {}),
-    "stream steps": (_run_stream_steps, {"donate_argnames": ("caches",)}),
+    "whole": (_run_whole, {"static_argnames": _GENERATE_STATICS}),
+    "stream start": (_run_stream_start, {"static_argnames": _GENERATE_STATICS}),
+    "stream steps": (_run_stream_steps, {"static_argnames": _GENERATE_STATICS, "donate_argnames": ("caches",)}),
+    "paged step": (_run_paged_step, {"static_argnames": ("cuts", "kernel_configs"), "donate_argnames": ("pages",)}),
 }
 
 
@@ -177,10 +214,7 @@ def program(lm, name="whole"):
         lm.generate_function = {}
     if name not in lm.generate_function:
         function, options = _PROGRAMS[name]
-        lm.generate_function[name] = jax.jit(
-            functools.partial(function, lm), static_argnames=("stop_token_ids", "cache_length", "kernel_configs"),
-            **options,
-        )
+        lm.generate_function[name] = jax.jit(functools.partial(function, lm), **options)
     return lm.generate_function[name]
 
 

@@ -6,6 +6,7 @@ top_k below 1 and a top_p outside (0, 1] are refused."""
 import math
 import numbers
 
+import jax
 import jax.numpy as jnp
 import keras_hub
 
@@ -38,3 +39,40 @@ def next_tokens(sampler, logits):
     if sampler.temperature == 0:
         return jnp.argmax(logits.astype("float32"), axis=-1).astype("int32")
     return sampler.get_next_token(sampler.compute_probabilities(logits)).astype("int32")
+
+
+def row_tokens(logits, temperature, top_k, top_p, seed_states, cuts):
+    """Each row's next token by its own settings, as keras_hub's samplers
+    pick it for one row: greedy at a temperature of 0; else drawn from
+    softmax(logits / temperature) (RandomSampler), cut to the top_k (0: no
+    cut; TopKSampler) and then to the top_p (TopPSampler) most likely.
+
+    logits (batch, vocab); temperature, top_p (batch,) floats; top_k (batch,)
+    ints; seed_states (batch, 2) uint32: each row's draw key, the state a
+    keras SeedGenerator(seed) holds at that token ([seed, tokens drawn]), so
+    a row draws what `lm.generate` with that sampler draws for it alone.
+    `cuts`: whether any row cuts (static): the vocab is sorted only then.
+    """
+    logits = logits.astype("float32")
+    greedy = jnp.argmax(logits, axis=-1).astype("int32")
+    probabilities = jax.nn.softmax(logits / jnp.where(temperature > 0, temperature, 1)[:, None], axis=-1)
+    sampled = _draw(seed_states, jnp.log(probabilities))
+    if cuts:
+        vocab = logits.shape[-1]
+        ranked, order = jax.lax.top_k(probabilities, vocab)
+        within_k = jnp.arange(vocab)[None, :] < jnp.where(top_k > 0, top_k, vocab)[:, None]
+        # TopPSampler's rule: the first token, then each whose predecessors'
+        # sum is at most top_p; a top_p of 1 (TopKSampler) keeps all.
+        cumulative = jnp.cumsum(jnp.where(within_k, ranked, 0), axis=-1)
+        before = jnp.pad(cumulative[:, :-1], ((0, 0), (1, 0)))
+        within_p = (before <= top_p[:, None]) | (jnp.arange(vocab)[None, :] == 0) | (top_p[:, None] >= 1)
+        chosen = _draw(seed_states, jnp.log(jnp.where(within_k & within_p, ranked, 0)))
+        cut = jnp.take_along_axis(order, chosen[:, None], axis=-1)[:, 0]
+        sampled = jnp.where((top_k > 0) | (top_p < 1), cut, sampled)
+    return jnp.where(temperature > 0, sampled, greedy).astype("int32")
+
+
+def _draw(seed_states, log_probabilities):
+    """keras.random.categorical(row, 1) for each row alone, with its key."""
+    one_row = lambda key, row: jax.random.categorical(key, row[None, :, None], shape=(1, 1), axis=1)[0, 0]
+    return jax.vmap(one_row)(seed_states, log_probabilities)

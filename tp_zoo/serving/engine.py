@@ -1,0 +1,336 @@
+"""Continuous batching: an engine that keeps a batch decoding while requests
+come and go, over a paged KV cache (`pages`).
+
+Every iteration (`step`):
+1. requests submitted or cancelled since the last one are taken in;
+2. waiting sequences join the running ones, oldest first, while a row is
+   free (`max_batch`) and the pool has pages for their ids;
+3. prompts are fed in chunks, at most `prefill_chunk` prompt tokens an
+   iteration, so that a long prompt does not stall the running decodes;
+4. every other running sequence decodes one token;
+5. each request's new ids go to its `on_output`; finished sequences leave,
+   giving back their rows and pages.
+
+A sequence is its ids (the prompt, then the tokens it made), of which the
+first `computed` have their keys and values in its pages. An iteration
+feeds it the rest, or a chunk of them, and once all are in samples its next
+token: a decode step is a feed of one id. When a decode needs a page and
+none is free, the newest running sequence is preempted: it gives its pages
+back and waits at the front of the queue to feed all its ids again, so it
+is recomputed, never corrupted.
+
+Both feeds run one compiled program (`generation.programs`' "paged step",
+the model's paged pass and each row's own sampling), at batch, width and
+table sizes rounded up to powers of two so that few shapes compile. Its
+sampling is `lm.generate`'s, row by row: greedy ids, and seeded ones, are
+those of `lm.generate` for the prompt alone, whatever else runs.
+"""
+
+import collections
+import dataclasses
+import itertools
+import random
+import threading
+
+import numpy as np
+
+from tp_zoo import kernels
+from tp_zoo.errors import QueueFullError
+from tp_zoo.errors import RequestError
+from tp_zoo.models.generation import programs
+from tp_zoo.serving import pages as paging
+from tp_zoo.serving.requests import CANCELLED
+from tp_zoo.serving.requests import ERROR
+from tp_zoo.serving.requests import LENGTH
+from tp_zoo.serving.requests import STOP
+from tp_zoo.serving.requests import Output
+from tp_zoo.serving.requests import SamplingParams
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    pages_used: int
+    pages_total: int  # pages sequences can hold (the padding page left out)
+    page_size: int
+    generated_tokens: int  # since the engine started
+    preemptions: int
+
+
+class _Sequence:
+    """One request inside the engine."""
+
+    def __init__(self, seq_id, prompt, params, on_output, seed):
+        self.id = seq_id
+        self.ids = prompt
+        self.prompt_length = len(prompt)
+        self.params = params
+        self.on_output = on_output
+        self.seed = seed
+        self.computed = 0  # ids whose keys and values are in `pages`
+        self.pages = []
+
+    @property
+    def made(self):
+        return len(self.ids) - self.prompt_length
+
+    @property
+    def pending(self):
+        return len(self.ids) - self.computed
+
+
+class Engine:
+    """Serves generation requests on `lm` with continuous batching.
+
+    Args:
+        lm: a tp_zoo causal LM (its mesh is the engine's devices).
+        max_batch: sequences running at once.
+        page_size: positions per page of the KV cache (a power of two).
+        kv_memory, kv_pages: the pool's size, in bytes per device or in
+            pages (default: most of the device memory the weights leave).
+        prefill_chunk: prompt tokens fed per iteration.
+        max_waiting: requests that may wait; more are refused
+            (`QueueFullError`).
+
+    `submit` requests from any thread; `start` runs the iterations in a
+    thread of the engine's (or call `step` yourself).
+    """
+
+    def __init__(self, lm, max_batch=64, page_size=64, kv_memory=None, kv_pages=None, prefill_chunk=512,
+                 max_waiting=1024):
+        for name, value in (("max_batch", max_batch), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
+                            ("max_waiting", max_waiting)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: must be a whole number of at least 1.")
+        if page_size & (page_size - 1):
+            raise ValueError(f"page_size={page_size}: must be a power of two.")
+        self.lm = lm
+        self.max_positions = lm.backbone.max_sequence_length
+        self.max_batch, self.page_size = max_batch, page_size
+        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self._table = paging.PageTable(paging.planned_pages(lm, page_size, max_batch, prefill_chunk, kv_memory,
+                                                             kv_pages))
+        self._pages = paging.empty_pages(lm, self._table.num_pages, page_size)
+        self._state = programs.variable_values(lm)
+        self._program = programs.program(lm, "paged step")
+        self._kernel_configs = kernels.active()
+        self._waiting = collections.deque()
+        self._running = []
+        self._inbox, self._cancels = [], set()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._next_id = itertools.count()
+        self._seeds = random.SystemRandom()
+        self._generated = self._preemptions = 0
+        self._thread = None
+        self._stopping = False
+
+    # --- from any thread ---------------------------------------------------------
+    def submit(self, prompt_ids, params, on_output):
+        """Queues a request: `prompt_ids` (ints), `params` (SamplingParams);
+        `on_output(Output)` is called from the engine's thread each
+        iteration the request gets ids, and once more (or then) with its
+        finish reason. Returns the request's id (for `cancel`)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
+        prompt = self._checked_prompt(prompt_ids, params)
+        seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        with self._lock:
+            if len(self._waiting) + len(self._inbox) >= self.max_waiting:
+                raise QueueFullError(f"{self.max_waiting} requests are waiting already; retry shortly.")
+            sequence = _Sequence(next(self._next_id), prompt, params, on_output, seed)
+            self._inbox.append(sequence)
+        self._wake.set()
+        return sequence.id
+
+    def cancel(self, seq_id):
+        """Ends a request at the next iteration (its output: CANCELLED)."""
+        with self._lock:
+            self._cancels.add(seq_id)
+        self._wake.set()
+
+    def stats(self):
+        return EngineStats(len(self._running), len(self._waiting) + len(self._inbox), self._table.used,
+                           self._table.num_pages - 1, self.page_size, self._generated, self._preemptions)
+
+    def start(self):
+        """Runs the iterations in a daemon thread until `stop`."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="tp_zoo engine", daemon=True)
+            self._thread.start()
+
+    def stop(self):
+        self._stopping = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    @property
+    def running(self):
+        """Whether the engine's thread runs its iterations."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self):
+        while not self._stopping:
+            self._wake.clear()
+            if not self.step():
+                self._wake.wait(timeout=1.0)
+
+    def _checked_prompt(self, prompt_ids, params):
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or not len(prompt_ids):
+            raise RequestError("prompt: must be a non-empty list of token ids.", param="prompt")
+        vocab = self.lm.backbone.vocab_size
+        prompt = [int(t) for t in prompt_ids]
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(f"prompt: token ids outside the vocab [0, {vocab}): {bad[:5]}.", param="prompt")
+        positions = len(prompt) + params.max_tokens
+        if positions > self.max_positions:
+            raise RequestError(
+                f"A prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} is beyond the model's "
+                f"{self.max_positions} positions.", param="max_tokens")
+        pages = -(-positions // self.page_size)
+        if pages > self._table.num_pages - 1:
+            raise RequestError(
+                f"A prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} needs {pages} pages of the KV "
+                f"cache, which holds {self._table.num_pages - 1}.", param="max_tokens")
+        return prompt
+
+    # --- the engine's thread -------------------------------------------------------
+    def step(self):
+        """One iteration (see the module's docstring); whether it ran the model."""
+        self._take_inbox()
+        self._admit()
+        prefills, decodes = self._feeds()
+        for feeds in (prefills, decodes):
+            if feeds:
+                self._run(feeds)
+        return bool(prefills or decodes)
+
+    def _take_inbox(self):
+        with self._lock:
+            arrived, self._inbox = self._inbox, []
+            cancels, self._cancels = self._cancels, set()
+        self._waiting.extend(arrived)
+        if cancels:
+            for sequence in [s for s in itertools.chain(self._waiting, self._running) if s.id in cancels]:
+                self._finish(sequence, (), CANCELLED)
+
+    def _admit(self):
+        while self._waiting and len(self._running) < self.max_batch:
+            sequence = self._waiting[0]
+            pages = self._table.take(self._pages_for(len(sequence.ids)))
+            if pages is None:
+                return
+            self._waiting.popleft()
+            sequence.pages = pages
+            self._running.append(sequence)
+
+    def _pages_for(self, positions):
+        return -(-positions // self.page_size)
+
+    def _feeds(self):
+        """(prefill feeds, decode feeds): (sequence, ids to feed) pairs, the
+        decodes' pages grown first (preempting the newest where none is free)."""
+        for sequence in [s for s in self._running if s.pending == 1]:
+            while sequence in self._running and len(sequence.pages) < self._pages_for(len(sequence.ids)):
+                page = self._table.take(1)
+                if page is None:
+                    self._preempt(max(self._running, key=lambda s: s.id))
+                else:
+                    sequence.pages += page
+        prefills, budget = [], self.prefill_chunk
+        for sequence in self._running:
+            if sequence.pending > 1 and budget > 0:
+                count = min(sequence.pending, budget)
+                prefills.append((sequence, count))
+                budget -= count
+        return prefills, [(s, 1) for s in self._running if s.pending == 1]
+
+    def _preempt(self, sequence):
+        self._running.remove(sequence)
+        self._table.give_back(sequence.pages)
+        sequence.pages, sequence.computed = [], 0
+        self._waiting.appendleft(sequence)
+        self._preemptions += 1
+
+    def _run(self, feeds):
+        """One program for `feeds`; hands out the tokens sampled."""
+        try:
+            tokens = self._call(feeds)
+        except Exception as error:  # noqa: BLE001 -- the rows fail alone; the engine goes on
+            self._recover(feeds, error)
+            return
+        for (sequence, count), token in zip(feeds, tokens):
+            sequence.computed += count
+            if sequence.computed == len(sequence.ids):
+                self._take_token(sequence, int(token))
+
+    def _call(self, feeds):
+        rows = _power_of_two(len(feeds))
+        width = _power_of_two(max(count for _, count in feeds))
+        table_width = _power_of_two(max(len(s.pages) for s, _ in feeds))
+        token_ids = np.zeros((rows, width), "int32")
+        starts = np.zeros(rows, "int32")
+        counts = np.ones(rows, "int32")  # padding rows: one token, into page 0
+        tables = np.zeros((rows, table_width), "int32")
+        temperature, top_p = np.zeros(rows, "float32"), np.ones(rows, "float32")
+        top_k = np.zeros(rows, "int32")
+        seed_states = np.zeros((rows, 2), "uint32")
+        for row, (sequence, count) in enumerate(feeds):
+            token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
+            starts[row], counts[row] = sequence.computed, count
+            tables[row, : len(sequence.pages)] = sequence.pages
+            params = sequence.params
+            temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
+            seed_states[row] = sequence.seed, sequence.made
+        sampling = (temperature, top_k, top_p, seed_states)
+        cuts = any(s.params.sorts for s, _ in feeds)
+        (tokens, self._pages), _ = self._program(
+            self._state, token_ids, starts, counts, self._pages, tables, sampling, cuts=cuts,
+            kernel_configs=self._kernel_configs,
+        )
+        return np.asarray(tokens)[: len(feeds)]
+
+    def _take_token(self, sequence, token):
+        sequence.ids.append(token)
+        self._generated += 1
+        if token in sequence.params.stop_token_ids:
+            self._finish(sequence, (token,), STOP)
+        elif sequence.made >= sequence.params.max_tokens:
+            self._finish(sequence, (token,), LENGTH)
+        else:
+            self._deliver(sequence, Output((token,)))
+
+    def _finish(self, sequence, new_ids, reason, error=None):
+        if sequence in self._running:
+            self._running.remove(sequence)
+            self._table.give_back(sequence.pages)
+            sequence.pages = []
+        elif sequence in self._waiting:
+            self._waiting.remove(sequence)
+        self._deliver(sequence, Output(tuple(new_ids), reason, error))
+
+    def _deliver(self, sequence, output):
+        try:
+            sequence.on_output(output)
+        except Exception:  # noqa: BLE001 -- a caller's callback failing ends its request alone
+            if output.finish_reason is None:
+                self._finish(sequence, (), ERROR, "on_output raised")
+
+    def _recover(self, feeds, error):
+        """After a program failed: its rows end with the error; the pool
+        (donated to the failed call) is made anew, so every other running
+        sequence feeds its ids again."""
+        message = f"{type(error).__name__}: {error}"
+        for sequence, _ in feeds:
+            self._finish(sequence, (), ERROR, message)
+        for sequence in sorted(self._running, key=lambda s: s.id, reverse=True):
+            self._preempt(sequence)
+        self._pages = paging.empty_pages(self.lm, self._table.num_pages, self.page_size)
+
+
+def _power_of_two(n):
+    return 1 << (n - 1).bit_length()
