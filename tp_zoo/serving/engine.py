@@ -287,9 +287,9 @@ class Engine:
             temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
             seed_states[row] = sequence.seed, sequence.made
         sampling = (temperature, top_k, top_p, seed_states)
-        cuts = any(s.params.sorts for s, _ in feeds)
         (tokens, self._pages), _ = self._program(
-            self._state, token_ids, starts, counts, self._pages, tables, sampling, cuts=cuts,
+            self._state, token_ids, starts, counts, self._pages, tables, sampling,
+            draws=bool(temperature.any()), cuts=any(s.params.sorts for s, _ in feeds),
             kernel_configs=self._kernel_configs,
         )
         return np.asarray(tokens)[: len(feeds)]

@@ -12,6 +12,8 @@ from tp_zoo.models import memory
 # Of the memory free after the weights, the share the pages take by default;
 # the rest is the steps' activations and logits.
 DEFAULT_MEMORY_FRACTION = 0.85
+# Positions per row of a pool sized without a memory figure (CPUs).
+CPU_ROW_POSITIONS = 2048
 
 
 class PageTable:
@@ -57,14 +59,16 @@ def planned_pages(lm, page_size, max_batch, prefill_chunk, kv_memory=None, kv_pa
     """How many pages the pool holds: `kv_pages`; else `kv_memory` bytes per
     device of them; else DEFAULT_MEMORY_FRACTION of the device memory free
     beyond the weights and a step's activations (and where the platform
-    reports no free memory, as on CPU, every row at the model's positions)."""
+    reports no free memory, as on CPU, every row at the model's positions
+    up to CPU_ROW_POSITIONS: a step there writes its pool whole)."""
     if kv_pages is not None:
         return kv_pages
     per_page = page_bytes(lm, page_size)
     if kv_memory is None:
         free = memory.free_device_bytes(memory.model_devices(lm))
         if free is None:
-            return max_batch * -(-lm.backbone.max_sequence_length // page_size) + 1
+            positions = min(lm.backbone.max_sequence_length, CPU_ROW_POSITIONS)
+            return max_batch * -(-positions // page_size) + 1
         backbone = lm.backbone
         activations = backbone.prefill_bytes(1, prefill_chunk) + 16 * max_batch * backbone.vocab_size
         kv_memory = DEFAULT_MEMORY_FRACTION * free - activations

@@ -184,16 +184,16 @@ def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids
                       cache_length)
 
 
-def _sampled_paged_step(lm, token_ids, starts, counts, pages, tables, sampling, cuts):
+def _sampled_paged_step(lm, token_ids, starts, counts, pages, tables, sampling, draws, cuts):
     """`paged_step` and each row's next token by its own `sampling`
     (temperature, top_k, top_p, seed states: see `row_tokens`)."""
     logits, pages = paged_step(lm, token_ids, starts, counts, pages, tables)
-    return row_tokens(logits, *sampling, cuts=cuts), pages
+    return row_tokens(logits, *sampling, draws=draws, cuts=cuts), pages
 
 
-def _run_paged_step(lm, state, token_ids, starts, counts, pages, tables, sampling, cuts, kernel_configs):
+def _run_paged_step(lm, state, token_ids, starts, counts, pages, tables, sampling, draws, cuts, kernel_configs):
     return _stateless(lm, state, kernel_configs, _sampled_paged_step, token_ids, starts, counts, pages, tables,
-                      sampling, cuts)
+                      sampling, draws, cuts)
 
 
 # name -> (function, jit options). Streamed steps take the caches donated, so
@@ -204,7 +204,7 @@ _PROGRAMS = {
     "whole": (_run_whole, {"static_argnames": _GENERATE_STATICS}),
     "stream start": (_run_stream_start, {"static_argnames": _GENERATE_STATICS}),
     "stream steps": (_run_stream_steps, {"static_argnames": _GENERATE_STATICS, "donate_argnames": ("caches",)}),
-    "paged step": (_run_paged_step, {"static_argnames": ("cuts", "kernel_configs"), "donate_argnames": ("pages",)}),
+    "paged step": (_run_paged_step, {"static_argnames": ("draws", "cuts", "kernel_configs"), "donate_argnames": ("pages",)}),
 }
 
 

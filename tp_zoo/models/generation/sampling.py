@@ -41,7 +41,7 @@ def next_tokens(sampler, logits):
     return sampler.get_next_token(sampler.compute_probabilities(logits)).astype("int32")
 
 
-def row_tokens(logits, temperature, top_k, top_p, seed_states, cuts):
+def row_tokens(logits, temperature, top_k, top_p, seed_states, draws, cuts):
     """Each row's next token by its own settings, as keras_hub's samplers
     pick it for one row: greedy at a temperature of 0; else drawn from
     softmax(logits / temperature) (RandomSampler), cut to the top_k (0: no
@@ -51,10 +51,14 @@ def row_tokens(logits, temperature, top_k, top_p, seed_states, cuts):
     ints; seed_states (batch, 2) uint32: each row's draw key, the state a
     keras SeedGenerator(seed) holds at that token ([seed, tokens drawn]), so
     a row draws what `lm.generate` with that sampler draws for it alone.
-    `cuts`: whether any row cuts (static): the vocab is sorted only then.
+    `draws`, `cuts` (static): whether any row draws (a temperature above 0),
+    and whether any cuts; what none needs is left out (the sort of the
+    vocab above all).
     """
     logits = logits.astype("float32")
     greedy = jnp.argmax(logits, axis=-1).astype("int32")
+    if not draws:
+        return greedy
     probabilities = jax.nn.softmax(logits / jnp.where(temperature > 0, temperature, 1)[:, None], axis=-1)
     sampled = _draw(seed_states, jnp.log(probabilities))
     if cuts:
