@@ -214,6 +214,28 @@ def _finetune(args):
                       f"{adapter}")
 
 
+def _serve(args):
+    import math
+
+    from tp_zoo.serving.server import serve
+
+    # Checked before the model loads, which takes minutes.
+    for flag, value, least in (("--tp", args.tp, 1), ("--dp", args.dp, 1), ("--max-batch", args.max_batch, 1),
+                               ("--prefill-chunk", args.prefill_chunk, 1), ("--max-waiting", args.max_waiting, 1)):
+        if value < least:
+            raise ValueError(f"{flag} {value}: must be at least {least}.")
+    if args.kv_memory is not None and not (math.isfinite(args.kv_memory) and args.kv_memory > 0):
+        raise ValueError(f"--kv-memory {args.kv_memory}: must be a positive number of GiB.")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port {args.port}: must be in [0, 65535] (0: any free port).")
+    if args.api_key == "":
+        raise ValueError("--api-key is empty: give a key, or leave the option out to serve without one.")
+    serve(args.preset, tp=args.tp, dp=args.dp, host=args.host, port=args.port, api_key=args.api_key,
+          served_model_name=args.served_model_name, max_batch=args.max_batch,
+          kv_memory=None if args.kv_memory is None else int(args.kv_memory * 2**30),
+          prefill_chunk=args.prefill_chunk, max_waiting=args.max_waiting, dtype=args.dtype, quantize=args.quantize)
+
+
 def _presets(args):
     from rich.console import Console
     from rich.table import Table
@@ -271,6 +293,33 @@ def _add_finetune_command(commands):
     ft.set_defaults(run=_finetune)
 
 
+def _add_serve_command(commands):
+    server = commands.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API")
+    server.add_argument("preset", metavar="PRESET_OR_DIR")
+    server.add_argument("--tp", type=int, default=1, help="tensor-parallel degree of each copy of the model")
+    server.add_argument("--dp", type=int, default=1,
+                        help="copies of the model, each on its own --tp devices with its own engine; a request goes "
+                             "to the least busy one")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    server.add_argument("--port", type=int, default=8000)
+    server.add_argument("--api-key", default=os.environ.get("TP_ZOO_API_KEY"),
+                        help="the key clients send as 'Authorization: Bearer KEY' (default: $TP_ZOO_API_KEY; "
+                             "without either, none is needed)")
+    server.add_argument("--served-model-name", default=None,
+                        help="the model's name in the API (default: the preset's name or the directory's)")
+    server.add_argument("--max-batch", type=int, default=64, help="requests each engine runs at once")
+    server.add_argument("--kv-memory", type=float, default=None, metavar="GIB",
+                        help="GiB per device for each engine's paged KV cache (default: most of what the weights "
+                             "leave)")
+    server.add_argument("--prefill-chunk", type=int, default=512,
+                        help="prompt tokens prefilled per step (longer prompts in chunks of it)")
+    server.add_argument("--max-waiting", type=int, default=1024,
+                        help="requests each engine keeps waiting; beyond them, requests get 429 with Retry-After")
+    server.add_argument("--dtype", default=None, help="e.g. float32, bfloat16 (default: the checkpoint's)")
+    server.add_argument("--quantize", choices=["int8"], default=None, help="weight-only int8, quantized while loading")
+    server.set_defaults(run=_serve)
+
+
 def _parser():
     parser = argparse.ArgumentParser(prog="tp-zoo", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -300,6 +349,7 @@ def _parser():
     _add_generation_arguments(chat)
     chat.set_defaults(run=_chat)
     _add_finetune_command(commands)
+    _add_serve_command(commands)
     return parser
 
 
