@@ -3,6 +3,7 @@ several block sizes and split targets) and the XLA path, against the bytes
 they must read.
 
     python scripts/bench_decode_kernel.py
+    python scripts/bench_decode_kernel.py paged
 
 Llama-3-8B heads (32 query, 8 kv, head_dim 128), bf16; each row's cache
 holds `length` keys (the new one included) in a buffer of `buffer`
@@ -10,9 +11,16 @@ positions. Time per call: 32 calls in one compiled loop (one per layer of a
 decode step, each query depending on the last output, the caches carried
 and written in place), the best of 20 loops after a warm-up; GB/s counts
 the keys and values read.
+
+`paged`: the paged decode kernel (`tp_zoo.kernels.paged_attention`, pages
+of 16 and 64 shuffled over a pool, at two steps and split targets) beside
+the contiguous decode kernel (whose step also writes the new key and
+value), for rows of 1024 keys at batch 1, 16 and 64; with the time the keys
+and values take to read at an H200's 4.8 TB/s (the floor).
 """
 
 import itertools
+import sys
 import time
 
 import jax
@@ -20,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tp_zoo import kernels
+from tp_zoo.kernels import paged_attention
 from tp_zoo.layers import attention_ops
 
 CASES = [(1, 4160, 4608), (16, 1088, 1152), (16, 4160, 4608), (1, 32800, 36864)]  # batch, length, buffer
@@ -74,5 +83,60 @@ def main():
         print(f"{batch:>6}{length:>8}{name:>8}{str(block):>7}{str(target):>8}{str(warps):>7}{us:>9.1f}{rate:>8.0f}")
 
 
+H200_BYTES_PER_SECOND = 4.8e12
+
+
+def seconds_per_paged_call(q, k_pages, v_pages, tables, positions):
+    """As `seconds_per_call`, for the paged kernel (which only reads its
+    pages)."""
+    def layers(q, k_pages, v_pages):
+        step = lambda i, q: paged_attention.paged_decode_attention(q, k_pages, v_pages, tables, positions)
+        return jax.lax.fori_loop(0, LAYERS, step, q)
+
+    fn = jax.jit(layers)
+    jax.block_until_ready(fn(q, k_pages, v_pages))
+    best = float("inf")
+    for _ in range(20):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(q, k_pages, v_pages))
+        best = min(best, time.perf_counter() - start)
+    return best / LAYERS
+
+
+def paged_main(length=1024):
+    rows = []
+    for batch in (1, 16, 64):
+        rs = np.random.RandomState(0)
+        q = jnp.asarray(rs.randn(batch, 32, 128), jnp.bfloat16)
+        k_new, v_new = (jnp.asarray(rs.randn(batch, 8, 128), jnp.bfloat16) for _ in range(2))
+        k, v = (jnp.asarray(rs.randn(batch, 8, length, 128), jnp.bfloat16) for _ in range(2))
+        positions = jnp.full((batch,), length - 1, jnp.int32)
+        read = 2 * batch * 8 * length * 128 * 2
+        seconds = seconds_per_call(q, k_new, v_new, k, v, positions)
+        rows.append((batch, "decode", None, None, None, seconds, read))
+        print(rows[-1], flush=True)
+        for page_size in (64, 16):
+            pages = batch * length // page_size
+            # Page 0 unused, the rest shuffled over the rows' tables.
+            tables = jnp.asarray(1 + rs.permutation(pages).reshape(batch, -1), jnp.int32)
+            k_pages, v_pages = (jnp.asarray(rs.randn(8, 1 + pages, page_size, 128), jnp.bfloat16) for _ in range(2))
+            for block, target in itertools.product((64, 128), (264, 528)):
+                config = kernels.PagedAttentionConfig(block=block, target_programs=target)
+                with kernels.configured(kernels.KernelConfigs(paged_attention=config)):
+                    seconds = seconds_per_paged_call(q, k_pages, v_pages, tables, positions)
+                rows.append((batch, "paged", page_size, block, target, seconds, read))
+                print(rows[-1], flush=True)
+    print(f"\ndecode attention of {length}-key rows; {jax.devices()[0].device_kind}; jax {jax.__version__}")
+    print(f"{'batch':>6}{'path':>8}{'page':>6}{'block':>7}{'target':>8}{'MB read':>9}{'us':>8}{'floor us':>10}"
+          f"{'GB/s':>7}")
+    for batch, name, page_size, block, target, seconds, read in rows:
+        floor = read / H200_BYTES_PER_SECOND
+        print(f"{batch:>6}{name:>8}{str(page_size):>6}{str(block):>7}{str(target):>8}{read / 1e6:>9.1f}"
+              f"{seconds * 1e6:>8.1f}{floor * 1e6:>10.1f}{read / seconds / 1e9:>7.0f}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["paged"]:
+        paged_main()
+    else:
+        main()

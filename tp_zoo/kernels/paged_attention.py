@@ -104,11 +104,12 @@ def paged_decode_attention(q, k_pages, v_pages, tables, positions, starts=None, 
     q: (batch, heads, head_dim); k_pages, v_pages: (kv_heads, num_pages,
     page_size, head_dim), of q's dtype, already written (the new token's key
     and value included); tables: (batch, table_width) int page ids;
-    positions, starts: (batch,) int (starts None: zeros). Query head i reads
-    kv head i // (heads // kv_heads). Table entries past a row's position
-    (or before its start's page) are never read. `interpret`: run by
-    Pallas' interpreter (None: as the configuration in force says). Returns
-    (batch, heads, head_dim) in q's dtype.
+    positions, starts: (batch,) int (starts None: zeros), start <= position
+    < table_width x page_size. Query head i reads kv head i // (heads //
+    kv_heads). Table entries past a row's position (or before its start's
+    page) are never read. `interpret`: run by Pallas' interpreter (None: as
+    the configuration in force says). Returns (batch, heads, head_dim) in
+    q's dtype.
     """
     config = configuration.active().paged_attention
     interpret = config.interpret if interpret is None else interpret

@@ -1,0 +1,153 @@
+"""The paged decode attention kernel (`tp_zoo.kernels.paged_attention`),
+forced by its configuration onto the CPU, where Pallas' interpreter runs it,
+against dense attention (float64 numpy) over each row's keys gathered from
+its pages into a contiguous run.
+
+The pages are shuffled among the rows; table entries a row does not use
+(past its position, before its window's page) point at page 0, which no row
+uses. Every slot no row may use (page 0, spare pages, and the slots of a
+row's first and last pages outside its [start, position]) holds keys of
+1e4 and NaN values: a key that leaked into the softmax would swamp it, and
+a value the kernel read at all, even with its weight masked to 0, would
+make the output NaN. Tolerance: float32, 1e-5 x max(1, max |reference|)
+(the online softmax and the merge of the splits add in other orders);
+bf16 inputs (the reference computed from the same bf16 values), 2e-2 x
+max(1, max |reference|): the kernel rounds the softmax weights to bf16
+(8 bits, ~4e-3 per rounding) for the value product, and its output to bf16.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tests.helpers import assert_close
+from tests.helpers import mesh_scope
+from tp_zoo import kernels
+from tp_zoo import parallel
+from tp_zoo.kernels import paged_attention
+
+PAGE = 16
+WIDTH = 6  # table entries per row: positions 0..95
+# (position, start) per row: the first key; the last slot of a page and the
+# first of the next; the table's last position; windows starting inside a
+# page, at a page's first slot, and at the position itself.
+ROWS = ((0, 0), (15, 0), (16, 0), (95, 0), (70, 33), (47, 32), (95, 60), (31, 31))
+
+
+def _paged_inputs(heads, kv_heads, head_dim, dtype, rows=ROWS, seed=0):
+    """q, k_pages, v_pages, tables, positions, starts for `rows`."""
+    rs = np.random.RandomState(seed)
+    positions, starts = (np.array(x, np.int32) for x in zip(*rows))
+    spans = [range(start // PAGE, position // PAGE + 1) for position, start in rows]
+    used = sum(len(span) for span in spans)
+    num_pages = used + 3  # page 0 and two spare pages no row uses
+    ids = iter(rs.permutation(np.arange(1, num_pages))[:used])
+    tables = np.zeros((len(rows), WIDTH), np.int32)
+    readable = np.zeros((num_pages, PAGE), bool)
+    for row, span in enumerate(spans):
+        tables[row, list(span)] = [next(ids) for _ in span]
+        keys = np.arange(starts[row], positions[row] + 1)
+        readable[tables[row, keys // PAGE], keys % PAGE] = True
+    k, v = (rs.randn(kv_heads, num_pages, PAGE, head_dim) for _ in range(2))
+    k[:, ~readable] = 1e4
+    v[:, ~readable] = np.nan
+    q = rs.randn(len(rows), heads, head_dim)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v)) + tuple(map(jnp.asarray, (tables, positions, starts)))
+
+
+def _dense(q, k_pages, v_pages, tables, positions, starts):
+    """Each row's query heads against its keys [start, position], gathered
+    from its pages, in float64."""
+    q, k_pages, v_pages = (np.asarray(x, np.float64) for x in (q, k_pages, v_pages))
+    group = q.shape[1] // k_pages.shape[0]
+    out = np.zeros(q.shape)
+    for row, (position, start) in enumerate(zip(np.asarray(positions), np.asarray(starts))):
+        keys = np.arange(start, position + 1)
+        pages, slots = np.asarray(tables)[row, keys // PAGE], keys % PAGE
+        k = np.repeat(k_pages[:, pages, slots], group, axis=0)  # (heads, keys, head_dim)
+        v = np.repeat(v_pages[:, pages, slots], group, axis=0)
+        scores = np.einsum("hd,hkd->hk", q[row], k) / np.sqrt(q.shape[-1])
+        weights = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        out[row] = np.einsum("hk,hkd->hd", weights / weights.sum(axis=-1, keepdims=True), v)
+    return out
+
+
+def _kernel(*args):
+    """The kernel, traced anew (it reads the configuration in force when
+    traced, which is no part of jit's cache key)."""
+    return jax.jit(lambda *a: paged_attention.paged_decode_attention(*a))(*args)
+
+
+def _forced(target_programs=kernels.PagedAttentionConfig.target_programs, block=kernels.PagedAttentionConfig.block):
+    """A block in which the kernel applies anywhere, run by Pallas'
+    interpreter, with about `target_programs` programs (which sets the
+    splits) and `block` keys per loop step."""
+    config = kernels.PagedAttentionConfig(forced=True, interpret=True, target_programs=target_programs, block=block)
+    return kernels.configured(kernels.KernelConfigs(paged_attention=config))
+
+
+# 8 rows x 2 kv heads: target 1 gives one split of all 6 pages, 24 two
+# splits of 3, 264 a split per page; `block` 64 steps over 4 pages at a time
+# (a split's last step past its pages), 32 over 2, 16 over 1.
+@pytest.mark.parametrize(
+    "heads,kv_heads,head_dim,target_programs,block,dtype",
+    [
+        (8, 2, 32, 264, 64, jnp.float32),
+        (8, 2, 32, 24, 64, jnp.float32),
+        (8, 2, 32, 1, 32, jnp.float32),
+        (8, 2, 32, 24, 16, jnp.float32),
+        (4, 4, 16, 24, 64, jnp.float32),
+        (12, 2, 64, 24, 32, jnp.float32),
+        (12, 2, 32, 1, 64, jnp.bfloat16),
+        (8, 2, 64, 264, 16, jnp.bfloat16),
+    ],
+)
+def test_paged_kernel_matches_dense(heads, kv_heads, head_dim, target_programs, block, dtype):
+    """Ragged positions and windows, shuffled tables, query groups of 1, 4
+    and 6 (padded to 8 before the kernel), splits, whole and partial steps."""
+    args = _paged_inputs(heads, kv_heads, head_dim, dtype)
+    with _forced(target_programs, block):
+        assert paged_attention.applies(args[0], args[1])
+        got = _kernel(*args)
+    assert got.shape == args[0].shape and got.dtype == dtype
+    rel = 1e-5 if dtype == jnp.float32 else 2e-2
+    what = f"paged kernel heads={heads}/{kv_heads} programs={target_programs} block={block} {dtype.__name__}"
+    assert_close(_dense(*args), np.asarray(got, np.float64), what, rel=rel)
+
+
+def test_paged_kernel_without_starts_and_in_a_sharded_region():
+    """starts None reads from position 0; inside shard_map at tp 2, with
+    the pages split over their kv heads and the queries over theirs, each
+    device's kernel sees its local kv heads and gives the same output (to
+    float32 rounding)."""
+    q, k, v, tables, positions, starts = _paged_inputs(8, 2, 32, jnp.float32, [(p, 0) for p, _ in ROWS])
+    heads, pages = (None, parallel.MODEL, None), (parallel.MODEL, None, None, None)
+    with _forced():
+        whole = _kernel(q, k, v, tables, positions)
+        with mesh_scope(2):
+            sharded = jax.jit(
+                lambda *a: parallel.run_sharded(
+                    parallel.active_mesh(), paged_attention.paged_decode_attention,
+                    (heads, pages, pages, (None, None), (None,)), heads, *a,
+                )
+            )(q, k, v, tables, positions)
+    assert_close(_dense(q, k, v, tables, positions, starts), whole, "paged kernel, starts None")
+    assert_close(whole, sharded, "paged kernel at tp 2")
+
+
+def test_paged_kernel_applies_only_on_gpu_to_pages_of_a_power_of_two():
+    """Not on this CPU unless forced (then at any dtype and head size), and
+    only for pages of a power of two >= 16 positions."""
+    q = jnp.zeros((1, 8, 128), jnp.bfloat16)
+    pages = lambda size, d=128, dtype=jnp.bfloat16: jnp.zeros((2, 4, size, d), dtype)
+    assert not paged_attention.applies(q, pages(64))
+    with _forced():
+        for size in (16, 32, 64, 256):
+            assert paged_attention.applies(q, pages(size))
+        for size in (8, 48, 96):
+            assert not paged_attention.applies(q, pages(size))
+        assert paged_attention.applies(q[..., :8].astype(jnp.float32), pages(16, 8, jnp.float32))
+    disabled = kernels.PagedAttentionConfig(enabled=False, forced=True)
+    with kernels.configured(kernels.KernelConfigs(paged_attention=disabled)):
+        assert not paged_attention.applies(q, pages(64))
