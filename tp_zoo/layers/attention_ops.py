@@ -204,6 +204,13 @@ def write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
     return write(k_pages, k_new), write(v_pages, v_new)
 
 
+def paged_kernel_applies(dtype, head_dim, k_pages):
+    """Whether one new token per row of `dtype` heads of `head_dim` reads
+    these pages with the Pallas kernel (which reads a row's own pages only,
+    however wide its table)."""
+    return paged_kernel.applies(jax.ShapeDtypeStruct((1, 1, head_dim), dtype), k_pages)
+
+
 def paged_attention(q, k_pages, v_pages, tables, positions, window=None):
     """Queries (rows, width, heads, head_dim) at `positions` (rows, width)
     against their rows' keys up to them (within the window), read from the

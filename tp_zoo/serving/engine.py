@@ -32,11 +32,13 @@ import itertools
 import random
 import threading
 
+import jax
 import numpy as np
 
 from tp_zoo import kernels
 from tp_zoo.errors import QueueFullError
 from tp_zoo.errors import RequestError
+from tp_zoo.layers import attention_ops
 from tp_zoo.models.generation import programs
 from tp_zoo.serving import pages as paging
 from tp_zoo.serving.requests import CANCELLED
@@ -58,6 +60,23 @@ class EngineStats:
     preemptions: int
 
 
+# The id of a token sampled by a program whose result the host has not read.
+UNREAD = -1
+# The fewest rows a decode step runs at: it reads every weight whatever its
+# rows, so padding costs little, and fewer batch sizes compile.
+DECODE_MIN_ROWS = 16
+
+
+class _Flight:
+    """A program sent to the device: its feeds, its tokens (still there),
+    and where each row's token goes in its ids (None: a prompt's chunk
+    that does not end it)."""
+
+    def __init__(self, feeds, tokens, slots):
+        self.feeds, self.tokens, self.slots = feeds, tokens, slots
+        self.sequences = [sequence for sequence, _ in feeds]
+
+
 class _Sequence:
     """One request inside the engine."""
 
@@ -70,6 +89,7 @@ class _Sequence:
         self.seed = seed
         self.computed = 0  # ids whose keys and values are in `pages`
         self.pages = []
+        self.finished = False
 
     @property
     def made(self):
@@ -115,6 +135,10 @@ class Engine:
         self._state = programs.variable_values(lm)
         self._program = programs.program(lm, "paged step")
         self._kernel_configs = kernels.active()
+        attention = lm.backbone.transformer_layers[0].attention
+        self._kernel_reads_pages = attention_ops.paged_kernel_applies(attention.compute_dtype, attention.head_dim,
+                                                                      self._pages[0][0])
+        self._in_flight = None
         self._waiting = collections.deque()
         self._running = []
         self._inbox, self._cancels = [], set()
@@ -155,8 +179,10 @@ class Engine:
                            self._table.num_pages - 1, self.page_size, self._generated, self._preemptions)
 
     def start(self):
-        """Runs the iterations in a daemon thread until `stop`."""
+        """Warms up (`warm_up`), then runs the iterations in a daemon thread
+        until `stop`."""
         if self._thread is None:
+            self.warm_up()
             self._thread = threading.Thread(target=self._loop, name="tp_zoo engine", daemon=True)
             self._thread.start()
 
@@ -199,15 +225,44 @@ class Engine:
         return prompt
 
     # --- the engine's thread -------------------------------------------------------
+    def warm_up(self):
+        """Compiles the decode step at every batch size it will run at, so
+        that no request waits for a compilation later (prompts' chunks still
+        compile at their first shapes)."""
+        rows = DECODE_MIN_ROWS
+        while True:
+            tokens, self._pages = self._launch(
+                np.zeros((rows, 1), "int32"), np.zeros(rows, "int32"), np.ones(rows, "int32"),
+                np.zeros((rows, self._decode_table_width(1)), "int32"), _padding_sampling(rows), False, False)
+            if rows >= self.max_batch:
+                break
+            rows *= 2
+        jax.block_until_ready(tokens)
+
     def step(self):
-        """One iteration (see the module's docstring); whether it ran the model."""
+        """One iteration (see the module's docstring); whether it did anything.
+
+        A decode step is left running on the device when this returns: when
+        the next iteration decodes the same rows (nothing joined, left or
+        prefilled), it is sent before this one's tokens are read, fed them
+        on the device, so the device does not wait on the host."""
         self._take_inbox()
         self._admit()
         prefills, decodes = self._feeds()
-        for feeds in (prefills, decodes):
-            if feeds:
-                self._run(feeds)
-        return bool(prefills or decodes)
+        flight = self._in_flight
+        if flight is not None and not prefills and [s for s, _ in decodes] == flight.sequences:
+            self._in_flight = self._dispatch(decodes, flight.tokens)
+            self._read(flight)
+            return True
+        if flight is not None:
+            self._in_flight = None
+            self._read(flight)
+            prefills, decodes = self._feeds()
+        if prefills:
+            self._read(self._dispatch(prefills))
+        if decodes:
+            self._in_flight = self._dispatch(decodes)
+        return bool(flight or prefills or decodes)
 
     def _take_inbox(self):
         with self._lock:
@@ -233,8 +288,10 @@ class Engine:
 
     def _feeds(self):
         """(prefill feeds, decode feeds): (sequence, ids to feed) pairs, the
-        decodes' pages grown first (preempting the newest where none is free)."""
-        for sequence in [s for s in self._running if s.pending == 1]:
+        decodes' pages grown first (preempting the newest where none is
+        free). A sequence whose unread token is its last waits for it."""
+        decoding = [s for s in self._running if s.pending == 1 and s.made < s.params.max_tokens]
+        for sequence in decoding:
             while sequence in self._running and len(sequence.pages) < self._pages_for(len(sequence.ids)):
                 page = self._table.take(1)
                 if page is None:
@@ -247,7 +304,7 @@ class Engine:
                 count = min(sequence.pending, budget)
                 prefills.append((sequence, count))
                 budget -= count
-        return prefills, [(s, 1) for s in self._running if s.pending == 1]
+        return prefills, [(s, 1) for s in decoding if s in self._running]
 
     def _preempt(self, sequence):
         self._running.remove(sequence)
@@ -256,55 +313,87 @@ class Engine:
         self._waiting.appendleft(sequence)
         self._preemptions += 1
 
-    def _run(self, feeds):
-        """One program for `feeds`; hands out the tokens sampled."""
-        try:
-            tokens = self._call(feeds)
-        except Exception as error:  # noqa: BLE001 -- the rows fail alone; the engine goes on
-            self._recover(feeds, error)
-            return
-        for (sequence, count), token in zip(feeds, tokens):
-            sequence.computed += count
-            if sequence.computed == len(sequence.ids):
-                self._take_token(sequence, int(token))
+    def _decode_table_width(self, pages):
+        # With the paged kernel, decode tables span the model's positions
+        # (it reads only each row's own pages), so one shape serves all.
+        if self._kernel_reads_pages:
+            pages = self._pages_for(self.max_positions)
+        return _power_of_two(pages)
 
-    def _call(self, feeds):
-        rows = _power_of_two(len(feeds))
+    def _dispatch(self, feeds, fed_tokens=None):
+        """Sends one program for `feeds` (decodes fed `fed_tokens`, a program's
+        tokens still on the device, in place of their last ids), and counts
+        the ids fed; each row that ends its ids gets an UNREAD token. Returns
+        the `_Flight`, or None if the program failed (its rows fail alone)."""
         width = _power_of_two(max(count for _, count in feeds))
-        table_width = _power_of_two(max(len(s.pages) for s, _ in feeds))
+        if width == 1:
+            rows = max(DECODE_MIN_ROWS, _power_of_two(len(feeds)))
+            table_width = self._decode_table_width(max(len(s.pages) for s, _ in feeds))
+        else:
+            rows, table_width = _power_of_two(len(feeds)), _power_of_two(max(len(s.pages) for s, _ in feeds))
         token_ids = np.zeros((rows, width), "int32")
         starts = np.zeros(rows, "int32")
         counts = np.ones(rows, "int32")  # padding rows: one token, into page 0
         tables = np.zeros((rows, table_width), "int32")
-        temperature, top_p = np.zeros(rows, "float32"), np.ones(rows, "float32")
-        top_k = np.zeros(rows, "int32")
-        seed_states = np.zeros((rows, 2), "uint32")
+        temperature, top_k, top_p, seed_states = _padding_sampling(rows)
         for row, (sequence, count) in enumerate(feeds):
-            token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
+            if fed_tokens is None:
+                token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
             starts[row], counts[row] = sequence.computed, count
             tables[row, : len(sequence.pages)] = sequence.pages
             params = sequence.params
             temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
             seed_states[row] = sequence.seed, sequence.made
-        sampling = (temperature, top_k, top_p, seed_states)
-        (tokens, self._pages), _ = self._program(
-            self._state, token_ids, starts, counts, self._pages, tables, sampling,
-            draws=bool(temperature.any()), cuts=any(s.params.sorts for s, _ in feeds),
+        if fed_tokens is not None:
+            token_ids = fed_tokens[:, None]
+        try:
+            tokens, self._pages = self._launch(token_ids, starts, counts, tables, (temperature, top_k, top_p,
+                                                seed_states), bool(temperature.any()),
+                                               any(s.params.sorts for s, _ in feeds))
+        except Exception as error:  # noqa: BLE001 -- the rows fail alone; the engine goes on
+            self._recover(feeds, error)
+            return None
+        slots = []
+        for sequence, count in feeds:
+            sequence.computed += count
+            ends = sequence.computed == len(sequence.ids)
+            if ends:
+                sequence.ids.append(UNREAD)
+            slots.append(len(sequence.ids) - 1 if ends else None)
+        return _Flight(feeds, tokens, slots)
+
+    def _launch(self, token_ids, starts, counts, tables, sampling, draws, cuts):
+        (tokens, pages), _ = self._program(
+            self._state, token_ids, starts, counts, self._pages, tables, sampling, draws=draws, cuts=cuts,
             kernel_configs=self._kernel_configs,
         )
-        return np.asarray(tokens)[: len(feeds)]
+        return tokens, pages
 
-    def _take_token(self, sequence, token):
-        sequence.ids.append(token)
+    def _read(self, flight):
+        """Waits for a flight's tokens and hands them out."""
+        if flight is None:
+            return
+        try:
+            tokens = np.asarray(flight.tokens)
+        except Exception as error:  # noqa: BLE001 -- as in _dispatch
+            self._recover(flight.feeds, error)
+            return
+        for (sequence, _), slot, token in zip(flight.feeds, flight.slots, tokens):
+            if slot is not None and not sequence.finished:
+                sequence.ids[slot] = int(token)
+                self._take_token(sequence, int(token), made=slot + 1 - sequence.prompt_length)
+
+    def _take_token(self, sequence, token, made):
         self._generated += 1
         if token in sequence.params.stop_token_ids:
             self._finish(sequence, (token,), STOP)
-        elif sequence.made >= sequence.params.max_tokens:
+        elif made >= sequence.params.max_tokens:
             self._finish(sequence, (token,), LENGTH)
         else:
             self._deliver(sequence, Output((token,)))
 
     def _finish(self, sequence, new_ids, reason, error=None):
+        sequence.finished = True
         if sequence in self._running:
             self._running.remove(sequence)
             self._table.give_back(sequence.pages)
@@ -326,7 +415,8 @@ class Engine:
         sequence feeds its ids again."""
         message = f"{type(error).__name__}: {error}"
         for sequence, _ in feeds:
-            self._finish(sequence, (), ERROR, message)
+            if not sequence.finished:
+                self._finish(sequence, (), ERROR, message)
         for sequence in sorted(self._running, key=lambda s: s.id, reverse=True):
             self._preempt(sequence)
         self._pages = paging.empty_pages(self.lm, self._table.num_pages, self.page_size)
@@ -334,3 +424,9 @@ class Engine:
 
 def _power_of_two(n):
     return 1 << (n - 1).bit_length()
+
+
+def _padding_sampling(rows):
+    """(temperature, top_k, top_p, seed states) of rows that are greedy."""
+    return (np.zeros(rows, "float32"), np.zeros(rows, "int32"), np.ones(rows, "float32"),
+            np.zeros((rows, 2), "uint32"))
