@@ -226,14 +226,16 @@ class Engine:
 
     # --- the engine's thread -------------------------------------------------------
     def warm_up(self):
-        """Compiles the decode step at every batch size it will run at, so
+        """Compiles the decode step at every batch size it will run at, fed
+        ids from the host and tokens left on the device (two programs), so
         that no request waits for a compilation later (prompts' chunks still
         compile at their first shapes)."""
         rows = DECODE_MIN_ROWS
         while True:
-            tokens, self._pages = self._launch(
-                np.zeros((rows, 1), "int32"), np.zeros(rows, "int32"), np.ones(rows, "int32"),
-                np.zeros((rows, self._decode_table_width(1)), "int32"), _padding_sampling(rows), False, False)
+            arguments = (np.zeros(rows, "int32"), np.ones(rows, "int32"),
+                         np.zeros((rows, self._decode_table_width(1)), "int32"), _padding_sampling(rows), False, False)
+            tokens, self._pages = self._launch(np.zeros((rows, 1), "int32"), *arguments)
+            tokens, self._pages = self._launch(tokens[:, None], *arguments)
             if rows >= self.max_batch:
                 break
             rows *= 2
@@ -292,7 +294,8 @@ class Engine:
         free). A sequence whose unread token is its last waits for it."""
         decoding = [s for s in self._running if s.pending == 1 and s.made < s.params.max_tokens]
         for sequence in decoding:
-            while sequence in self._running and len(sequence.pages) < self._pages_for(len(sequence.ids)):
+            # (a preempted sequence has given its pages back: no more to grow)
+            while sequence.pages and len(sequence.pages) < self._pages_for(len(sequence.ids)):
                 page = self._table.take(1)
                 if page is None:
                     self._preempt(max(self._running, key=lambda s: s.id))
@@ -304,7 +307,7 @@ class Engine:
                 count = min(sequence.pending, budget)
                 prefills.append((sequence, count))
                 budget -= count
-        return prefills, [(s, 1) for s in decoding if s in self._running]
+        return prefills, [(s, 1) for s in decoding if s.pages]
 
     def _preempt(self, sequence):
         self._running.remove(sequence)
