@@ -27,9 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from tp_zoo import parallel
 from tp_zoo.kernels import configuration
-
-_MIN_ROWS = 16
-_MASKED = -1e30
+from tp_zoo.kernels import flash_decoding
 
 
 def cache_length_multiple():
@@ -83,7 +81,7 @@ def _kernel(
         k = jnp.where(is_new, k_new[None, :], k_ref[keys, :])
         scores = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
         visible = (key_positions <= position) & (key_positions >= start)
-        scores = jnp.where(visible[None, :], scores, _MASKED)
+        scores = jnp.where(visible[None, :], scores, flash_decoding.MASKED)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[:, None])
@@ -94,7 +92,7 @@ def _kernel(
 
     init = (
         jnp.zeros((rows, q.shape[1]), jnp.float32),
-        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.full((rows,), flash_decoding.MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(first, last, body, init)
@@ -118,13 +116,8 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     (None: as the configuration in force says). Returns (out, k_cache,
     v_cache).
     """
-    b, h, d = q.shape
-    kv = k_cache.shape[1]
-    group = h // kv
-    group_block = pl.next_power_of_2(group)
-    qg = q.reshape(b, kv, group, d)
-    if group_block != group:  # a block the kernel loads must be a power of two long
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
+    d = q.shape[-1]
+    qg, group, group_block = flash_decoding.grouped_queries(q, k_cache.shape[1])
     operands = ((qg, _per_head(group_block, d)), (k_new, _per_head(d)), (v_new, _per_head(d)))
     return _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret)
 
@@ -150,16 +143,11 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
     interpret = config.interpret if interpret is None else interpret
     (q, q_spec), (k_new, k_spec), (v_new, v_spec) = operands
     b, kv, t, d = k_cache.shape
-    rows = max(_MIN_ROWS, group_block)
-    blocks = t // config.block
-    splits = min(blocks, max(1, -(-config.target_programs // (b * kv))))
-    blocks_per_split = -(-blocks // splits)
-    splits = -(-blocks // blocks_per_split)
+    rows = max(flash_decoding.MIN_ROWS, group_block)
+    splits, blocks_per_split = flash_decoding.splits(t // config.block, b * kv, config.target_programs)
     positions = positions.astype(jnp.int32)
     starts = jnp.zeros_like(positions) if starts is None else starts.astype(jnp.int32)
-
-    per_row = pl.BlockSpec((None,), lambda i, j, s: (i,))
-    per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
+    per_row, per_split = flash_decoding.PER_ROW, flash_decoding.per_split
     inputs = (positions, starts, q, k_new, v_new, k_cache, v_cache)
     result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
     acc, m, l, k_cache, v_cache = pl.pallas_call(
@@ -181,9 +169,5 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
         interpret=interpret,
         name="tp_zoo_decode_attention",
     )(*inputs)
-    # Merge the splits: rescale each to the common max, then normalise.
-    m_max = m.max(axis=2, keepdims=True)
-    weight = jnp.exp(m - m_max)
-    total = (l * weight).sum(axis=2)
-    out = (acc * weight[..., None]).sum(axis=2) / total[..., None]
+    out = flash_decoding.merge(acc, m, l)
     return out[:, :, :group].reshape(b, kv * group, d).astype(q.dtype), k_cache, v_cache

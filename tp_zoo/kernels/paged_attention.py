@@ -30,9 +30,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from tp_zoo import parallel
 from tp_zoo.kernels import configuration
-
-_MIN_ROWS = 16
-_MASKED = -1e30
+from tp_zoo.kernels import flash_decoding
 
 
 def applies(q, k_pages):
@@ -77,7 +75,7 @@ def _kernel(
         mask = jnp.broadcast_to(visible[:, None], (block, d))
         k = plgpu.load(k_ref.at[at], mask=mask, other=0)
         scores = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
-        scores = jnp.where(visible[None, :], scores, _MASKED)
+        scores = jnp.where(visible[None, :], scores, flash_decoding.MASKED)
         m_new = jnp.maximum(m, scores.max(axis=-1))
         correction = jnp.exp(m - m_new)
         p = jnp.exp(scores - m_new[:, None])
@@ -88,7 +86,7 @@ def _kernel(
 
     init = (
         jnp.zeros((rows, d), jnp.float32),
-        jnp.full((rows,), _MASKED, jnp.float32),
+        jnp.full((rows,), flash_decoding.MASKED, jnp.float32),
         jnp.zeros((rows,), jnp.float32),
     )
     acc, m, l = jax.lax.fori_loop(0, pl.cdiv(last - first, pages_per_step), body, init)
@@ -116,23 +114,16 @@ def paged_decode_attention(q, k_pages, v_pages, tables, positions, starts=None, 
     b, h, d = q.shape
     kv, num_pages, page_size, _ = k_pages.shape
     width = tables.shape[1]
-    group = h // kv
-    group_block = pl.next_power_of_2(group)
-    qg = q.reshape(b, kv, group, d)
-    if group_block != group:  # a block the kernel loads must be a power of two long
-        qg = jnp.pad(qg, ((0, 0), (0, 0), (0, group_block - group), (0, 0)))
-    rows = max(_MIN_ROWS, group_block)
+    qg, group, group_block = flash_decoding.grouped_queries(q, kv)
+    rows = max(flash_decoding.MIN_ROWS, group_block)
     pages_per_step = max(1, config.block // page_size)
-    splits = min(width, max(1, -(-config.target_programs // (b * kv))))
-    pages_per_split = -(-width // splits)
-    splits = -(-width // pages_per_split)
+    splits, pages_per_split = flash_decoding.splits(width, b * kv, config.target_programs)
     positions = positions.astype(jnp.int32)
     starts = jnp.zeros_like(positions) if starts is None else starts.astype(jnp.int32)
     tables = tables.astype(jnp.int32)
 
-    per_row = pl.BlockSpec((None,), lambda i, j, s: (i,))
+    per_row, per_split = flash_decoding.PER_ROW, flash_decoding.per_split
     per_head = pl.BlockSpec((None, num_pages, page_size, d), lambda i, j, s: (j, 0, 0, 0))
-    per_split = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
     inputs = (positions, starts, tables, qg, k_pages, v_pages)
     result = lambda shape: parallel.kernel_result(shape, jnp.float32, *inputs)
     acc, m, l = pl.pallas_call(
@@ -154,9 +145,5 @@ def paged_decode_attention(q, k_pages, v_pages, tables, positions, starts=None, 
         interpret=interpret,
         name="tp_zoo_paged_attention",
     )(*inputs)
-    # Merge the splits: rescale each to the common max, then normalise.
-    m_max = m.max(axis=2, keepdims=True)
-    weight = jnp.exp(m - m_max)
-    total = (l * weight).sum(axis=2)
-    out = (acc * weight[..., None]).sum(axis=2) / total[..., None]
+    out = flash_decoding.merge(acc, m, l)
     return out[:, :, :group].reshape(b, h, d).astype(q.dtype)
