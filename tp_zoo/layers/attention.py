@@ -227,26 +227,35 @@ class ParallelAttention(ShardedLayer):
         out, k_cache, v_cache = ops.decode_step_fused(qkv, *cache, positions, self.sliding_window)
         return self.output_dense.local_call(weights[1], out[:, None]), (k_cache, v_cache)
 
-    def _local_paged(self, weights, x, starts, valid, tables, pages):
-        """Each row's tokens at positions starts, starts + 1, ... (those
-        `valid`), their keys and values written into the row's pages, then
-        attending to the row's keys up to each of them."""
-        positions = starts[:, None] + jnp.arange(x.shape[1])
-        qkv = self._local_qkv_product(weights, x, positions)  # (rows, width, kv, 2 + group, d)
-        pages = ops.write_pages(*pages, qkv[:, :, :, 0], qkv[:, :, :, 1], tables, positions, valid)
-        q = qkv[:, :, :, 2:].reshape(qkv.shape[:2] + (-1, self.head_dim))
-        out = ops.paged_attention(q, *pages, tables, positions, self.sliding_window)
-        return self.output_dense.local_call(weights[1], out), pages
+    def _local_paged(self, weights, x, groups, pages):
+        """`x` (1, tokens, hidden): the tokens of `groups` one after another.
+        A group is (starts, valid, tables) of its rows: each row's tokens at
+        positions starts, starts + 1, ... (those `valid`), their keys and
+        values written into the row's pages, then attending to the row's
+        keys up to each of them. One product per projection for all groups
+        (decode steps beside prompts' chunks read the weights once)."""
+        positions = [starts[:, None] + jnp.arange(valid.shape[1]) for starts, valid, _ in groups]
+        qkv = self._local_qkv_product(weights, x, jnp.concatenate([p.reshape(-1) for p in positions])[None])[0]
+        outs, offset = [], 0
+        for (starts, valid, tables), group_positions in zip(groups, positions):
+            rows, width = valid.shape
+            part = qkv[offset: offset + rows * width].reshape(rows, width, *qkv.shape[1:])
+            offset += rows * width
+            pages = ops.write_pages(*pages, part[:, :, :, 0], part[:, :, :, 1], tables, group_positions, valid)
+            q = part[:, :, :, 2:].reshape(rows, width, -1, self.head_dim)
+            out = ops.paged_attention(q, *pages, tables, group_positions, self.sliding_window)
+            outs.append(out.reshape(rows * width, *out.shape[2:]))
+        return self.output_dense.local_call(weights[1], jnp.concatenate(outs)[None]), pages
 
-    def call(self, x, padding_mask=None, cache=None, positions=None, block_tables=None):
+    def call(self, x, padding_mask=None, cache=None, positions=None, paged=None):
         """Without a cache: attention over `x`. With `cache` (keys, values),
         returns (output, new cache): with `positions` (batch,), `x` is one
         new token per row at those positions (a decode step); without, `x`
         holds prompts from position 0, right padded as `padding_mask` says
-        (the prefill). With `block_tables` (batch, table width), `cache` is
-        pages (`empty_pages`) and `x` each row's next tokens from its
-        position in `positions`, those of `padding_mask` real (a decode
-        step, or a chunk of a prompt)."""
+        (the prefill). With `paged`, `cache` is pages (`empty_pages`) and
+        `x` (1, tokens, hidden) groups of rows' next tokens, each group's
+        (starts (rows,), valid (rows, width), tables (rows, table width)) in
+        `paged`: decode steps (a width of 1) and prompts' chunks."""
         weights = tuple(p.local_weights() for p in self._projections())
         x_layout = (B, None, None)
         if cache is None:
@@ -256,12 +265,13 @@ class ParallelAttention(ShardedLayer):
                 args, layouts = args + (padding_mask,), layouts + ((B, None),)
             local = lambda w, x, mask=None: self._local_attention(w, x, mask)
             return self.run_with_weights(local, weights, layouts, x_layout, *args, key=("attention", has_mask))
-        if block_tables is not None:
+        if paged is not None:
+            # Rows of a group are not the batch dim (x has one row): whole on every device.
+            group_layouts = tuple(((None,), (None, None), (None, None)) for _ in paged)
             page_layouts = (self.page_layout, self.page_layout)
             return self.run_with_weights(
-                self._local_paged, weights, (x_layout, (B,), (B, None), (B, None), page_layouts),
-                (x_layout, page_layouts), x, jnp.asarray(positions, "int32"), padding_mask.astype(bool),
-                jnp.asarray(block_tables, "int32"), tuple(cache),
+                self._local_paged, weights, (x_layout, group_layouts, page_layouts), (x_layout, page_layouts),
+                x, tuple(paged), tuple(cache),
             )
         cache_layouts = (self.cache_layout, self.cache_layout)
         out_layout = (x_layout, cache_layouts)

@@ -65,21 +65,21 @@ class DecoderBlock(ShardedLayer):
     # See REMAT_POLICIES; set on a model by `DecoderCausalLM.remat`.
     remat = "none"
 
-    def call(self, x, padding_mask=None, cache=None, positions=None, block_tables=None):
+    def call(self, x, padding_mask=None, cache=None, positions=None, paged=None):
         """As `ParallelAttention.call`: with a cache, returns (output, new cache)."""
         policy = REMAT_POLICIES[self.remat]
         if policy is not None and cache is None and not isinstance(x, keras.KerasTensor):
             return jax.checkpoint(lambda x, mask: self._forward(x, mask), policy=policy)(x, padding_mask)
-        return self._forward(x, padding_mask, cache, positions, block_tables)
+        return self._forward(x, padding_mask, cache, positions, paged)
 
-    def _forward(self, x, padding_mask=None, cache=None, positions=None, block_tables=None):
+    def _forward(self, x, padding_mask=None, cache=None, positions=None, paged=None):
         new_cache = None
         attention_in = self.attention_norm(x) if self.pre_norm else x
         if cache is None:
             h = self.attention(attention_in, padding_mask=padding_mask)
         else:
             h, new_cache = self.attention(attention_in, padding_mask=padding_mask, cache=cache, positions=positions,
-                                          block_tables=block_tables)
+                                          paged=paged)
         h = x + h
         if not self.pre_norm:
             h = self.attention_norm(h)

@@ -68,12 +68,14 @@ DECODE_MIN_ROWS = 16
 
 
 class _Flight:
-    """A program sent to the device: its feeds, its tokens (still there),
-    and where each row's token goes in its ids (None: a prompt's chunk
-    that does not end it)."""
+    """A program sent to the device: its feeds, its tokens (still there;
+    feed i's at `indices[i]`), where each row's token goes in its ids
+    (None: a prompt's chunk that does not end it), and whether it only
+    decoded."""
 
-    def __init__(self, feeds, tokens, slots):
-        self.feeds, self.tokens, self.slots = feeds, tokens, slots
+    def __init__(self, feeds, tokens, slots, indices, decode_only):
+        self.feeds, self.tokens, self.slots, self.indices = feeds, tokens, slots, indices
+        self.decode_only = decode_only
         self.sequences = [sequence for sequence, _ in feeds]
 
 
@@ -125,6 +127,10 @@ class Engine:
                 raise ValueError(f"{name}={value!r}: must be a whole number of at least 1.")
         if page_size & (page_size - 1):
             raise ValueError(f"page_size={page_size}: must be a power of two.")
+        if lm.data_parallel_degree > 1:
+            raise ValueError(
+                f"An engine runs one copy of the model; this one is split over {lm.mesh_sizes}. Load it with "
+                "tp only and run an engine per copy (as tp-zoo serve --dp does).")
         self.lm = lm
         self.max_positions = lm.backbone.max_sequence_length
         self.max_batch, self.page_size = max_batch, page_size
@@ -232,10 +238,10 @@ class Engine:
         compile at their first shapes)."""
         rows = DECODE_MIN_ROWS
         while True:
-            arguments = (np.zeros(rows, "int32"), np.ones(rows, "int32"),
-                         np.zeros((rows, self._decode_table_width(1)), "int32"), _padding_sampling(rows), False, False)
-            tokens, self._pages = self._launch(np.zeros((rows, 1), "int32"), *arguments)
-            tokens, self._pages = self._launch(tokens[:, None], *arguments)
+            rest = (np.zeros(rows, "int32"), np.ones(rows, "int32"),
+                    np.zeros((rows, self._decode_table_width(1)), "int32"))
+            tokens, self._pages = self._launch(((np.zeros((rows, 1), "int32"),) + rest,), _padding_sampling(rows))
+            tokens, self._pages = self._launch(((tokens[:, None],) + rest,), _padding_sampling(rows))
             if rows >= self.max_batch:
                 break
             rows *= 2
@@ -244,26 +250,25 @@ class Engine:
     def step(self):
         """One iteration (see the module's docstring); whether it did anything.
 
-        A decode step is left running on the device when this returns: when
-        the next iteration decodes the same rows (nothing joined, left or
-        prefilled), it is sent before this one's tokens are read, fed them
-        on the device, so the device does not wait on the host."""
+        The iteration's program is left running on the device when this
+        returns. When the next iteration decodes the same rows (nothing
+        joined, left or prefilled), its step is sent before this one's
+        tokens are read, fed them on the device, so the device does not
+        wait on the host."""
         self._take_inbox()
         self._admit()
         prefills, decodes = self._feeds()
         flight = self._in_flight
-        if flight is not None and not prefills and [s for s, _ in decodes] == flight.sequences:
-            self._in_flight = self._dispatch(decodes, flight.tokens)
+        if flight is not None and flight.decode_only and not prefills and [s for s, _ in decodes] == flight.sequences:
+            self._in_flight = self._dispatch(decodes, [], flight.tokens)
             self._read(flight)
             return True
         if flight is not None:
             self._in_flight = None
             self._read(flight)
             prefills, decodes = self._feeds()
-        if prefills:
-            self._read(self._dispatch(prefills))
-        if decodes:
-            self._in_flight = self._dispatch(decodes)
+        if prefills or decodes:
+            self._in_flight = self._dispatch(decodes, prefills)
         return bool(flight or prefills or decodes)
 
     def _take_inbox(self):
@@ -323,35 +328,34 @@ class Engine:
             pages = self._pages_for(self.max_positions)
         return _power_of_two(pages)
 
-    def _dispatch(self, feeds, fed_tokens=None):
-        """Sends one program for `feeds` (decodes fed `fed_tokens`, a program's
-        tokens still on the device, in place of their last ids), and counts
-        the ids fed; each row that ends its ids gets an UNREAD token. Returns
-        the `_Flight`, or None if the program failed (its rows fail alone)."""
-        width = _power_of_two(max(count for _, count in feeds))
-        if width == 1:
-            rows = max(DECODE_MIN_ROWS, _power_of_two(len(feeds)))
-            table_width = self._decode_table_width(max(len(s.pages) for s, _ in feeds))
-        else:
-            rows, table_width = _power_of_two(len(feeds)), _power_of_two(max(len(s.pages) for s, _ in feeds))
-        token_ids = np.zeros((rows, width), "int32")
-        starts = np.zeros(rows, "int32")
-        counts = np.ones(rows, "int32")  # padding rows: one token, into page 0
-        tables = np.zeros((rows, table_width), "int32")
-        temperature, top_k, top_p, seed_states = _padding_sampling(rows)
-        for row, (sequence, count) in enumerate(feeds):
-            if fed_tokens is None:
-                token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
-            starts[row], counts[row] = sequence.computed, count
-            tables[row, : len(sequence.pages)] = sequence.pages
-            params = sequence.params
-            temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
-            seed_states[row] = sequence.seed, sequence.made
+    def _dispatch(self, decodes, prefills, fed_tokens=None):
+        """Sends one program: the decodes (fed `fed_tokens`, a program's
+        tokens still on the device, in place of their last ids) and the
+        prompts' chunks, as two groups of one pass; counts the ids fed; each
+        row that ends its ids gets an UNREAD token. Returns the `_Flight`,
+        or None if the program failed (its rows fail alone)."""
+        groups, rows_before, indices = [], 0, []
+        for feeds, width in ((decodes, 1), (prefills, None)):
+            if not feeds:
+                continue
+            if width == 1:
+                # Beside a prompt's chunk every decode row is padded in, so
+                # that such steps compile once per chunk shape.
+                rows = max(DECODE_MIN_ROWS, _power_of_two(self.max_batch if prefills else len(feeds)))
+                table_width = self._decode_table_width(max(len(s.pages) for s, _ in feeds))
+            else:
+                rows = _power_of_two(len(feeds))
+                width = _power_of_two(max(count for _, count in feeds))
+                table_width = _power_of_two(max(len(s.pages) for s, _ in feeds))
+            groups.append(self._group(feeds, rows, width, table_width))
+            indices += range(rows_before, rows_before + len(feeds))
+            rows_before += rows
+        sampling = tuple(np.concatenate(parts) for parts in zip(*(group.pop() for group in groups)))
         if fed_tokens is not None:
-            token_ids = fed_tokens[:, None]
+            groups[0][0] = fed_tokens[:, None]
+        feeds = decodes + prefills
         try:
-            tokens, self._pages = self._launch(token_ids, starts, counts, tables, (temperature, top_k, top_p,
-                                                seed_states), bool(temperature.any()),
+            tokens, self._pages = self._launch(tuple(tuple(group) for group in groups), sampling,
                                                any(s.params.sorts for s, _ in feeds))
         except Exception as error:  # noqa: BLE001 -- the rows fail alone; the engine goes on
             self._recover(feeds, error)
@@ -363,11 +367,28 @@ class Engine:
             if ends:
                 sequence.ids.append(UNREAD)
             slots.append(len(sequence.ids) - 1 if ends else None)
-        return _Flight(feeds, tokens, slots)
+        return _Flight(feeds, tokens, slots, indices, decode_only=not prefills)
 
-    def _launch(self, token_ids, starts, counts, tables, sampling, draws, cuts):
+    def _group(self, feeds, rows, width, table_width):
+        """[token ids, starts, counts, tables, sampling] of `feeds` padded to
+        `rows` (padding rows: one greedy token into page 0)."""
+        token_ids = np.zeros((rows, width), "int32")
+        starts = np.zeros(rows, "int32")
+        counts = np.ones(rows, "int32")
+        tables = np.zeros((rows, table_width), "int32")
+        temperature, top_k, top_p, seed_states = sampling = _padding_sampling(rows)
+        for row, (sequence, count) in enumerate(feeds):
+            token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
+            starts[row], counts[row] = sequence.computed, count
+            tables[row, : len(sequence.pages)] = sequence.pages
+            params = sequence.params
+            temperature[row], top_k[row], top_p[row] = params.temperature, params.top_k, params.top_p
+            seed_states[row] = sequence.seed, sequence.made
+        return [token_ids, starts, counts, tables, sampling]
+
+    def _launch(self, groups, sampling, cuts=False):
         (tokens, pages), _ = self._program(
-            self._state, token_ids, starts, counts, self._pages, tables, sampling, draws=draws, cuts=cuts,
+            self._state, groups, self._pages, sampling, draws=bool(sampling[0].any()), cuts=cuts,
             kernel_configs=self._kernel_configs,
         )
         return tokens, pages
@@ -381,7 +402,7 @@ class Engine:
         except Exception as error:  # noqa: BLE001 -- as in _dispatch
             self._recover(flight.feeds, error)
             return
-        for (sequence, _), slot, token in zip(flight.feeds, flight.slots, tokens):
+        for (sequence, _), slot, token in zip(flight.feeds, flight.slots, tokens[flight.indices]):
             if slot is not None and not sequence.finished:
                 sequence.ids[slot] = int(token)
                 self._take_token(sequence, int(token), made=slot + 1 - sequence.prompt_length)

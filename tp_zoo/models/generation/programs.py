@@ -60,24 +60,30 @@ def decode_step(lm, tokens, positions, caches):
     return lm.lm_head(backbone.finish(x))[:, 0], new_caches
 
 
-def paged_step(lm, token_ids, starts, counts, pages, tables):
-    """Each row's next `counts` tokens (batch, width; right padded) at
-    positions starts, starts + 1, ... through the model, over a paged cache
-    (per-layer (keys, values) pages; `tables` (batch, table width) each
-    row's pages): their keys and values written into the row's pages.
-    Returns the logits after each row's last token (batch, vocab), split on
-    the vocab, and the pages. A decode step is a width of 1; a prompt's
-    chunk, wider."""
+def paged_step(lm, groups, pages):
+    """Groups of rows through the model in one pass over a paged cache
+    (per-layer (keys, values) pages). A group is (token_ids (rows, width),
+    starts, counts (rows,), tables (rows, table width)): each row's next
+    `counts` tokens, right padded, at positions starts, starts + 1, ...,
+    their keys and values written into the row's pages. Decode steps are a
+    group of width 1, prompts' chunks a wider one; their tokens go through
+    each product together. Returns the logits after each row's last token
+    (all groups' rows, vocab), split on the vocab, and the pages."""
     backbone = lm.backbone
-    width = token_ids.shape[1]
-    offsets = jnp.arange(width)[None, :]
-    x = backbone.embed(token_ids, starts[:, None] + offsets)
-    real = offsets < counts[:, None]
+    embedded, paged, lasts, offset = [], [], [], 0
+    for token_ids, starts, counts, tables in groups:
+        rows, width = token_ids.shape
+        offsets = jnp.arange(width)[None, :]
+        embedded.append(backbone.embed(token_ids, starts[:, None] + offsets).reshape(1, rows * width, -1))
+        paged.append((starts, offsets < counts[:, None], tables))
+        lasts.append(offset + jnp.arange(rows) * width + counts - 1)
+        offset += rows * width
+    x = jnp.concatenate(embedded, axis=1)
     new_pages = []
     for block, layer_pages in zip(backbone.transformer_layers, pages):
-        x, layer_pages = block(x, padding_mask=real, cache=layer_pages, positions=starts, block_tables=tables)
+        x, layer_pages = block(x, cache=layer_pages, paged=tuple(paged))
         new_pages.append(layer_pages)
-    last = jnp.take_along_axis(x, (counts - 1)[:, None, None], axis=1)
+    last = x[0, jnp.concatenate(lasts)][:, None]
     return lm.lm_head(backbone.finish(last))[:, 0], new_pages
 
 
@@ -184,16 +190,16 @@ def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids
                       cache_length)
 
 
-def _sampled_paged_step(lm, token_ids, starts, counts, pages, tables, sampling, draws, cuts):
+def _sampled_paged_step(lm, groups, pages, sampling, draws, cuts):
     """`paged_step` and each row's next token by its own `sampling`
-    (temperature, top_k, top_p, seed states: see `row_tokens`)."""
-    logits, pages = paged_step(lm, token_ids, starts, counts, pages, tables)
+    (temperature, top_k, top_p, seed states of all groups' rows: see
+    `row_tokens`)."""
+    logits, pages = paged_step(lm, groups, pages)
     return row_tokens(logits, *sampling, draws=draws, cuts=cuts), pages
 
 
-def _run_paged_step(lm, state, token_ids, starts, counts, pages, tables, sampling, draws, cuts, kernel_configs):
-    return _stateless(lm, state, kernel_configs, _sampled_paged_step, token_ids, starts, counts, pages, tables,
-                      sampling, draws, cuts)
+def _run_paged_step(lm, state, groups, pages, sampling, draws, cuts, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _sampled_paged_step, groups, pages, sampling, draws, cuts)
 
 
 # name -> (function, jit options). Streamed steps take the caches donated, so
