@@ -65,7 +65,14 @@ def _generated(lm, prompt, new, sampler="greedy"):
 
 @pytest.fixture(scope="module")
 def greedy(lm):
-    return [_generated(lm, p, NEW) for p in PROMPTS]
+    """Each prompt's greedy ids, from one right-padded batch (generate's rows
+    are each prompt alone's: tests/models/test_generate.py)."""
+    lm.compile(sampler="greedy")
+    width = max(map(len, PROMPTS))
+    batch = {"token_ids": np.array([p + [0] * (width - len(p)) for p in PROMPTS]),
+             "padding_mask": np.arange(width)[None, :] < np.array([len(p) for p in PROMPTS])[:, None]}
+    out = np.asarray(lm.generate(batch, max_new_tokens=NEW, stop_token_ids=None, strip_prompt=True)["token_ids"])
+    return out[:, :NEW].tolist()
 
 
 def _drive(engine, requests, arrivals=None):
