@@ -16,115 +16,34 @@ one that reached a stop string.
 """
 
 import asyncio
-import json
-import math
-import secrets
 import socket
 import sys
 import time
-import uuid
 from pathlib import Path
-from typing import Any
-from typing import ClassVar
 
 from fastapi import FastAPI
 from fastapi import Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
 from fastapi.responses import Response
-from fastapi.responses import StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel
-from pydantic import ConfigDict
-from pydantic import Field
-from starlette.datastructures import Headers
-from starlette.exceptions import HTTPException
 
-from tp_zoo.errors import QueueFullError
 from tp_zoo.errors import RequestError
 from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.chat_template import check_conversation
 from tp_zoo.models.generation.inputs import DEFAULT_REPLY_TOKENS
 from tp_zoo.models.generation.planning import _checkpoint_stop_ids
+from tp_zoo.serving import openai_api
 from tp_zoo.serving.metrics import ServerMetrics
 from tp_zoo.serving.requests import CANCELLED
 from tp_zoo.serving.requests import ERROR
-from tp_zoo.serving.requests import LENGTH
 from tp_zoo.serving.requests import STOP
 from tp_zoo.serving.requests import SamplingParams
 from tp_zoo.serving.text import RequestText
 
-# OpenAI's default max_tokens for a completion.
-DEFAULT_COMPLETION_TOKENS = 16
-# OpenAI's limit on stop strings.
-MAX_STOP_STRINGS = 4
 # Seconds that open requests get to end when the server is stopped.
 GRACEFUL_SHUTDOWN_SECONDS = 5
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    include_usage: bool | None = False
-
-
-class _GenerationRequest(BaseModel):
-    """The fields both endpoints take, as OpenAI's API (and vLLM's extensions
-    top_k and stop_token_ids) define them. Types are strict: a number in a
-    string is refused, not read. Each field's description is what its value
-    must be, as the error for a wrong one says."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    # Fields of OpenAI's API this server does not implement, taken only at the
-    # value that asks for nothing (clients send some of them as a matter of course).
-    NEUTRAL: ClassVar[dict] = {"n": 1, "presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}
-
-    model: str = Field(description="the name of the served model (GET /v1/models), a string")
-    max_tokens: int | None = Field(None, description="a whole number")
-    temperature: float | None = Field(None, description="a number")
-    top_p: float | None = Field(None, description="a number")
-    top_k: int | None = Field(None, description="a whole number")
-    seed: int | None = Field(None, description="a whole number")
-    stop: str | list[str] | None = Field(None, description=f"a string or a list of up to {MAX_STOP_STRINGS} strings")
-    stop_token_ids: list[int] | None = Field(None, description="a list of token ids")
-    stream: bool | None = Field(False, description="true or false")
-    stream_options: StreamOptions | None = Field(None, description='an object {"include_usage": true or false}')
-    user: str | None = Field(None, description="a string")
-    n: int | None = Field(None, description="a whole number")
-    presence_penalty: float | None = Field(None, description="a number")
-    frequency_penalty: float | None = Field(None, description="a number")
-    logit_bias: dict[str, float] | None = Field(None, description="an object of token ids to numbers")
-
-
-class CompletionRequest(_GenerationRequest):
-    """POST /v1/completions."""
-
-    NEUTRAL: ClassVar[dict] = {**_GenerationRequest.NEUTRAL, "best_of": 1, "echo": False, "logprobs": None,
-                               "suffix": None}
-
-    prompt: str | list[int] = Field(description="a string or a list of token ids")
-    best_of: int | None = Field(None, description="a whole number")
-    echo: bool | None = Field(None, description="true or false")
-    logprobs: int | None = Field(None, description="a whole number")
-    suffix: str | None = Field(None, description="a string")
-
-
-class ChatCompletionRequest(_GenerationRequest):
-    """POST /v1/chat/completions."""
-
-    NEUTRAL: ClassVar[dict] = {**_GenerationRequest.NEUTRAL, "logprobs": False, "top_logprobs": None}
-
-    messages: list[dict[str, Any]] = Field(description='a list of {"role", "content"} objects')
-    max_completion_tokens: int | None = Field(None, description="a whole number")
-    logprobs: bool | None = Field(None, description="true or false")
-    top_logprobs: int | None = Field(None, description="a whole number")
-
-
 _CLIENT_GONE = object()  # put among a request's outputs when its client disconnects
-
-
-class _EngineFailed(Exception):
-    """The engine failed a request (its Output's error)."""
 
 
 def create_app(engines, model_name, api_key=None):
@@ -137,9 +56,8 @@ def create_app(engines, model_name, api_key=None):
     backend = _Backend(engines)
     app = FastAPI(title="tp_zoo", summary=f"OpenAI-compatible API serving {model_name}")
     if api_key is not None:
-        app.add_middleware(_RequireApiKey, api_key=api_key)
-    _add_error_handlers(app)
-    created = int(time.time())
+        app.add_middleware(openai_api.RequireApiKey, api_key=api_key)
+    openai_api.add_error_handlers(app)
 
     def check_model(name):
         if name != model_name:
@@ -147,25 +65,21 @@ def create_app(engines, model_name, api_key=None):
                                param="model")
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request):
+    async def completions(body: openai_api.CompletionRequest, request: Request):
         check_model(body.model)
-        _check_options(body)
+        openai_api.check_options(body)
         prompt_ids = backend.tokenizer.encode(body.prompt) if isinstance(body.prompt, str) else list(body.prompt)
         room = backend.room(prompt_ids, "prompt")
-        max_tokens = min(DEFAULT_COMPLETION_TOKENS, room) if body.max_tokens is None else body.max_tokens
+        max_tokens = min(openai_api.DEFAULT_COMPLETION_TOKENS, room) if body.max_tokens is None else body.max_tokens
         # The completion's text follows the prompt's, so that a space its first token starts with shows.
         generation = backend.start(prompt_ids, body, max_tokens, request, context=prompt_ids)
-        return await _respond(_CompletionAnswer(model_name), generation, body)
+        return await _respond(openai_api.CompletionAnswer(model_name), generation, body)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request):
+    async def chat_completions(body: openai_api.ChatCompletionRequest, request: Request):
         check_model(body.model)
-        _check_options(body)
-        try:  # as generate(messages) renders a conversation
-            messages = check_conversation(body.messages)
-            prompt_ids = ChatTemplate(backend.tokenizer).encode(messages, add_generation_prompt=True)
-        except ValueError as error:  # a bad message, or the template's own error (ChatTemplateError)
-            raise RequestError(str(error), param="messages") from None
+        openai_api.check_options(body)
+        prompt_ids = _chat_prompt(backend.tokenizer, body.messages)
         room = backend.room(prompt_ids, "messages")
         budget_field = "max_tokens" if body.max_completion_tokens is None else "max_completion_tokens"
         max_tokens = getattr(body, budget_field)
@@ -176,7 +90,15 @@ def create_app(engines, model_name, api_key=None):
         except RequestError as error:  # the engine's names for what this request calls messages and its budget
             param = {"prompt": "messages", "max_tokens": budget_field}.get(error.param, error.param)
             raise RequestError(str(error), param=param) from None
-        return await _respond(_ChatAnswer(model_name), generation, body)
+        return await _respond(openai_api.ChatAnswer(model_name), generation, body)
+
+    _add_status_routes(app, engines, backend, model_name)
+    return app
+
+
+def _add_status_routes(app, engines, backend, model_name):
+    """GET /v1/models, /health and /metrics."""
+    created = int(time.time())
 
     @app.get("/v1/models")
     async def models():
@@ -187,14 +109,21 @@ def create_app(engines, model_name, api_key=None):
     async def health():
         stopped = [index for index, engine in enumerate(engines) if not engine.running]
         if stopped:
-            return _error(503, f"The loop of engine(s) {stopped} is not running.", kind="server_error")
+            return openai_api.error_response(503, f"The loop of engine(s) {stopped} is not running.",
+                                             kind="server_error")
         return {"status": "ok"}
 
     @app.get("/metrics")
     async def metrics():
         return Response(backend.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
-    return app
+
+def _chat_prompt(tokenizer, messages):
+    """A conversation's prompt ids, as generate(messages) renders it."""
+    try:
+        return ChatTemplate(tokenizer).encode(check_conversation(messages), add_generation_prompt=True)
+    except ValueError as error:  # a bad message, or the template's own error (ChatTemplateError)
+        raise RequestError(str(error), param="messages") from None
 
 
 class _Backend:
@@ -223,7 +152,7 @@ class _Backend:
 
     def start(self, prompt_ids, body, max_tokens, request, context):
         """Submits the request to the least busy engine: its `_Generation`."""
-        stop = _stop_strings(body.stop)
+        stop = openai_api.stop_strings(body.stop)
         sampling = {name: getattr(body, name) for name in ("temperature", "top_p", "top_k", "seed")}
         params = SamplingParams(
             max_tokens=max_tokens,
@@ -269,7 +198,7 @@ class _Generation:
     async def pieces(self):
         """Yields (text, finish_reason): pieces of text with None, then a
         last one (maybe empty) with "stop" or "length". Ends without that
-        last one if the client disconnects; raises `_EngineFailed` if the
+        last one if the client disconnects; raises `openai_api.EngineFailed` if the
         engine fails the request."""
         try:
             while True:
@@ -283,7 +212,7 @@ class _Generation:
                     self._in_engine = False
                 if output.finish_reason in (ERROR, CANCELLED):  # CANCELLED too: not by us, so the engine dropped it
                     self._metrics.requests.labels(ERROR).inc()
-                    raise _EngineFailed(output.error or "The engine dropped the request.")
+                    raise openai_api.EngineFailed(output.error or "The engine dropped the request.")
                 shown = output.new_ids[:-1] if output.finish_reason == STOP else output.new_ids  # not the stop token
                 piece = self._text.add(shown)
                 finish_reason = STOP if self._text.stopped else output.finish_reason
@@ -334,196 +263,11 @@ async def _respond(answer, generation, body):
     else the whole answer."""
     if body.stream:
         with_usage = body.stream_options is not None and bool(body.stream_options.include_usage)
-        return _event_stream(answer, generation, with_usage)
+        return openai_api.event_stream(answer, generation, with_usage)
     text = await generation.text()
     if generation.finish_reason is None:  # the client disconnected
         return Response(status_code=499)  # read by no one: for the access log (nginx's "client closed request")
     return answer.whole(text, generation.finish_reason, generation.usage())
-
-
-class _Answer:
-    """An answer's body, whole or as the chunks of a stream, and what they
-    share: the id, time and model. A subclass says what a choice holds
-    (`choice(text)`) and the chunks it streams (`chunks(generation,
-    with_usage)`, up to the one with the finish reason), and its ID_PREFIX,
-    OBJECT and CHUNK_OBJECT."""
-
-    def __init__(self, model_name):
-        self._fields = {"id": f"{self.ID_PREFIX}-{uuid.uuid4().hex}", "created": int(time.time()),
-                        "model": model_name}
-
-    def whole(self, text, finish_reason, usage):
-        choice = {"index": 0, **self.choice(text), "logprobs": None, "finish_reason": finish_reason}
-        return {**self._fields, "object": self.OBJECT, "choices": [choice], "usage": usage}
-
-    def chunk(self, choices, with_usage, usage=None):
-        # With include_usage, OpenAI's chunks carry "usage": null until the last one, which has only the usage.
-        chunk = {**self._fields, "object": self.CHUNK_OBJECT, "choices": [{"index": 0, **c} for c in choices]}
-        return {**chunk, "usage": usage} if with_usage else chunk
-
-
-class _CompletionAnswer(_Answer):
-    ID_PREFIX, OBJECT, CHUNK_OBJECT = "cmpl", "text_completion", "text_completion"
-
-    def choice(self, text):
-        return {"text": text}
-
-    async def chunks(self, generation, with_usage):
-        def chunk(text, finish_reason=None):
-            return self.chunk([{"text": text, "logprobs": None, "finish_reason": finish_reason}], with_usage)
-
-        async for piece, finish_reason in generation.pieces():
-            if piece:
-                yield chunk(piece)
-            if finish_reason is not None:
-                yield chunk("", finish_reason)
-
-
-class _ChatAnswer(_Answer):
-    ID_PREFIX, OBJECT, CHUNK_OBJECT = "chatcmpl", "chat.completion", "chat.completion.chunk"
-
-    def choice(self, text):
-        return {"message": {"role": "assistant", "content": text}}
-
-    async def chunks(self, generation, with_usage):
-        def chunk(delta, finish_reason=None):
-            return self.chunk([{"delta": delta, "logprobs": None, "finish_reason": finish_reason}], with_usage)
-
-        yield chunk({"role": "assistant", "content": ""})
-        async for piece, finish_reason in generation.pieces():
-            if piece:
-                yield chunk({"content": piece})
-            if finish_reason is not None:
-                yield chunk({}, finish_reason)
-
-
-def _event_stream(answer, generation, with_usage):
-    """The answer's chunks as server-sent events, as OpenAI sends them:
-    then the usage if asked for, or an error event if the engine failed the
-    request, and `data: [DONE]`."""
-
-    async def events():
-        try:
-            async for chunk in answer.chunks(generation, with_usage):
-                yield _event(chunk)
-            if with_usage and generation.finish_reason is not None:
-                yield _event(answer.chunk([], with_usage, generation.usage()))
-        except _EngineFailed as error:
-            yield _event(_error_body(f"The request failed in the engine: {error}", kind="server_error"))
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _event(data):
-    return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
-
-
-def _check_options(body):
-    """Refuses what the server does not implement, naming the field."""
-    for name, neutral in body.NEUTRAL.items():
-        value = getattr(body, name)
-        if value is not None and value != neutral:
-            allowed = "leave it out" if neutral is None else f"leave it out or give {json.dumps(neutral)}"
-            raise RequestError(f"{name}={json.dumps(value)} is not supported by this server ({allowed}).", param=name)
-    if body.stream_options is not None and not body.stream:
-        raise RequestError('stream_options applies to streamed requests only ("stream": true).',
-                           param="stream_options")
-
-
-def _stop_strings(stop):
-    stops = [stop] if isinstance(stop, str) else list(stop or ())
-    if len(stops) > MAX_STOP_STRINGS or "" in stops:
-        raise RequestError(f"stop={json.dumps(stop)}: must be a string or a list of up to {MAX_STOP_STRINGS} "
-                           "strings, none of them empty.", param="stop")
-    return stops
-
-
-def _error_body(message, param=None, kind="invalid_request_error", code=None):
-    """OpenAI's error object."""
-    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
-
-
-def _error(status, message, param=None, kind="invalid_request_error", code=None, headers=None):
-    return JSONResponse(_error_body(message, param, kind, code), status, headers=headers)
-
-
-def _add_error_handlers(app):
-    """Every error as OpenAI's error object: 400 for bad input (naming the
-    field in `param`), 429 with Retry-After for a full queue, 500 for a
-    request the engine failed."""
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid_body(request, error):
-        body = ChatCompletionRequest if request.url.path.endswith("/chat/completions") else CompletionRequest
-        message, param = _validation_message(error.errors(), body)
-        return _error(400, message, param)
-
-    @app.exception_handler(RequestError)
-    async def bad_request(request, error):
-        return _error(400, str(error), error.param)
-
-    @app.exception_handler(QueueFullError)
-    async def queue_full(request, error):
-        return _error(429, str(error), kind="rate_limit_error", code="rate_limit_exceeded",
-                      headers={"Retry-After": str(math.ceil(error.retry_after))})
-
-    @app.exception_handler(_EngineFailed)
-    async def engine_failed(request, error):
-        return _error(500, f"The request failed in the engine: {error}", kind="server_error")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request, error):  # an unknown path, a wrong method
-        return _error(error.status_code, f"{error.detail}: {request.method} {request.url.path}", headers=error.headers)
-
-    @app.exception_handler(Exception)
-    async def server_error(request, error):  # a bug: uvicorn logs its traceback
-        return _error(500, f"The server failed on this request ({type(error).__name__}); its log says more.",
-                      kind="server_error")
-
-
-def _validation_message(errors, body):
-    """(message, param) of the first problem pydantic found in a body of
-    the model `body`."""
-    error = errors[0]
-    where = error["loc"][1:]  # after "body"
-    if error["type"] == "json_invalid":
-        return f"The request body is not valid JSON: {error['ctx']['error']}.", None
-    if not where or not isinstance(where[0], str):
-        return "The request body must be a JSON object, sent with Content-Type: application/json.", None
-    param = where[0]
-    rule = body.model_fields[param].description if param in body.model_fields else None
-    if error["type"] == "extra_forbidden":
-        path = ".".join(map(str, where))
-        return f"{path!r} is not a field this server takes.", path
-    if error["type"] == "missing":
-        return f"The request has no {param!r}: it must be {rule}.", param
-    got = f"; got {_shown(error['input'])}" if len(where) == 1 else ""  # deeper, the input is a part of the value
-    return f"{param!r} must be {rule}{got}.", param
-
-
-def _shown(value, limit=60):
-    text = json.dumps(value, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-class _RequireApiKey:
-    """Refuses /v1/ requests without the header `Authorization: Bearer
-    <key>`, as OpenAI does, before anything reads their body."""
-
-    def __init__(self, app, api_key):
-        self.app = app
-        self._expected = f"Bearer {api_key}".encode()
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = Headers(scope=scope).get("authorization", "").encode("latin-1")  # the header's own bytes
-            if not secrets.compare_digest(given, self._expected):
-                response = _error(401, "Missing or wrong API key: send it as the header 'Authorization: Bearer "
-                                       "<key>'.", code="invalid_api_key")
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
 
 
 def default_model_name(preset):
