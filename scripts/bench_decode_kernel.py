@@ -64,15 +64,22 @@ def _best_per_layer(call, state, repeats=20):
     return best / LAYERS
 
 
+def decode_inputs(batch, length, buffer, rs):
+    """Llama-3-8B's decode step for `batch` rows at position length - 1 of
+    caches of `buffer` positions: (q, k_new, v_new, k, v, positions), and the
+    bytes of keys and values the step reads."""
+    q = jnp.asarray(rs.randn(batch, 32, 128), jnp.bfloat16)
+    k_new, v_new = (jnp.asarray(rs.randn(batch, 8, 128), jnp.bfloat16) for _ in range(2))
+    k, v = (jnp.asarray(rs.randn(batch, 8, buffer, 128), jnp.bfloat16) for _ in range(2))
+    positions = jnp.full((batch,), length - 1, jnp.int32)
+    return (q, k_new, v_new, k, v, positions), 2 * batch * 8 * length * 128 * 2
+
+
 def main():
     rows = []
     for batch, length, buffer in CASES:
         rs = np.random.RandomState(0)
-        q = jnp.asarray(rs.randn(batch, 32, 128), jnp.bfloat16)
-        k_new, v_new = (jnp.asarray(rs.randn(batch, 8, 128), jnp.bfloat16) for _ in range(2))
-        k, v = (jnp.asarray(rs.randn(batch, 8, buffer, 128), jnp.bfloat16) for _ in range(2))
-        positions = jnp.full((batch,), length - 1, jnp.int32)
-        read = 2 * batch * 8 * length * 128 * 2
+        (q, k_new, v_new, k, v, positions), read = decode_inputs(batch, length, buffer, rs)
         variants = [("xla", None, None, None)] + [
             ("pallas", block, target, warps) for block, target, warps in itertools.product((64, 128), (132, 264, 528), (4, 8))
         ]
@@ -107,12 +114,9 @@ def paged_main(length=1024):
     rows = []
     for batch in (1, 16, 64):
         rs = np.random.RandomState(0)
-        q = jnp.asarray(rs.randn(batch, 32, 128), jnp.bfloat16)
-        k_new, v_new = (jnp.asarray(rs.randn(batch, 8, 128), jnp.bfloat16) for _ in range(2))
-        k, v = (jnp.asarray(rs.randn(batch, 8, length, 128), jnp.bfloat16) for _ in range(2))
-        positions = jnp.full((batch,), length - 1, jnp.int32)
-        read = 2 * batch * 8 * length * 128 * 2
-        seconds = seconds_per_call(q, k_new, v_new, k, v, positions)
+        inputs, read = decode_inputs(batch, length, length, rs)
+        q, positions = inputs[0], inputs[-1]
+        seconds = seconds_per_call(*inputs)
         rows.append((batch, "decode", None, None, None, seconds, read))
         print(rows[-1], flush=True)
         for page_size in (64, 16):

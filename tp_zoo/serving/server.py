@@ -30,7 +30,7 @@ from tp_zoo.errors import RequestError
 from tp_zoo.models.chat_template import ChatTemplate
 from tp_zoo.models.chat_template import check_conversation
 from tp_zoo.models.generation.inputs import DEFAULT_REPLY_TOKENS
-from tp_zoo.models.generation.planning import _checkpoint_stop_ids
+from tp_zoo.models.generation.planning import checkpoint_stop_ids
 from tp_zoo.serving import openai_api
 from tp_zoo.serving.metrics import ServerMetrics
 from tp_zoo.serving.requests import CANCELLED
@@ -137,7 +137,7 @@ class _Backend:
             raise ValueError("This checkpoint has no tokenizer files: the server needs them to read prompts and "
                              "write text.")
         self.tokenizer = lm.tokenizer
-        self.stop_token_ids = tuple(_checkpoint_stop_ids(lm) or ())
+        self.stop_token_ids = tuple(checkpoint_stop_ids(lm) or ())
         self.positions = engines[0].max_positions
         self.metrics = ServerMetrics(engines)
 

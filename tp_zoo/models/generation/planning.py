@@ -65,7 +65,7 @@ def plan_request(lm, inputs, max_length, max_new_tokens, stop_token_ids, chat_te
     width = int((prompts.lengths + budgets).max())
     cache_length = bucket(width)
     if stop_token_ids == "auto":
-        stop_token_ids = _checkpoint_stop_ids(lm)
+        stop_token_ids = checkpoint_stop_ids(lm)
     stop_token_ids = tuple(int(t) for t in stop_token_ids) if stop_token_ids is not None else None
     return Request(prompts, budgets, stop_token_ids, width, cache_length,
                    prompt_width=min(bucket(int(prompts.lengths.max())), cache_length),
@@ -103,7 +103,7 @@ def _budgets(prompts, max_length, max_new_tokens, limit):
     return (max_length - lengths).astype("int32")
 
 
-def _checkpoint_stop_ids(lm):
+def checkpoint_stop_ids(lm):
     """The tokenizer's stop tokens (config.json's, generation_config.json's
     and tokenizer_config.json's EOS), else config.json's."""
     if lm.tokenizer is not None and lm.tokenizer.eos_ids:
