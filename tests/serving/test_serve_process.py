@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 
-import httpx2 as httpx
+import httpx2
 import numpy as np
 import openai
 import pytest
@@ -95,7 +95,7 @@ def _expected(lm, prompt, new=NEW):
 
 def _metric(server, name):
     """A metric's value, summed over its engines."""
-    text = httpx.get(server.removesuffix("/v1") + "/metrics", timeout=10).text
+    text = httpx2.get(server.removesuffix("/v1") + "/metrics", timeout=10).text
     values = re.findall(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", text, re.M)
     assert values, f"no {name} in /metrics"
     return sum(map(float, values))
