@@ -243,3 +243,17 @@ def test_bf16_greedy_tokens_are_the_argmax_within_rounding(bf16_path):
         chosen = np.take_along_axis(logits, np.array(new)[:, None], axis=1)[:, 0]
         # bfloat16 keeps 8 bits: 2^-8 of the largest logit per rounding, a few of them
         assert np.all(logits.max(axis=1) - chosen <= 2e-2 * np.abs(logits).max()), (prompt, new)
+
+
+@pytest.mark.parametrize("name", ["mistral_sliding_window", "opt_post_ln_proj"])
+def test_other_families_match_generate(tmp_path, name):
+    """A sliding window (4 keys, across pages and chunks) and learned
+    positions with post-norms: greedy ids equal generate's, float32."""
+    ckpts.save(ckpts.build_model(ckpts.CASES[name]), tmp_path)
+    lm = tp_zoo.from_preset(tmp_path, tp=2, dtype="float32", progress=False)
+    prompts = [p for p in PROMPTS if len(p) < 40][:3]
+    expected = [_generated(lm, [t % lm.backbone.vocab_size for t in p], 16) for p in prompts]
+    engine = _engine(lm)
+    ids, _ = _drive(engine, [([t % lm.backbone.vocab_size for t in p], SamplingParams(temperature=0, max_tokens=16))
+                             for p in prompts], arrivals=[0, 1, 3])
+    assert ids == expected
