@@ -40,6 +40,7 @@ from tp_zoo.errors import QueueFullError
 from tp_zoo.errors import RequestError
 from tp_zoo.layers import attention_ops
 from tp_zoo.models.generation import programs
+from tp_zoo.models.generation.inputs import Prompts
 from tp_zoo.serving import pages as paging
 from tp_zoo.serving.requests import CANCELLED
 from tp_zoo.serving.requests import ERROR
@@ -211,19 +212,21 @@ class Engine:
                 self._wake.wait(timeout=1.0)
 
     def _checked_prompt(self, prompt_ids, params):
-        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__") or not len(prompt_ids):
+        """The prompt as ints, checked as generate() checks its prompts, and
+        with room for max_tokens in the positions and the pool."""
+        if isinstance(prompt_ids, (str, bytes)) or not hasattr(prompt_ids, "__len__"):
             raise RequestError("prompt: must be a non-empty list of token ids.", param="prompt")
-        vocab = self.lm.backbone.vocab_size
         prompt = [int(t) for t in prompt_ids]
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(f"prompt: token ids outside the vocab [0, {vocab}): {bad[:5]}.", param="prompt")
+        try:
+            Prompts(self.lm, [prompt])
+        except ValueError as error:  # empty, or ids outside the vocab
+            raise RequestError(str(error), param="prompt") from None
         positions = len(prompt) + params.max_tokens
         if positions > self.max_positions:
             raise RequestError(
                 f"A prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} is beyond the model's "
                 f"{self.max_positions} positions.", param="max_tokens")
-        pages = -(-positions // self.page_size)
+        pages = self._pages_for(positions)
         if pages > self._table.num_pages - 1:
             raise RequestError(
                 f"A prompt of {len(prompt)} tokens + max_tokens={params.max_tokens} needs {pages} pages of the KV "

@@ -2,10 +2,10 @@
 OpenAI's API states its fields) and what comes back of it (`Output`)."""
 
 import dataclasses
-import math
 import numbers
 
 from tp_zoo.errors import RequestError
+from tp_zoo.models.generation import sampling
 
 # The finish reasons a request ends with: OpenAI's "stop" (a stop token or
 # string) and "length" (max_tokens, or the model's positions), and ours for a
@@ -30,9 +30,8 @@ class SamplingParams:
     seed: int = None
 
     def __post_init__(self):
-        _check(_is_real(self.temperature) and math.isfinite(self.temperature) and self.temperature >= 0,
-               "temperature", self.temperature, "a finite number of at least 0 (0 is greedy)")
-        _check(_is_real(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        sampling.check_temperature(self.temperature)
+        sampling.check_top_p(self.top_p)
         _check(_is_whole(self.top_k) and self.top_k >= 0, "top_k", self.top_k, "a whole number, 0 for no cut")
         _check(_is_whole(self.max_tokens) and self.max_tokens >= 1, "max_tokens", self.max_tokens,
                "a whole number of at least 1")
@@ -56,10 +55,6 @@ class Output:
     new_ids: tuple
     finish_reason: str = None
     error: str = None
-
-
-def _is_real(value):
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_whole(value):

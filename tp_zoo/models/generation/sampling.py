@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import keras_hub
 
+from tp_zoo.errors import RequestError
+
 
 def check_sampler(sampler):
     """Refuses, in one line naming the value, a sampler generate() cannot run
@@ -19,15 +21,27 @@ def check_sampler(sampler):
             f"{type(sampler).__name__} searches over whole sequences, which tp_zoo's generate() does "
             "not do; use a sampler that picks token by token: 'greedy', 'top_k', 'top_p' or 'random'."
         )
-    temperature = sampler.temperature
-    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: must be a finite number of at least 0 (0 is greedy).")
+    check_temperature(sampler.temperature)
     top_k = getattr(sampler, "k", None)  # TopKSampler's, and TopPSampler's optional cut before top_p
     if top_k is not None and (not isinstance(top_k, numbers.Integral) or top_k < 1):
         raise ValueError(f"top_k={top_k!r}: must be a whole number of at least 1.")
     top_p = getattr(sampler, "p", None)
-    if top_p is not None and not (_is_real(top_p) and 0 < top_p <= 1):
-        raise ValueError(f"top_p={top_p!r}: must be a number in (0, 1].")
+    if top_p is not None:
+        check_top_p(top_p)
+
+
+def check_temperature(temperature):
+    """Refuses a temperature that is not a finite number of at least 0,
+    naming it (a generate() sampler's, a served request's)."""
+    if not _is_real(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise RequestError(f"temperature={temperature!r}: must be a finite number of at least 0 (0 is greedy).",
+                           param="temperature")
+
+
+def check_top_p(top_p):
+    """Refuses a top_p outside (0, 1], naming it."""
+    if not (_is_real(top_p) and 0 < top_p <= 1):
+        raise RequestError(f"top_p={top_p!r}: must be a number in (0, 1].", param="top_p")
 
 
 def _is_real(value):
