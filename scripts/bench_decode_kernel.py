@@ -12,11 +12,13 @@ decode step, each query depending on the last output, the caches carried
 and written in place), the best of 20 loops after a warm-up; GB/s counts
 the keys and values read.
 
-`paged`: the paged decode kernel (`tp_zoo.kernels.paged_attention`, pages
-of 16 and 64 shuffled over a pool, at two steps and split targets) beside
-the contiguous decode kernel (whose step also writes the new key and
-value), for rows of 1024 keys at batch 1, 16 and 64; with the time the keys
-and values take to read at an H200's 4.8 TB/s (the floor).
+`paged`: the paged decode step (`tp_zoo.kernels.paged_attention`, pages of
+16 and 64 shuffled over a pool, at two steps and split targets) beside the
+contiguous decode kernel (both write the new key and value), for rows of
+1024 keys at batch 1, 16 and 64, and for one such row padded to 16 rows
+with tables of 8192 positions, as a serving engine runs a lone request;
+with the time the keys and values take to read at an H200's 4.8 TB/s (the
+floor).
 """
 
 import itertools
@@ -99,43 +101,52 @@ def main():
 H200_BYTES_PER_SECOND = 4.8e12
 
 
-def seconds_per_paged_call(q, k_pages, v_pages, tables, positions):
-    """As `seconds_per_call`, for the paged kernel (which only reads its
-    pages)."""
+def seconds_per_paged_call(q, k_new, v_new, k_pages, v_pages, tables, positions):
+    """As `seconds_per_call`, for the paged decode step (its pages donated
+    and written in place)."""
     def layers(q, k_pages, v_pages):
-        step = lambda i, q: paged_attention.paged_decode_attention(q, k_pages, v_pages, tables, positions)
-        return jax.lax.fori_loop(0, LAYERS, step, q)
+        def step(i, carry):
+            return paged_attention.paged_decode_step(carry[0], k_new, v_new, *carry[1:], tables, positions)
 
-    fn = jax.jit(layers)
-    return _best_per_layer(lambda _: fn(q, k_pages, v_pages), None)
+        return jax.lax.fori_loop(0, LAYERS, step, (q, k_pages, v_pages))
+
+    fn = jax.jit(layers, donate_argnums=(1, 2))
+    return _best_per_layer(lambda state: fn(q, *state[1:]), (q, k_pages, v_pages))
 
 
-def paged_main(length=1024):
+def paged_main(length=1024, table_width=128):
+    """Rows of `length` keys at batch 1, 16 and 64; and one such row among
+    15 padding rows (position 0, page 0), as a serving engine pads a lone
+    decode, whose tables span `table_width` pages (8192 positions of 64)."""
     rows = []
-    for batch in (1, 16, 64):
+    for batch, real in ((1, 1), (16, 16), (64, 64), (16, 1)):
         rs = np.random.RandomState(0)
-        inputs, read = decode_inputs(batch, length, length, rs)
-        q, positions = inputs[0], inputs[-1]
-        seconds = seconds_per_call(*inputs)
-        rows.append((batch, "decode", None, None, None, seconds, read))
-        print(rows[-1], flush=True)
+        inputs, read = decode_inputs(real, length, length, rs)
+        if real == batch:
+            seconds = seconds_per_call(*inputs)
+            rows.append((f"{batch}", "decode", None, None, None, seconds, read))
+            print(rows[-1], flush=True)
+        q, k_new, v_new, positions = (jnp.pad(x, [(0, batch - real)] + [(0, 0)] * (x.ndim - 1))
+                                      for x in (inputs[0], inputs[1], inputs[2], inputs[-1]))
         for page_size in (64, 16):
-            pages = batch * length // page_size
-            # Page 0 unused, the rest shuffled over the rows' tables.
-            tables = jnp.asarray(1 + rs.permutation(pages).reshape(batch, -1), jnp.int32)
+            pages = real * length // page_size
+            # Page 0 for the padding rows, the rest shuffled over the rows' tables.
+            tables = np.zeros((batch, max(table_width * 64 // page_size, pages // real)), np.int32)
+            tables[:real, : pages // real] = 1 + rs.permutation(pages).reshape(real, -1)
             k_pages, v_pages = (jnp.asarray(rs.randn(8, 1 + pages, page_size, 128), jnp.bfloat16) for _ in range(2))
             for block, target in itertools.product((64, 128), (264, 528)):
                 config = kernels.PagedAttentionConfig(block=block, target_programs=target)
                 with kernels.configured(kernels.KernelConfigs(paged_attention=config)):
-                    seconds = seconds_per_paged_call(q, k_pages, v_pages, tables, positions)
-                rows.append((batch, "paged", page_size, block, target, seconds, read))
+                    seconds = seconds_per_paged_call(q, k_new, v_new, k_pages, v_pages, jnp.asarray(tables),
+                                                     positions)
+                rows.append((f"{real} of {batch}", "paged", page_size, block, target, seconds, read))
                 print(rows[-1], flush=True)
     print(f"\ndecode attention of {length}-key rows; {jax.devices()[0].device_kind}; jax {jax.__version__}")
-    print(f"{'batch':>6}{'path':>8}{'page':>6}{'block':>7}{'target':>8}{'MB read':>9}{'us':>8}{'floor us':>10}"
+    print(f"{'rows':>9}{'path':>8}{'page':>6}{'block':>7}{'target':>8}{'MB read':>9}{'us':>8}{'floor us':>10}"
           f"{'GB/s':>7}")
     for batch, name, page_size, block, target, seconds, read in rows:
         floor = read / H200_BYTES_PER_SECOND
-        print(f"{batch:>6}{name:>8}{str(page_size):>6}{str(block):>7}{str(target):>8}{read / 1e6:>9.1f}"
+        print(f"{batch:>9}{name:>8}{str(page_size):>6}{str(block):>7}{str(target):>8}{read / 1e6:>9.1f}"
               f"{seconds * 1e6:>8.1f}{floor * 1e6:>10.1f}{read / seconds / 1e9:>7.0f}")
 
 

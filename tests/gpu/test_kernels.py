@@ -7,9 +7,10 @@ XLA paths, in bf16.
 3. The Pallas decode step against the XLA one, for ragged row positions
    (0 to the end of the cache) and a window: its output, and the caches it
    writes in place (bitwise); and from the fused q/k/v product.
-4. The Pallas paged decode attention against dense float32 attention over
-   each row's pages gathered into a contiguous cache (ragged positions, a
-   window, shuffled tables, unused entries at a page of NaN values).
+4. The Pallas paged decode step against dense float32 attention over each
+   row's pages gathered into a contiguous cache (ragged positions, a
+   window, shuffled tables, unused entries at a page of NaN values), and
+   the keys and values it writes (bitwise).
 5. The Pallas int8 product against XLA's.
 
 Tolerance, where not bitwise: max |diff| <= 2e-2 x max(1, max |reference|)
@@ -120,7 +121,10 @@ def _paged_inputs(page_size):
     either side of a 64-key boundary, inside, and at the end of a
     2048-position table, the last with a window from 900. Table entries a
     row does not use point at page 0, which no row uses and whose keys and
-    values are NaN: read, they would make the output NaN."""
+    values are NaN: read, they would make the output NaN. Each row's new
+    position holds NaN too until the kernel writes its new key and value
+    there. Returns the kernel's arguments (its fused q/k/v operand first)
+    and the pages it should return."""
     rs = np.random.RandomState(4)
     positions, starts = np.array([0, 63, 64, 1337, 2047]), np.array([0, 0, 0, 0, 900])
     spans = [np.arange(start // page_size, position // page_size + 1) for position, start in zip(positions, starts)]
@@ -129,39 +133,48 @@ def _paged_inputs(page_size):
     tables = np.zeros((len(positions), 2048 // page_size), np.int32)
     for row, span in enumerate(spans):
         tables[row, span] = [next(ids) for _ in span]
-    k, v = (rs.randn(8, num_pages, page_size, 128) for _ in range(2))
+    k, v = (np.array(jnp.asarray(rs.randn(8, num_pages, page_size, 128), jnp.bfloat16)) for _ in range(2))
     k[:, 0] = v[:, 0] = np.nan
-    q = rs.randn(len(positions), 32, 128)
-    arrays = [jnp.asarray(x, jnp.bfloat16) for x in (q, k, v)]
-    return arrays + [jnp.asarray(x, jnp.int32) for x in (tables, positions, starts)]
+    new_at = (tables[np.arange(len(positions)), positions // page_size], positions % page_size)
+    new = [np.swapaxes(pages[:, new_at[0], new_at[1]], 0, 1)[:, :, None] for pages in (k, v)]
+    q = np.array(jnp.asarray(rs.randn(len(positions), 8, 4, 128), jnp.bfloat16))
+    given = [pages.copy() for pages in (k, v)]
+    for pages in given:
+        pages[:, new_at[0], new_at[1]] = np.nan
+    qkv = jnp.asarray(np.concatenate(new + [q], axis=2))
+    arrays = [qkv] + [jnp.asarray(x) for x in given]
+    return arrays + [jnp.asarray(x, jnp.int32) for x in (tables, positions, starts)], (k, v)
 
 
-def _paged_reference(q, k_pages, v_pages, tables, positions, starts):
+def _paged_reference(qkv, k_pages, v_pages, tables, positions, starts):
     """Dense float32 attention over each row's pages gathered in table order
     into a contiguous cache: keys outside [start, position] masked, their
     values zeroed (page 0's NaNs among them)."""
-    b, h, d = q.shape
-    kv = k_pages.shape[0]
+    b, kv, _, d = qkv.shape
     contiguous = lambda pages: jnp.moveaxis(pages[:, tables], 0, 1).reshape(b, kv, -1, d).astype(jnp.float32)
     k, v = contiguous(k_pages), contiguous(v_pages)
     keys = jnp.arange(k.shape[2])
     visible = (keys >= starts[:, None]) & (keys <= positions[:, None])
     v = jnp.where(visible[:, None, :, None], v, 0)
-    qg = q.astype(jnp.float32).reshape(b, kv, h // kv, d)
+    qg = qkv[:, :, 2:].astype(jnp.float32)
     scores = jnp.einsum("bkgd,bktd->bkgt", qg, k, precision="highest") / d**0.5
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
     out = jnp.einsum("bkgt,bktd->bkgd", jax.nn.softmax(scores, axis=-1), v, precision="highest")
-    return out.reshape(b, h, d)
+    return out.reshape(b, -1, d)
 
 
 @pytest.mark.parametrize("page_size", [64, 16])
 def test_paged_kernel_matches_dense(page_size):
-    """Pages of 64 (a page per loop step) and of 16 (4 pages per step)."""
-    args = _paged_inputs(page_size)
+    """Pages of 64 (a page per loop step) and of 16 (4 pages per step); the
+    fused q/k/v operand of a group of 4; each row's new key and value
+    written, nothing else touched."""
+    args, written = _paged_inputs(page_size)
     assert paged_attention.applies(args[0], args[1])
-    got = jax.jit(paged_attention.paged_decode_attention)(*args)
-    want = jax.jit(_paged_reference)(*args)
+    got, *got_pages = jax.jit(paged_attention.paged_decode_step_fused)(*args)
+    want = jax.jit(_paged_reference)(args[0], *map(jnp.asarray, written), *args[3:])
     assert_close(np.asarray(want), np.asarray(got, "float32"), f"paged decode, pages of {page_size}", rel=BF16)
+    for got_page, want_page in zip(got_pages, written):
+        np.testing.assert_array_equal(np.asarray(got_page, "float32"), want_page.astype("float32"))
 
 
 @pytest.mark.parametrize("rows", [1, 16, 64])

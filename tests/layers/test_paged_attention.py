@@ -1,7 +1,7 @@
-"""The paged decode attention kernel (`tp_zoo.kernels.paged_attention`),
-forced by its configuration onto the CPU, where Pallas' interpreter runs it,
-against dense attention (float64 numpy) over each row's keys gathered from
-its pages into a contiguous run.
+"""The paged decode kernel (`tp_zoo.kernels.paged_attention`), forced by its
+configuration onto the CPU, where Pallas' interpreter runs it, against
+dense attention (float64 numpy) over each row's keys gathered from its
+pages into a contiguous run, and its writes against the pages expected.
 
 The pages are shuffled among the rows; table entries a row does not use
 (past its position, before its window's page) point at page 0, which no row
@@ -9,7 +9,9 @@ uses. Every slot no row may use (page 0, spare pages, and the slots of a
 row's first and last pages outside its [start, position]) holds keys of
 1e4 and NaN values: a key that leaked into the softmax would swamp it, and
 a value the kernel read at all, even with its weight masked to 0, would
-make the output NaN. Tolerance: float32, 1e-5 x max(1, max |reference|)
+make the output NaN. So does each row's new position until the kernel
+writes the row's new key and value there: it must take them from its
+operands, and the pages it returns must hold them (exactly). Tolerance: float32, 1e-5 x max(1, max |reference|)
 (the online softmax and the merge of the splits add in other orders);
 bf16 inputs (the reference computed from the same bf16 values), 2e-2 x
 max(1, max |reference|): the kernel rounds the softmax weights to bf16
@@ -36,7 +38,9 @@ ROWS = ((0, 0), (15, 0), (16, 0), (95, 0), (70, 33), (47, 32), (95, 60), (31, 31
 
 
 def _paged_inputs(heads, kv_heads, head_dim, dtype, rows=ROWS, seed=0):
-    """q, k_pages, v_pages, tables, positions, starts for `rows`."""
+    """(q, k_new, v_new, k_pages, v_pages, tables, positions, starts) for
+    `rows`, the new positions' slots poisoned, and the (k, v) pages the
+    kernel should return."""
     rs = np.random.RandomState(seed)
     positions, starts = (np.array(x, np.int32) for x in zip(*rows))
     spans = [range(start // PAGE, position // PAGE + 1) for position, start in rows]
@@ -52,8 +56,15 @@ def _paged_inputs(heads, kv_heads, head_dim, dtype, rows=ROWS, seed=0):
     k, v = (rs.randn(kv_heads, num_pages, PAGE, head_dim) for _ in range(2))
     k[:, ~readable] = 1e4
     v[:, ~readable] = np.nan
+    new_at = (tables[np.arange(len(rows)), positions // PAGE], positions % PAGE)
+    k_new, v_new = (np.swapaxes(pages[:, new_at[0], new_at[1]], 0, 1) for pages in (k, v))
+    k_given, v_given = k.copy(), v.copy()
+    k_given[:, new_at[0], new_at[1]] = 1e4
+    v_given[:, new_at[0], new_at[1]] = np.nan
     q = rs.randn(len(rows), heads, head_dim)
-    return tuple(jnp.asarray(x, dtype) for x in (q, k, v)) + tuple(map(jnp.asarray, (tables, positions, starts)))
+    arrays = (jnp.asarray(x, dtype) for x in (q, k_new, v_new, k_given, v_given))
+    written = tuple(np.asarray(jnp.asarray(x, dtype)) for x in (k, v))
+    return tuple(arrays) + tuple(map(jnp.asarray, (tables, positions, starts))), written
 
 
 def _dense(q, k_pages, v_pages, tables, positions, starts):
@@ -73,10 +84,16 @@ def _dense(q, k_pages, v_pages, tables, positions, starts):
     return out
 
 
-def _kernel(*args):
+def _kernel(q, k_new, v_new, *rest):
     """The kernel, traced anew (it reads the configuration in force when
-    traced, which is no part of jit's cache key)."""
-    return jax.jit(lambda *a: paged_attention.paged_decode_attention(*a))(*args)
+    traced, which is no part of jit's cache key): from the fused q/k/v
+    product where the group is a power of two, from separate operands
+    otherwise."""
+    kv, group = k_new.shape[1], q.shape[1] // k_new.shape[1]
+    if group & (group - 1):
+        return jax.jit(paged_attention.paged_decode_step)(q, k_new, v_new, *rest)
+    qkv = jnp.concatenate([k_new[:, :, None], v_new[:, :, None], q.reshape(q.shape[0], kv, group, -1)], axis=2)
+    return jax.jit(paged_attention.paged_decode_step_fused)(qkv, *rest)
 
 
 def _forced(target_programs=kernels.PagedAttentionConfig.target_programs, block=kernels.PagedAttentionConfig.block):
@@ -87,9 +104,10 @@ def _forced(target_programs=kernels.PagedAttentionConfig.target_programs, block=
     return kernels.configured(kernels.KernelConfigs(paged_attention=config))
 
 
-# 8 rows x 2 kv heads: target 1 gives one split of all 6 pages, 24 two
-# splits of 3, 264 a split per page; `block` 64 steps over 4 pages at a time
-# (a split's last step past its pages), 32 over 2, 16 over 1.
+# 8 rows x 2 kv heads: target 1 gives one split of a row's pages, 24 two
+# runs (a 1-page row's second empty), 264 six (the table's width; a row of
+# 1-3 pages leaves runs empty); `block` 64 steps over 4 pages at a time (a
+# run's last step past its pages), 32 over 2, 16 over 1.
 @pytest.mark.parametrize(
     "heads,kv_heads,head_dim,target_programs,block,dtype",
     [
@@ -104,36 +122,44 @@ def _forced(target_programs=kernels.PagedAttentionConfig.target_programs, block=
     ],
 )
 def test_paged_kernel_matches_dense(heads, kv_heads, head_dim, target_programs, block, dtype):
-    """Ragged positions and windows, shuffled tables, query groups of 1, 4
-    and 6 (padded to 8 before the kernel), splits, whole and partial steps."""
-    args = _paged_inputs(heads, kv_heads, head_dim, dtype)
+    """Ragged positions and windows, shuffled tables, query groups of 1 and
+    4 (the fused q/k/v operand) and 6 (separate operands, padded to 8),
+    splits, whole and partial steps; each row's new key and value written
+    into its page, nothing else touched."""
+    args, written = _paged_inputs(heads, kv_heads, head_dim, dtype)
+    q, pages, rest = args[0], written, args[5:]
     with _forced(target_programs, block):
-        assert paged_attention.applies(args[0], args[1])
-        got = _kernel(*args)
-    assert got.shape == args[0].shape and got.dtype == dtype
+        assert paged_attention.applies(q, args[3])
+        got, *got_pages = _kernel(*args)
+    assert got.shape == q.shape and got.dtype == dtype
     rel = 1e-5 if dtype == jnp.float32 else 2e-2
     what = f"paged kernel heads={heads}/{kv_heads} programs={target_programs} block={block} {dtype.__name__}"
-    assert_close(_dense(*args), np.asarray(got, np.float64), what, rel=rel)
+    assert_close(_dense(q, *pages, *rest), np.asarray(got, np.float64), what, rel=rel)
+    for got_page, want in zip(got_pages, pages):
+        np.testing.assert_array_equal(np.asarray(got_page), want, err_msg=f"{what}: pages written")
 
 
 def test_paged_kernel_without_starts_and_in_a_sharded_region():
     """starts None reads from position 0; inside shard_map at tp 2, with
     the pages split over their kv heads and the queries over theirs, each
-    device's kernel sees its local kv heads and gives the same output (to
-    float32 rounding)."""
-    q, k, v, tables, positions, starts = _paged_inputs(8, 2, 32, jnp.float32, [(p, 0) for p, _ in ROWS])
+    device's kernel sees its local kv heads, gives the same output (to
+    float32 rounding) and writes the same pages."""
+    args, written = _paged_inputs(8, 2, 32, jnp.float32, [(p, 0) for p, _ in ROWS])
+    q, k_new, v_new, k, v, tables, positions, starts = args
     heads, pages = (None, parallel.MODEL, None), (parallel.MODEL, None, None, None)
     with _forced():
-        whole = _kernel(q, k, v, tables, positions)
+        whole = _kernel(q, k_new, v_new, k, v, tables, positions)
         with mesh_scope(2):
             sharded = jax.jit(
                 lambda *a: parallel.run_sharded(
-                    parallel.active_mesh(), paged_attention.paged_decode_attention,
-                    (heads, pages, pages, (None, None), (None,)), heads, *a,
+                    parallel.active_mesh(), paged_attention.paged_decode_step,
+                    (heads, heads, heads, pages, pages, (None, None), (None,)), (heads, pages, pages), *a,
                 )
-            )(q, k, v, tables, positions)
-    assert_close(_dense(q, k, v, tables, positions, starts), whole, "paged kernel, starts None")
-    assert_close(whole, sharded, "paged kernel at tp 2")
+            )(q, k_new, v_new, k, v, tables, positions)
+    assert_close(_dense(q, *written, tables, positions, starts), whole[0], "paged kernel, starts None")
+    assert_close(whole[0], sharded[0], "paged kernel at tp 2")
+    for got, want in zip(sharded[1:], written):
+        np.testing.assert_array_equal(np.asarray(got), want, err_msg="paged kernel at tp 2: pages written")
 
 
 def test_paged_kernel_applies_only_on_gpu_to_pages_of_a_power_of_two():

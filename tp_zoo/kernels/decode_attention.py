@@ -101,11 +101,6 @@ def _kernel(
     l_ref[...] = l
 
 
-def _per_head(*shape):
-    """The block of one (row, kv head) of a (batch, kv_heads, *shape) array."""
-    return pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
-
-
 def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, interpret=None):
     """Writes each row's new key and value into its caches at its position,
     in place, and attends its queries to keys [start, position] of the row.
@@ -116,9 +111,7 @@ def decode_step(q, k_new, v_new, k_cache, v_cache, positions, starts=None, inter
     (None: as the configuration in force says). Returns (out, k_cache,
     v_cache).
     """
-    d = q.shape[-1]
-    qg, group, group_block = flash_decoding.grouped_queries(q, k_cache.shape[1])
-    operands = ((qg, _per_head(group_block, d)), (k_new, _per_head(d)), (v_new, _per_head(d)))
+    operands, group, group_block = flash_decoding.separate_operands(q, k_new, v_new, k_cache.shape[1])
     return _decode_step(operands, group, group_block, k_cache, v_cache, positions, starts, interpret)
 
 
@@ -128,10 +121,7 @@ def decode_step_fused(qkv, k_cache, v_cache, positions, starts=None, interpret=N
     of queries (a power of two of them). The kernel reads its three operands
     out of it, so no copies of them are made. Returns (out (batch, kv_heads
     x group, head_dim), k_cache, v_cache)."""
-    b, kv, slots, d = qkv.shape
-    group = slots - 2
-    slot = lambda block, start: pl.BlockSpec((None, None, block, d), lambda i, j, s: (i, j, start, 0))
-    operands = ((qkv, slot(pl.Element(group), 2)), (qkv, slot(None, 0)), (qkv, slot(None, 1)))
+    operands, group = flash_decoding.fused_operands(qkv)
     return _decode_step(operands, group, group, k_cache, v_cache, positions, starts, interpret)
 
 
@@ -148,6 +138,7 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
     positions = positions.astype(jnp.int32)
     starts = jnp.zeros_like(positions) if starts is None else starts.astype(jnp.int32)
     per_row, per_split = flash_decoding.PER_ROW, flash_decoding.per_split
+    cache = flash_decoding.per_head(t, d)
     inputs = (positions, starts, q, k_new, v_new, k_cache, v_cache)
     result = lambda shape, dtype: parallel.kernel_result(shape, dtype, *inputs)
     acc, m, l, k_cache, v_cache = pl.pallas_call(
@@ -155,8 +146,8 @@ def _decode_step(operands, group, group_block, k_cache, v_cache, positions, star
             _kernel, rows=rows, blocks_per_split=blocks_per_split, scale=1.0 / d**0.5, block=config.block
         ),
         grid=(b, kv, splits),
-        in_specs=[per_row, per_row, q_spec, k_spec, v_spec, _per_head(t, d), _per_head(t, d)],
-        out_specs=[per_split(rows, d), per_split(rows), per_split(rows), _per_head(t, d), _per_head(t, d)],
+        in_specs=[per_row, per_row, q_spec, k_spec, v_spec, cache, cache],
+        out_specs=[per_split(rows, d), per_split(rows), per_split(rows), cache, cache],
         out_shape=[
             result((b, kv, splits, rows, d), jnp.float32),
             result((b, kv, splits, rows), jnp.float32),

@@ -19,6 +19,33 @@ def per_split(*shape):
     return pl.BlockSpec((None, None, None, *shape), lambda i, j, s: (i, j, s) + (0,) * len(shape))
 
 
+def per_head(*shape):
+    """The block of one (row, kv head) of a (batch, kv_heads, *shape) array."""
+    return pl.BlockSpec((None, None, *shape), lambda i, j, s: (i, j) + (0,) * len(shape))
+
+
+def fused_operands(qkv):
+    """The (array, BlockSpec) pairs that read a decode step's queries, new
+    keys and new values in place out of the fused q/k/v product (batch,
+    kv_heads, 2 + group, head_dim): each kv head's key, value, then its group
+    of queries (a power of two of them, a block a kernel loads). Returns
+    (queries, keys, values), group."""
+    b, kv, slots, d = qkv.shape
+    group = slots - 2
+    slot = lambda block, start: pl.BlockSpec((None, None, block, d), lambda i, j, s: (i, j, start, 0))
+    return ((qkv, slot(pl.Element(group), 2)), (qkv, slot(None, 0)), (qkv, slot(None, 1))), group
+
+
+def separate_operands(q, k_new, v_new, kv_heads):
+    """The (array, BlockSpec) pairs of a decode step's queries (batch, heads,
+    head_dim), grouped by kv head and padded (`grouped_queries`), new keys
+    and new values (batch, kv_heads, head_dim). Returns (queries, keys,
+    values), group, group block."""
+    d = q.shape[-1]
+    qg, group, group_block = grouped_queries(q, kv_heads)
+    return ((qg, per_head(group_block, d)), (k_new, per_head(d)), (v_new, per_head(d))), group, group_block
+
+
 def grouped_queries(q, kv_heads):
     """(batch, heads, d) queries as (batch, kv_heads, group block, d), the
     group padded to a power of two (a block a kernel loads must be one

@@ -241,9 +241,9 @@ class ParallelAttention(ShardedLayer):
             rows, width = valid.shape
             part = qkv[offset: offset + rows * width].reshape(rows, width, *qkv.shape[1:])
             offset += rows * width
-            pages = ops.write_pages(*pages, part[:, :, :, 0], part[:, :, :, 1], tables, group_positions, valid)
-            q = part[:, :, :, 2:].reshape(rows, width, -1, self.head_dim)
-            out = ops.paged_attention(q, *pages, tables, group_positions, self.sliding_window)
+            out, k_pages, v_pages = ops.paged_attention(part, *pages, tables, group_positions, valid,
+                                                        self.sliding_window)
+            pages = (k_pages, v_pages)
             outs.append(out.reshape(rows * width, *out.shape[2:]))
         return self.output_dense.local_call(weights[1], jnp.concatenate(outs)[None]), pages
 

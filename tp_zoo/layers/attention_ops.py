@@ -15,12 +15,14 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
   cache, its query against the row's cached keys, read once; a Pallas kernel
   that does both on NVIDIA GPUs (`tp_zoo.kernels.decode_attention`), XLA
   elsewhere.
-- `write_pages`, `paged_attention`: the same over a paged cache (a serving
-  engine's): pages of (kv_heads, num_pages, page_size, head_dim), each row's
-  keys at position p in page tables[row, p // page_size], slot p % page_size.
-  One new token per row reads its pages with a Pallas kernel on NVIDIA GPUs
+- `paged_attention`: the same over a paged cache (a serving engine's), for
+  any number of new tokens per row: pages of (kv_heads, num_pages,
+  page_size, head_dim), each row's keys at position p in page
+  tables[row, p // page_size], slot p % page_size. One new token per row
+  is written and attended by a Pallas kernel on NVIDIA GPUs
   (`tp_zoo.kernels.paged_attention`); chunks of prompts, and every step
-  elsewhere, gather the row's pages for XLA.
+  elsewhere, are written with XLA's scatter and attend to the row's pages
+  gathered.
 """
 
 import jax
@@ -189,7 +191,7 @@ def decode_step_fused(qkv, k_cache, v_cache, positions, window=None):
     return decode_step(q, qkv[:, :, 0], qkv[:, :, 1], k_cache, v_cache, positions, window)
 
 
-def write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
+def _write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
     """Writes new keys and values (rows, width, kv_heads, head_dim) at their
     positions (rows, width) into the pages their rows' tables (rows,
     table_width) name. Tokens not `valid` (rows, width) go to slot 0 of page
@@ -205,28 +207,44 @@ def write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
 
 
 def paged_kernel_applies(dtype, head_dim, k_pages):
-    """Whether one new token per row of `dtype` heads of `head_dim` reads
-    these pages with the Pallas kernel (which reads a row's own pages only,
-    however wide its table)."""
+    """Whether one new token per row of `dtype` heads of `head_dim` is
+    written and attended by the Pallas kernel (which reads a row's own pages
+    only, however wide its table)."""
     return paged_kernel.applies(jax.ShapeDtypeStruct((1, 1, head_dim), dtype), k_pages)
 
 
-def paged_attention(q, k_pages, v_pages, tables, positions, window=None):
-    """Queries (rows, width, heads, head_dim) at `positions` (rows, width)
-    against their rows' keys up to them (within the window), read from the
-    pages of the rows' tables (written already). Returns (rows, width,
-    heads, head_dim)."""
-    rows, width, h, d = q.shape
+def paged_attention(qkv, k_pages, v_pages, tables, positions, valid, window=None):
+    """Rows' new tokens over a paged cache: writes their keys and values into
+    the pages of the rows' tables, then attends each query to its row's keys
+    up to it (within the window).
+
+    qkv: the fused q/k/v product (rows, width, kv_heads, 2 + group,
+    head_dim): each kv head's key, value and group of queries; positions,
+    valid: (rows, width), the tokens' positions and whether each is one (the
+    rest, padding, is written where no row reads). Returns (out (rows, width,
+    heads, head_dim), k_pages, v_pages)."""
+    rows, width, kv, slots, d = qkv.shape
+    group = slots - 2
+    q = qkv[:, :, :, 2:].reshape(rows, width, kv * group, d)
+    # A width of 1 is decode steps, every token valid (padding rows write
+    # page 0, which no row reads).
     if width == 1 and paged_kernel.applies(q, k_pages):
+        step = qkv[:, 0].astype(k_pages.dtype)
         position = positions[:, 0]
-        out = paged_kernel.paged_decode_attention(
-            q[:, 0], k_pages, v_pages, tables, position, _window_starts(position, window)
-        )
-        return out[:, None]
-    kv, _, page_size, _ = k_pages.shape
+        starts = _window_starts(position, window)
+        if group & (group - 1) == 0:
+            out, k_pages, v_pages = paged_kernel.paged_decode_step_fused(
+                step, k_pages, v_pages, tables, position, starts)
+        else:
+            q = step[:, :, 2:].reshape(rows, kv * group, d)
+            out, k_pages, v_pages = paged_kernel.paged_decode_step(
+                q, step[:, :, 0], step[:, :, 1], k_pages, v_pages, tables, position, starts)
+        return out[:, None], k_pages, v_pages
+    k_pages, v_pages = _write_pages(k_pages, v_pages, qkv[:, :, :, 0], qkv[:, :, :, 1], tables, positions, valid)
+    page_size = k_pages.shape[2]
     gather = lambda pages: jnp.moveaxis(pages[:, tables], 0, 3).reshape(rows, -1, kv, d)
     keys = jnp.arange(tables.shape[1] * page_size)
     mask = keys[None, None, :] <= positions[:, :, None]
     if window is not None:
         mask &= positions[:, :, None] - keys[None, None, :] < window
-    return dense_attention(q, gather(k_pages), gather(v_pages), mask)
+    return dense_attention(q, gather(k_pages), gather(v_pages), mask), k_pages, v_pages
