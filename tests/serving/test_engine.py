@@ -9,7 +9,8 @@ Loaded in float32 (its bfloat16 values exactly), greedy ids and seeded
 samples (keras_hub's random, top-k and top-p samplers, the same seeds) must
 be `lm.generate`'s exactly, whatever else runs; under a pool too small for
 every sequence (every test's), the newest are preempted and recomputed to
-the same ids.
+the same ids; prompts that begin alike take their first pages from the
+prefix cache, with the same ids as if they computed them.
 In bfloat16, where the engine's chunks and pages add in other orders than
 generate's prefill (a rounding of 2^-8 that flips near-ties), each greedy
 token must be the model's argmax to within that rounding, given the ids
@@ -39,6 +40,8 @@ rs = np.random.RandomState(0)
 # 1 token (a decode from the start), within a page, across pages and chunks.
 PROMPTS = [[7], rs.randint(1, VOCAB, 5).tolist(), rs.randint(1, VOCAB, 23).tolist(), rs.randint(1, VOCAB, 40).tolist(),
            rs.randint(1, VOCAB, 12).tolist()]
+# Prompts that begin with PROMPTS[3]'s first 32 tokens (two pages of 16).
+SHARED = [PROMPTS[3][:32] + rs.randint(1, VOCAB, 4).tolist(), PROMPTS[3][:33]]
 NEW = 24
 MAX_STEPS = 400  # every drive below ends well within this many iterations
 
@@ -65,12 +68,14 @@ def _generated(lm, prompt, new, sampler="greedy"):
 
 @pytest.fixture(scope="module")
 def greedy(lm):
-    """Each prompt's greedy ids, from one right-padded batch (generate's rows
-    are each prompt alone's: tests/models/test_generate.py)."""
+    """Each prompt's greedy ids (PROMPTS, then SHARED), from one right-padded
+    batch (generate's rows are each prompt alone's:
+    tests/models/test_generate.py)."""
     lm.compile(sampler="greedy")
-    width = max(map(len, PROMPTS))
-    batch = {"token_ids": np.array([p + [0] * (width - len(p)) for p in PROMPTS]),
-             "padding_mask": np.arange(width)[None, :] < np.array([len(p) for p in PROMPTS])[:, None]}
+    prompts = PROMPTS + SHARED
+    width = max(map(len, prompts))
+    batch = {"token_ids": np.array([p + [0] * (width - len(p)) for p in prompts]),
+             "padding_mask": np.arange(width)[None, :] < np.array([len(p) for p in prompts])[:, None]}
     out = np.asarray(lm.generate(batch, max_new_tokens=NEW, stop_token_ids=None, strip_prompt=True)["token_ids"])
     return out[:, :NEW].tolist()
 
@@ -113,11 +118,26 @@ def test_staggered_greedy_requests_match_generate(lm, greedy):
     sequences are preempted when pages run out, and recomputed."""
     engine = _engine(lm)
     ids, finished = _drive(engine, [(p, GREEDY) for p in PROMPTS], arrivals=[0, 0, 2, 3, 9])
-    assert ids == greedy
+    assert ids == greedy[: len(PROMPTS)]
     assert finished == [LENGTH] * len(PROMPTS)
     stats = engine.stats()
     assert stats.preemptions > 0
     assert (stats.running, stats.waiting, stats.pages_used, stats.generated_tokens) == (0, 0, 0, NEW * len(PROMPTS))
+
+
+def test_prompts_beginning_alike_take_the_cached_pages(lm, greedy):
+    """Prefix caching: after PROMPTS[3] (40 tokens) has run, its 2 whole
+    pages stay cached; two prompts that begin with its first 32 tokens take
+    them together and feed only the rest, then PROMPTS[3] again takes them;
+    each gets generate's ids."""
+    engine = _engine(lm)
+    ids, _ = _drive(engine, [(PROMPTS[3], GREEDY)])
+    assert ids == [greedy[3]] and engine.stats().prefix_cached_tokens == 0
+    ids, _ = _drive(engine, [(prompt, GREEDY) for prompt in SHARED])
+    assert ids == greedy[len(PROMPTS):] and engine.stats().prefix_cached_tokens == 2 * 32
+    ids, _ = _drive(engine, [(PROMPTS[3], GREEDY)])
+    assert ids == [greedy[3]] and engine.stats().prefix_cached_tokens == 3 * 32
+    assert engine.stats().pages_used == 0
 
 
 SAMPLERS = [  # (engine settings, the keras_hub sampler lm.generate draws alike)

@@ -106,7 +106,8 @@ class FakeEngine:
         with self._lock:
             running = len(self._requests)
             return SimpleNamespace(running=running, waiting=0, pages_used=2 * running, pages_total=PAGES,
-                                   generated_tokens=self.generated_tokens, preemptions=0)
+                                   generated_tokens=self.generated_tokens, preemptions=0,
+                                   prefix_cached_tokens=3 * self.generated_tokens)
 
     def _loop(self):
         while not self._stopping.wait(self.step_seconds):
@@ -526,7 +527,8 @@ def test_metrics(served, client, http):
         for name, value in (("tp_zoo_requests_running", stats.running), ("tp_zoo_requests_waiting", stats.waiting),
                             ("tp_zoo_kv_pages_used", stats.pages_used), ("tp_zoo_kv_pages_total", PAGES),
                             ("tp_zoo_generated_tokens_total", stats.generated_tokens),
-                            ("tp_zoo_preemptions_total", stats.preemptions)):
+                            ("tp_zoo_preemptions_total", stats.preemptions),
+                            ("tp_zoo_prefix_cached_tokens_total", stats.prefix_cached_tokens)):
             assert after[(name, (("engine", str(i)),))] == value
 
 

@@ -11,6 +11,12 @@ Every iteration (`step`):
 5. each request's new ids go to its `on_output`; finished sequences leave,
    giving back their rows and pages.
 
+Prefix caching: a prompt's whole pages, once written, stay in the pool
+after their sequence ends (until their room is needed), and a later prompt
+that begins with the same ids takes them instead of computing them again
+(system prompts, a chat's earlier turns). Keys and values at a position
+depend only on the ids up to it, so the ids are the same either way.
+
 A sequence is its ids (the prompt, then the tokens it made), of which the
 first `computed` have their keys and values in its pages. An iteration
 feeds it the rest, or a chunk of them, and once all are in samples its next
@@ -59,6 +65,7 @@ class EngineStats:
     page_size: int
     generated_tokens: int  # since the engine started
     preemptions: int
+    prefix_cached_tokens: int  # prompt tokens taken from the prefix cache, not computed
 
 
 # The id of a token sampled by a program whose result the host has not read.
@@ -83,10 +90,11 @@ class _Flight:
 class _Sequence:
     """One request inside the engine."""
 
-    def __init__(self, seq_id, prompt, params, on_output, seed):
+    def __init__(self, seq_id, prompt, params, on_output, seed, prefix_keys):
         self.id = seq_id
         self.ids = prompt
         self.prompt_length = len(prompt)
+        self.prefix_keys = prefix_keys  # of the prompt's whole pages
         self.params = params
         self.on_output = on_output
         self.seed = seed
@@ -153,7 +161,7 @@ class Engine:
         self._wake = threading.Event()
         self._next_id = itertools.count()
         self._seeds = random.SystemRandom()
-        self._generated = self._preemptions = 0
+        self._generated = self._preemptions = self._prefix_cached = 0
         self._thread = None
         self._stopping = False
 
@@ -167,10 +175,11 @@ class Engine:
             raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}.")
         prompt = self._checked_prompt(prompt_ids, params)
         seed = params.seed if params.seed is not None else self._seeds.getrandbits(32)
+        keys = paging.prefix_keys(prompt, self.page_size)
         with self._lock:
             if len(self._waiting) + len(self._inbox) >= self.max_waiting:
                 raise QueueFullError(f"{self.max_waiting} requests are waiting already; retry shortly.")
-            sequence = _Sequence(next(self._next_id), prompt, params, on_output, seed)
+            sequence = _Sequence(next(self._next_id), prompt, params, on_output, seed, keys)
             self._inbox.append(sequence)
         self._wake.set()
         return sequence.id
@@ -183,7 +192,8 @@ class Engine:
 
     def stats(self):
         return EngineStats(len(self._running), len(self._waiting) + len(self._inbox), self._table.used,
-                           self._table.num_pages - 1, self.page_size, self._generated, self._preemptions)
+                           self._table.num_pages - 1, self.page_size, self._generated, self._preemptions,
+                           self._prefix_cached)
 
     def start(self):
         """Warms up (`warm_up`), then runs the iterations in a daemon thread
@@ -286,11 +296,17 @@ class Engine:
     def _admit(self):
         while self._waiting and len(self._running) < self.max_batch:
             sequence = self._waiting[0]
-            pages = self._table.take(self._pages_for(len(sequence.ids)))
+            # The prompt's cached whole pages; its last id is always fed (its
+            # logits are needed), into a page of the sequence's own.
+            shared = self._table.match(sequence.prefix_keys[: (len(sequence.ids) - 1) // self.page_size])
+            pages = self._table.take(self._pages_for(len(sequence.ids)) - len(shared))
             if pages is None:
+                self._table.give_back(shared)
                 return
             self._waiting.popleft()
-            sequence.pages = pages
+            sequence.pages = shared + pages
+            sequence.computed = len(shared) * self.page_size
+            self._prefix_cached += sequence.computed
             self._running.append(sequence)
 
     def _pages_for(self, positions):
@@ -365,6 +381,12 @@ class Engine:
             return None
         slots = []
         for sequence, count in feeds:
+            # The prompt's pages this feed fills are its prefix's from now on
+            # (later programs, which may read them, run after this one).
+            full = range(sequence.computed // self.page_size,
+                         min(sequence.computed + count, sequence.prompt_length) // self.page_size)
+            for index in full:
+                self._table.remember(sequence.pages[index], sequence.prefix_keys[index])
             sequence.computed += count
             ends = sequence.computed == len(sequence.ids)
             if ends:
@@ -446,6 +468,7 @@ class Engine:
                 self._finish(sequence, (), ERROR, message)
         for sequence in sorted(self._running, key=lambda s: s.id, reverse=True):
             self._preempt(sequence)
+        self._table.forget()
         self._pages = paging.empty_pages(self.lm, self._table.num_pages, self.page_size)
 
 

@@ -1,8 +1,9 @@
 """The server's Prometheus metrics (GET /metrics): what each engine reports
 when scraped (requests running and waiting, KV pages used and total,
-tokens generated, preemptions; labelled by `engine`, its index among the
-data-parallel copies), and what the server sees of requests (time to
-first token, requests by finish reason)."""
+tokens generated, preemptions, prompt tokens taken from the prefix cache;
+labelled by `engine`, its index among the data-parallel copies), and what
+the server sees of requests (time to first token, requests by finish
+reason)."""
 
 from prometheus_client import CollectorRegistry
 from prometheus_client import Counter
@@ -55,6 +56,9 @@ class _EngineStats:
             "generated_tokens": CounterMetricFamily("tp_zoo_generated_tokens", "Tokens generated.", labels=["engine"]),
             "preemptions": CounterMetricFamily("tp_zoo_preemptions", "Requests preempted to free KV pages.",
                                                labels=["engine"]),
+            "prefix_cached_tokens": CounterMetricFamily(
+                "tp_zoo_prefix_cached_tokens", "Prompt tokens whose keys and values came from the prefix cache.",
+                labels=["engine"]),
         }
         for index, engine in enumerate(self._engines):
             stats = engine.stats()

@@ -1,10 +1,16 @@
 """The paged KV cache: per layer, keys and values in fixed-size pages of a
 pool on the devices (split over them by kv heads, as generate()'s cache),
-and on the host the free list that hands pages to sequences.
+and on the host the table that hands pages to sequences and keeps whole
+pages of prompts for later prompts that begin alike (prefix caching).
 
 Page 0 belongs to no sequence: padding tokens write there, and table
 entries past a sequence's end point at it (never read: attention stops at
 each row's position)."""
+
+import collections
+import hashlib
+
+import numpy as np
 
 from tp_zoo.errors import DeviceMemoryError
 from tp_zoo.models import memory
@@ -16,33 +22,102 @@ DEFAULT_MEMORY_FRACTION = 0.85
 CPU_ROW_POSITIONS = 2048
 
 
+def prefix_keys(ids, page_size):
+    """A key per whole page of `ids`: a digest of every id up to that
+    page's end, so equal keys mean equal prefixes (SHA-256, so that no
+    prompt can be made to collide with another's and read its pages)."""
+    keys, digest = [], hashlib.sha256()
+    for end in range(page_size, len(ids) + 1, page_size):
+        digest.update(np.asarray(ids[end - page_size: end], "<i8").tobytes())
+        keys.append(digest.copy().digest())
+    return keys
+
+
 class PageTable:
-    """The host's view of the pool: which pages are free."""
+    """The host's view of the pool. A page is free, held by sequences (a
+    count of them), or cached: holding a prompt's whole page that no
+    sequence holds now, kept under its prefix key for a later prompt that
+    begins alike, and taken back (least recently used first) when no page
+    is free."""
 
     def __init__(self, num_pages):
         if num_pages < 2:
             raise ValueError(f"A paged cache needs at least 2 pages (one is the padding page), got {num_pages}.")
         self.num_pages = num_pages
         self._free = list(range(num_pages - 1, 0, -1))  # popped from the end: low ids first
+        self._holders = {}  # page -> sequences holding it
+        self._page_of = {}  # prefix key -> page holding it
+        self._key_of = {}  # page -> its prefix key
+        self._cached = collections.OrderedDict()  # cached pages no sequence holds, least recently used first
 
     @property
     def free(self):
-        return len(self._free)
+        """Pages a sequence may take: free or cached."""
+        return len(self._free) + len(self._cached)
 
     @property
     def used(self):
-        return self.num_pages - 1 - len(self._free)
+        """Pages sequences hold."""
+        return len(self._holders)
 
     def take(self, count):
-        """`count` free pages, or None (and none taken) if fewer are free."""
-        if count > len(self._free):
+        """`count` pages (free ones first, then cached ones, forgotten), or
+        None (and none taken) if fewer are free or cached."""
+        if count > self.free:
             return None
-        taken = self._free[len(self._free) - count:][::-1]
-        del self._free[len(self._free) - count:]
+        taken = []
+        for _ in range(count):
+            if self._free:
+                page = self._free.pop()
+            else:
+                page, _ = self._cached.popitem(last=False)
+                del self._page_of[self._key_of.pop(page)]
+            self._holders[page] = 1
+            taken.append(page)
         return taken
 
     def give_back(self, pages):
-        self._free.extend(reversed(pages))
+        """Pages a sequence no longer holds (in its order): cached if they
+        hold a prefix and no other sequence holds them, else free. Its last
+        pages go first, so that they are taken back before the pages their
+        prefixes run through."""
+        for page in reversed(pages):
+            self._holders[page] -= 1
+            if self._holders[page] == 0:
+                del self._holders[page]
+                if page in self._key_of:
+                    self._cached[page] = None
+                else:
+                    self._free.append(page)
+
+    def remember(self, page, key):
+        """Marks a held page as holding the prefix `key` (its contents
+        written), for `match`. A key already held by another page keeps
+        that one."""
+        if key not in self._page_of and page not in self._key_of:
+            self._page_of[key], self._key_of[page] = page, key
+
+    def match(self, keys):
+        """The pages holding the longest run of `keys` from the first, now
+        held by the caller too."""
+        pages = []
+        for key in keys:
+            page = self._page_of.get(key)
+            if page is None:
+                break
+            if page in self._cached:
+                del self._cached[page]
+            self._holders[page] = self._holders.get(page, 0) + 1
+            pages.append(page)
+        return pages
+
+    def forget(self):
+        """Drops every prefix (the pool's contents are gone): cached pages
+        become free."""
+        self._free.extend(self._cached)
+        self._cached.clear()
+        self._page_of.clear()
+        self._key_of.clear()
 
 
 def empty_pages(lm, num_pages, page_size):
