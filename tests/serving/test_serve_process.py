@@ -17,7 +17,6 @@ import threading
 import time
 
 import httpx2
-import numpy as np
 import openai
 import pytest
 

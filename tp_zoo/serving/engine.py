@@ -77,14 +77,16 @@ DECODE_MIN_ROWS = 16
 
 class _Flight:
     """A program sent to the device: its feeds, its tokens (still there;
-    feed i's at `indices[i]`), where each row's token goes in its ids
-    (None: a prompt's chunk that does not end it), and whether it only
-    decoded."""
+    feed i's at `indices[i]`), and where each row's token goes in its ids
+    (None: a prompt's chunk that does not end it)."""
 
-    def __init__(self, feeds, tokens, slots, indices, decode_only):
+    def __init__(self, feeds, tokens, slots, indices):
         self.feeds, self.tokens, self.slots, self.indices = feeds, tokens, slots, indices
-        self.decode_only = decode_only
-        self.sequences = [sequence for sequence, _ in feeds]
+
+    def token_index(self):
+        """{sequence: the index of its UNREAD token in `tokens`}."""
+        return {sequence: index for (sequence, _), slot, index in zip(self.feeds, self.slots, self.indices)
+                if slot is not None}
 
 
 class _Sequence:
@@ -154,6 +156,10 @@ class Engine:
         self._kernel_reads_pages = attention_ops.paged_kernel_applies(attention.compute_dtype, attention.head_dim,
                                                                       self._pages[0][0])
         self._in_flight = None
+        # Every program's tokens are padded to this many (its rows at most),
+        # so that the next program takes them in one shape.
+        self._token_slots = 2 * _power_of_two(max(DECODE_MIN_ROWS, max_batch))
+        self._last_tokens = self._idle_tokens = np.zeros(self._token_slots, "int32")
         self._waiting = collections.deque()
         self._running = []
         self._inbox, self._cancels = [], set()
@@ -245,43 +251,39 @@ class Engine:
 
     # --- the engine's thread -------------------------------------------------------
     def warm_up(self):
-        """Compiles the decode step at every batch size it will run at, fed
-        ids from the host and tokens left on the device (two programs), so
+        """Compiles the decode step at every batch size it will run at, so
         that no request waits for a compilation later (prompts' chunks still
         compile at their first shapes)."""
         rows = DECODE_MIN_ROWS
         while True:
-            rest = (np.zeros(rows, "int32"), np.ones(rows, "int32"),
-                    np.zeros((rows, self._decode_table_width(1)), "int32"))
-            tokens, self._pages = self._launch(((np.zeros((rows, 1), "int32"),) + rest,), _padding_sampling(rows))
-            tokens, self._pages = self._launch(((tokens[:, None],) + rest,), _padding_sampling(rows))
+            group = (np.zeros((rows, 1), "int32"), np.zeros(rows, "int32"), np.ones(rows, "int32"),
+                     np.zeros((rows, self._decode_table_width(1)), "int32"))
+            # (the first call's previous tokens come from the host, the rest's
+            # from a program, as every step's will: two inputs of their own)
+            for _ in range(2 if rows == DECODE_MIN_ROWS else 1):
+                self._last_tokens, self._pages = self._launch(
+                    (group,), _padding_sampling(rows), np.full(rows, -1, "int32"))
             if rows >= self.max_batch:
                 break
             rows *= 2
-        jax.block_until_ready(tokens)
+        # Tokens of the device's kind that no failed program made (see _recover).
+        self._idle_tokens = jax.block_until_ready(self._last_tokens)
 
     def step(self):
         """One iteration (see the module's docstring); whether it did anything.
 
-        The iteration's program is left running on the device when this
-        returns. When the next iteration decodes the same rows (nothing
-        joined, left or prefilled), its step is sent before this one's
-        tokens are read, fed them on the device, so the device does not
-        wait on the host."""
+        Its program is sent before the previous iteration's tokens are read:
+        rows whose last token is still on the device are fed it there, so the
+        device does not wait on the host. What those tokens end (a stop token)
+        is seen an iteration later: such a row decodes once more, and that
+        token is dropped."""
         self._take_inbox()
         self._admit()
         prefills, decodes = self._feeds()
-        flight = self._in_flight
-        if flight is not None and flight.decode_only and not prefills and [s for s, _ in decodes] == flight.sequences:
-            self._in_flight = self._dispatch(decodes, [], flight.tokens)
-            self._read(flight)
-            return True
-        if flight is not None:
-            self._in_flight = None
-            self._read(flight)
-            prefills, decodes = self._feeds()
+        flight, self._in_flight = self._in_flight, None
         if prefills or decodes:
-            self._in_flight = self._dispatch(decodes, prefills)
+            self._in_flight = self._dispatch(decodes, prefills, flight)
+        self._read(flight)
         return bool(flight or prefills or decodes)
 
     def _take_inbox(self):
@@ -347,12 +349,12 @@ class Engine:
             pages = self._pages_for(self.max_positions)
         return _power_of_two(pages)
 
-    def _dispatch(self, decodes, prefills, fed_tokens=None):
-        """Sends one program: the decodes (fed `fed_tokens`, a program's
-        tokens still on the device, in place of their last ids) and the
-        prompts' chunks, as two groups of one pass; counts the ids fed; each
-        row that ends its ids gets an UNREAD token. Returns the `_Flight`,
-        or None if the program failed (its rows fail alone)."""
+    def _dispatch(self, decodes, prefills, previous):
+        """Sends one program: the decodes (an UNREAD last id fed from the
+        `previous` flight's tokens on the device) and the prompts' chunks,
+        as two groups of one pass; counts the ids fed; each row that ends
+        its ids gets an UNREAD token. Returns the `_Flight`, or None if the
+        program failed (its rows fail alone)."""
         groups, rows_before, indices = [], 0, []
         for feeds, width in ((decodes, 1), (prefills, None)):
             if not feeds:
@@ -370,15 +372,20 @@ class Engine:
             indices += range(rows_before, rows_before + len(feeds))
             rows_before += rows
         sampling = tuple(np.concatenate(parts) for parts in zip(*(group.pop() for group in groups)))
-        if fed_tokens is not None:
-            groups[0][0] = fed_tokens[:, None]
+        sources = np.full(len(groups[0][0]), -1, "int32")
+        if decodes and previous is not None:
+            unread = previous.token_index()
+            for row, (sequence, _) in enumerate(decodes):
+                if sequence.ids[-1] == UNREAD:
+                    sources[row] = unread[sequence]
         feeds = decodes + prefills
         try:
-            tokens, self._pages = self._launch(tuple(tuple(group) for group in groups), sampling,
+            tokens, self._pages = self._launch(tuple(tuple(group) for group in groups), sampling, sources,
                                                any(s.params.sorts for s, _ in feeds))
         except Exception as error:  # noqa: BLE001 -- the rows fail alone; the engine goes on
             self._recover(feeds, error)
             return None
+        self._last_tokens = tokens
         slots = []
         for sequence, count in feeds:
             # The prompt's pages this feed fills are its prefix's from now on
@@ -392,7 +399,7 @@ class Engine:
             if ends:
                 sequence.ids.append(UNREAD)
             slots.append(len(sequence.ids) - 1 if ends else None)
-        return _Flight(feeds, tokens, slots, indices, decode_only=not prefills)
+        return _Flight(feeds, tokens, slots, indices)
 
     def _group(self, feeds, rows, width, table_width):
         """[token ids, starts, counts, tables, sampling] of `feeds` padded to
@@ -411,10 +418,12 @@ class Engine:
             seed_states[row] = sequence.seed, sequence.made
         return [token_ids, starts, counts, tables, sampling]
 
-    def _launch(self, groups, sampling, cuts=False):
+    def _launch(self, groups, sampling, sources, cuts=False):
+        """Runs the program: (tokens, pages). `sources`: the first group's
+        rows fed the last program's tokens (see `programs`' paged step)."""
         (tokens, pages), _ = self._program(
-            self._state, groups, self._pages, sampling, draws=bool(sampling[0].any()), cuts=cuts,
-            kernel_configs=self._kernel_configs,
+            self._state, groups, self._pages, sampling, (self._last_tokens, sources),
+            draws=bool(sampling[0].any()), cuts=cuts, kernel_configs=self._kernel_configs,
         )
         return tokens, pages
 
@@ -461,11 +470,17 @@ class Engine:
     def _recover(self, feeds, error):
         """After a program failed: its rows end with the error; the pool
         (donated to the failed call) is made anew, so every other running
-        sequence feeds its ids again."""
+        sequence feeds its ids again; a program sent after the failed one
+        (fed its pool) is dropped, its tokens never read."""
         message = f"{type(error).__name__}: {error}"
         for sequence, _ in feeds:
             if not sequence.finished:
                 self._finish(sequence, (), ERROR, message)
+        dropped, self._in_flight = self._in_flight, None
+        for sequence in dropped.token_index() if dropped is not None else ():
+            if sequence.ids[-1] == UNREAD:
+                sequence.ids.pop()
+        self._last_tokens = self._idle_tokens  # the failed program's would fail the next
         for sequence in sorted(self._running, key=lambda s: s.id, reverse=True):
             self._preempt(sequence)
         self._table.forget()

@@ -190,16 +190,25 @@ def _run_stream_steps(lm, state, caches, carry, lengths, budgets, stop_token_ids
                       cache_length)
 
 
-def _sampled_paged_step(lm, groups, pages, sampling, draws, cuts):
+def _sampled_paged_step(lm, groups, pages, sampling, fed, draws, cuts):
     """`paged_step` and each row's next token by its own `sampling`
     (temperature, top_k, top_p, seed states of all groups' rows: see
-    `row_tokens`)."""
-    logits, pages = paged_step(lm, groups, pages)
-    return row_tokens(logits, *sampling, draws=draws, cuts=cuts), pages
+    `row_tokens`). `fed`: (previous, sources): the first group's rows whose
+    source is >= 0 take their token id from `previous` (P,), an earlier
+    step's tokens still on the device, at that index. Returns the tokens
+    padded to P (so that the next step's `previous` has one shape) and the
+    pages."""
+    previous, sources = fed
+    (token_ids, *rest), *others = groups
+    from_previous = previous[jnp.maximum(sources, 0)][:, None]
+    token_ids = jnp.where(sources[:, None] >= 0, from_previous, token_ids)
+    logits, pages = paged_step(lm, [(token_ids, *rest), *others], pages)
+    tokens = row_tokens(logits, *sampling, draws=draws, cuts=cuts)
+    return jnp.pad(tokens, (0, previous.shape[0] - tokens.shape[0])), pages
 
 
-def _run_paged_step(lm, state, groups, pages, sampling, draws, cuts, kernel_configs):
-    return _stateless(lm, state, kernel_configs, _sampled_paged_step, groups, pages, sampling, draws, cuts)
+def _run_paged_step(lm, state, groups, pages, sampling, fed, draws, cuts, kernel_configs):
+    return _stateless(lm, state, kernel_configs, _sampled_paged_step, groups, pages, sampling, fed, draws, cuts)
 
 
 # name -> (function, jit options). Streamed steps take the caches donated, so
