@@ -10,7 +10,8 @@ XLA paths, in bf16.
 4. The Pallas paged decode step against dense float32 attention over each
    row's pages gathered into a contiguous cache (ragged positions, a
    window, shuffled tables, unused entries at a page of NaN values), and
-   the keys and values it writes (bitwise).
+   the keys and values it writes (bitwise); its prompts' chunks kernel
+   against the same attention for each token of a chunk.
 5. The Pallas int8 product against XLA's.
 
 Tolerance, where not bitwise: max |diff| <= 2e-2 x max(1, max |reference|)
@@ -175,6 +176,45 @@ def test_paged_kernel_matches_dense(page_size):
     assert_close(np.asarray(want), np.asarray(got, "float32"), f"paged decode, pages of {page_size}", rel=BF16)
     for got_page, want_page in zip(got_pages, written):
         np.testing.assert_array_equal(np.asarray(got_page, "float32"), want_page.astype("float32"))
+
+
+def test_paged_chunk_kernel_matches_dense():
+    """Prompts' chunks of Llama-3-8B heads over pages of 64 with tables of
+    8192 positions, as the engine runs them: a 256-token chunk from position
+    0, one from 1000 of 100 tokens (the rest padding), and one from 4000
+    with a 700-key window; against dense float32 attention over each row's
+    pages gathered (causal, padding tokens zero)."""
+    rs = np.random.RandomState(5)
+    starts, counts, page = np.array([0, 1000, 4000]), np.array([256, 100, 256]), 64
+    spans = [np.arange((start + count - 1) // page + 1) for start, count in zip(starts, counts)]
+    num_pages = 1 + sum(map(len, spans))
+    ids = iter(rs.permutation(np.arange(1, num_pages)))
+    tables = np.zeros((3, 8192 // page), np.int32)
+    for row, span in enumerate(spans):
+        tables[row, span] = [next(ids) for _ in span]
+    k, v = (jnp.asarray(rs.randn(8, num_pages, page, 128), jnp.bfloat16) for _ in range(2))
+    q = jnp.asarray(rs.randn(3, 256, 32, 128), jnp.bfloat16)
+    tables, starts, counts = (jnp.asarray(x, jnp.int32) for x in (tables, starts, counts))
+
+    def reference(q, k, v, tables, starts, counts, window):
+        keys = lambda pages: jnp.moveaxis(pages[:, tables], 0, 1).reshape(3, 8, -1, 128).astype(jnp.float32)
+        positions = starts[:, None] + jnp.arange(256)[None, :]
+        key = jnp.arange(tables.shape[1] * page)
+        visible = key[None, None, :] <= positions[:, :, None]
+        if window:
+            visible &= key[None, None, :] > positions[:, :, None] - window
+        qg = q.astype(jnp.float32).reshape(3, 256, 8, 4, 128)
+        scores = jnp.einsum("bskgd,bktd->bkgst", qg, keys(k), precision="highest") / 128**0.5
+        scores = jnp.where(visible[:, None, None], scores, -jnp.inf)
+        out = jnp.einsum("bkgst,bktd->bskgd", jax.nn.softmax(scores, axis=-1), keys(v), precision="highest")
+        valid = jnp.arange(256)[None, :] < counts[:, None]
+        return jnp.where(valid[:, :, None, None, None], out, 0).reshape(3, 256, 32, 128)
+
+    for window in (None, 700):
+        got = jax.jit(lambda *a: paged_attention.paged_chunk_attention(*a, window=window))(
+            q, k, v, tables, starts, counts)
+        want = jax.jit(lambda *a: reference(*a, window))(q, k, v, tables, starts, counts)
+        assert_close(np.asarray(want), np.asarray(got, "float32"), f"paged chunk, window {window}", rel=BF16)
 
 
 @pytest.mark.parametrize("rows", [1, 16, 64])

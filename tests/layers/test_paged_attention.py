@@ -177,3 +177,67 @@ def test_paged_kernel_applies_only_on_gpu_to_pages_of_a_power_of_two():
     disabled = kernels.PagedAttentionConfig(enabled=False, forced=True)
     with kernels.configured(kernels.KernelConfigs(paged_attention=disabled)):
         assert not paged_attention.applies(q, pages(64))
+
+
+# (start, count) per row of a chunk of width 8 over tables of 6 pages of 16:
+# from position 0, across a page boundary, ending the table, a lone token,
+# and one of padding only past its first token.
+CHUNKS = ((0, 8), (12, 8), (88, 8), (40, 1), (30, 3))
+
+
+def _chunk_inputs(heads, kv_heads, head_dim, dtype, seed=1):
+    """q (rows, 8, heads, head_dim), pages with every row's keys written,
+    tables, starts, counts. Slots no row may read hold keys of 1e4 and NaN
+    values, as in `_paged_inputs`."""
+    rs = np.random.RandomState(seed)
+    starts, counts = (np.array(x, np.int32) for x in zip(*CHUNKS))
+    spans = [range(0, (start + count - 1) // PAGE + 1) for start, count in CHUNKS]
+    num_pages = sum(map(len, spans)) + 2
+    ids = iter(rs.permutation(np.arange(1, num_pages)))
+    tables = np.zeros((len(CHUNKS), WIDTH), np.int32)
+    readable = np.zeros((num_pages, PAGE), bool)
+    for row, span in enumerate(spans):
+        tables[row, list(span)] = [next(ids) for _ in span]
+        keys = np.arange(starts[row] + counts[row])
+        readable[tables[row, keys // PAGE], keys % PAGE] = True
+    k, v = (rs.randn(kv_heads, num_pages, PAGE, head_dim) for _ in range(2))
+    k[:, ~readable] = 1e4
+    v[:, ~readable] = np.nan
+    q = rs.randn(len(CHUNKS), 8, heads, head_dim)
+    return tuple(jnp.asarray(x, dtype) for x in (q, k, v)) + tuple(map(jnp.asarray, (tables, starts, counts)))
+
+
+def _dense_chunks(q, k_pages, v_pages, tables, starts, counts, window):
+    """Each valid token's query heads against its row's keys up to its
+    position (within the window), float64; padding tokens zero."""
+    q = np.asarray(q, np.float64)
+    out = np.zeros(q.shape)
+    for row, (start, count) in enumerate(zip(np.asarray(starts), np.asarray(counts))):
+        for t in range(count):
+            position = start + t
+            first = max(0, position + 1 - window) if window else 0
+            out[row, t] = _dense(q[row, t][None], k_pages, v_pages, np.asarray(tables)[row][None],
+                                 np.array([position]), np.array([first]))[0]
+    return out
+
+
+@pytest.mark.parametrize("heads,kv_heads,window,chunk_query_rows,block,dtype", [
+    (8, 2, None, 128, 64, jnp.float32),
+    (8, 2, 5, 16, 16, jnp.float32),
+    (12, 2, None, 32, 32, jnp.float32),
+    (8, 2, 20, 128, 16, jnp.bfloat16),
+])
+def test_paged_chunk_kernel_matches_dense(heads, kv_heads, window, chunk_query_rows, block, dtype):
+    """Chunks from position 0 and later, across pages, ending the table, of
+    1 and 3 tokens (the rest padding), windows within and across pages;
+    query groups of 4 and 6 (padded to 8), blocks of all 8 tokens, of 2 and
+    4, steps over 1 to 4 pages."""
+    args = _chunk_inputs(heads, kv_heads, 32, dtype)
+    config = kernels.PagedAttentionConfig(forced=True, interpret=True, chunk_query_rows=chunk_query_rows,
+                                          block=block)
+    with kernels.configured(kernels.KernelConfigs(paged_attention=config)):
+        got = jax.jit(lambda *a: paged_attention.paged_chunk_attention(*a, window=window))(*args)
+    assert got.shape == args[0].shape and got.dtype == dtype
+    rel = 1e-5 if dtype == jnp.float32 else 2e-2
+    what = f"paged chunk kernel heads={heads}/{kv_heads} window={window} rows={chunk_query_rows} {dtype.__name__}"
+    assert_close(_dense_chunks(*args, window), np.asarray(got, np.float64), what, rel=rel)

@@ -5,8 +5,7 @@ client. Greedy answers must be `lm.generate`'s for each prompt alone (same
 text, and as many tokens): completions and chat, streamed and not, and six
 clients arriving at staggered times into 3 rows and a pool of 5 pages, so
 that requests wait, and running ones are preempted (as /metrics counts)
-and recomputed. A client
-that leaves a stream frees its row at once.
+and recomputed. A client that leaves a stream frees its row at once.
 """
 
 import os
@@ -26,7 +25,7 @@ from tests.models import checkpoints as ckpts
 
 START_SECONDS = 180  # the server loads and answers within this
 NEW = 20
-LONG = 60  # a prompt and this many new tokens take 2 pages: 3 rows of them do not fit in 5
+LONG = 100  # a prompt and this many new tokens take 2 pages: 3 rows of them do not fit in 5
 PROMPTS = ["Four score and seven years ago", "We are met on a great battle-field", "Now we are engaged",
            "It is for us the living", "The world will little note", "government of the people"]
 CHAT = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Who are you?"}]
@@ -104,7 +103,9 @@ def test_staggered_clients_get_generate_s_answers(server, lm):
     answers = [None] * len(PROMPTS)
 
     def ask(i):
-        time.sleep(0.2 * i)
+        # 20 ms apart: a request's 100 steps take longer, so 3 run together
+        # and the third to need a second page finds none.
+        time.sleep(0.02 * i)
         answers[i] = _client(server).completions.create(model="served", prompt=PROMPTS[i], max_tokens=LONG,
                                                         temperature=0)
 

@@ -46,6 +46,9 @@ class PagedAttentionConfig:
     target_programs: int = 264
     num_warps: int = 4
     num_stages: int = 2
+    # Prompts' chunks (`paged_chunk_attention`): query rows (tokens x the
+    # group of heads) per program.
+    chunk_query_rows: int = 128
 
 
 @dataclasses.dataclass(frozen=True)

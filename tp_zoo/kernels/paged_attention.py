@@ -187,3 +187,102 @@ def _paged_step(operands, group, group_block, k_pages, v_pages, tables, position
     )(*inputs)
     out = flash_decoding.merge(acc, m, l)
     return out[:, :, :group].reshape(b, kv * group, d).astype(q.dtype), k_pages, v_pages
+
+
+def _chunk_kernel(
+    starts_ref, counts_ref, tables_ref, q_ref, k_ref, v_ref, o_ref, *, group, tokens, pages_per_step, scale, window,
+):
+    block_index = pl.program_id(2)
+    page_size, d = k_ref.shape[1:]
+    keys_per_step = pages_per_step * page_size
+    start = starts_ref[()]
+    count = counts_ref[()]
+    # The block's query rows: `tokens` tokens x `group` heads, token-major.
+    first_token = block_index * tokens
+    token = first_token + jnp.arange(tokens * group) // group
+    positions = start + token
+    valid = token < count
+    lowest = jnp.maximum(start + first_token + 1 - window, 0) if window else 0
+    highest = start + jnp.minimum(first_token + tokens, count) - 1
+    low_page = lowest // page_size
+    pages = jnp.where(first_token < count, highest // page_size + 1 - low_page, 0)
+    q = q_ref[...]
+    lanes = jnp.arange(d)[None, :]
+
+    def body(step, carry):
+        acc, m, l = carry
+        keys = (low_page + step * pages_per_step) * page_size + jnp.arange(keys_per_step)
+        readable = (keys >= lowest) & (keys <= highest)
+        at = (tables_ref[jnp.minimum(keys // page_size, highest // page_size)][:, None],
+              (keys % page_size)[:, None], lanes)
+        mask = jnp.broadcast_to(readable[:, None], (keys_per_step, d))
+        k = plgpu.load(k_ref.at[at], mask=mask, other=0)
+        scores = plgpu.dot(q, k, trans_b=True).astype(jnp.float32) * scale
+        visible = readable[None, :] & (keys[None, :] <= positions[:, None]) & valid[:, None]
+        if window:
+            visible &= keys[None, :] > positions[:, None] - window
+        scores = jnp.where(visible, scores, flash_decoding.MASKED)
+        m_new = jnp.maximum(m, scores.max(axis=-1))
+        correction = jnp.exp(m - m_new)
+        p = jnp.where(visible, jnp.exp(scores - m_new[:, None]), 0.0)
+        l = l * correction + p.sum(axis=-1)
+        v = plgpu.load(v_ref.at[at], mask=mask, other=0)
+        acc = acc * correction[:, None] + plgpu.dot(p.astype(v.dtype), v).astype(jnp.float32)
+        return acc, m_new, l
+
+    rows = tokens * group
+    init = (
+        jnp.zeros((rows, d), jnp.float32),
+        jnp.full((rows,), flash_decoding.MASKED, jnp.float32),
+        jnp.zeros((rows,), jnp.float32),
+    )
+    acc, _, l = jax.lax.fori_loop(0, pl.cdiv(pages, pages_per_step), body, init)
+    # Padding tokens see no key: zeros, not 0 / 0.
+    o_ref[...] = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(o_ref.dtype)
+
+
+def paged_chunk_attention(q, k_pages, v_pages, tables, starts, counts, window=None, interpret=None):
+    """Prompts' chunks over a paged KV cache: row r's tokens 0..counts[r]-1
+    sit at positions starts[r], starts[r] + 1, ..., their keys and values
+    already written into the pages of its table; each token's query heads
+    attend to the row's keys up to its position (within `window`, the
+    last `window` positions, if given). One program per (row, kv head,
+    block of tokens): the block's tokens x its group of query heads as one
+    tile against the row's pages [its first visible, its last token's], in
+    steps of whole pages read through the table, with an online softmax in
+    float32. Tokens past a row's count (padding) get zeros; table entries
+    outside the pages read are never read.
+
+    q: (rows, width, heads, head_dim); k_pages, v_pages: (kv_heads,
+    num_pages, page_size, head_dim), of q's dtype; tables: (rows,
+    table_width) int; starts, counts: (rows,) int. Returns (rows, width,
+    heads, head_dim) in q's dtype.
+    """
+    config = configuration.active().paged_attention
+    interpret = config.interpret if interpret is None else interpret
+    rows, width, h, d = q.shape
+    kv, num_pages, page_size, _ = k_pages.shape
+    qg, group, group_block = flash_decoding.grouped_queries(q.reshape(rows * width, h, d), kv)
+    # (rows, kv, width x group block, d): each kv head's queries token-major.
+    qg = jnp.swapaxes(qg.reshape(rows, width, kv, group_block, d), 1, 2).reshape(rows, kv, width * group_block, d)
+    tokens = min(width, max(1, config.chunk_query_rows // group_block))
+    block_rows = tokens * group_block
+    pages_per_step = max(1, config.block // page_size)
+    inputs = (starts.astype(jnp.int32), counts.astype(jnp.int32), tables.astype(jnp.int32), qg, k_pages, v_pages)
+    pool = pl.BlockSpec((None, num_pages, page_size, d), lambda i, j, b: (j, 0, 0, 0))
+    per_row = pl.BlockSpec((None,), lambda i, j, b: (i,))
+    per_block = pl.BlockSpec((None, None, block_rows, d), lambda i, j, b: (i, j, b, 0))
+    out = pl.pallas_call(
+        functools.partial(_chunk_kernel, group=group_block, tokens=tokens, pages_per_step=pages_per_step,
+                          scale=1.0 / d**0.5, window=window),
+        grid=(rows, kv, width // tokens),
+        in_specs=[per_row, per_row, pl.BlockSpec((None, tables.shape[1]), lambda i, j, b: (i, 0)), per_block,
+                  pool, pool],
+        out_specs=per_block,
+        out_shape=parallel.kernel_result(qg.shape, q.dtype, *inputs),
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+        interpret=interpret,
+        name="tp_zoo_paged_chunk_attention",
+    )(*inputs)
+    out = jnp.swapaxes(out.reshape(rows, kv, width, group_block, d), 1, 2)[:, :, :, :group]
+    return out.reshape(rows, width, h, d)

@@ -18,11 +18,11 @@ kv_heads), as in Hugging Face's `repeat_kv`. Scores and softmax are float32.
 - `paged_attention`: the same over a paged cache (a serving engine's), for
   any number of new tokens per row: pages of (kv_heads, num_pages,
   page_size, head_dim), each row's keys at position p in page
-  tables[row, p // page_size], slot p % page_size. One new token per row
-  is written and attended by a Pallas kernel on NVIDIA GPUs
-  (`tp_zoo.kernels.paged_attention`); chunks of prompts, and every step
-  elsewhere, are written with XLA's scatter and attend to the row's pages
-  gathered.
+  tables[row, p // page_size], slot p % page_size. On NVIDIA GPUs Pallas
+  kernels (`tp_zoo.kernels.paged_attention`) read a row's own pages
+  through its table: one new token per row is written and attended by
+  one, prompts' chunks, written with XLA's scatter, attend in another;
+  elsewhere the row's pages are gathered for XLA.
 """
 
 import jax
@@ -207,9 +207,9 @@ def _write_pages(k_pages, v_pages, k_new, v_new, tables, positions, valid):
 
 
 def paged_kernel_applies(dtype, head_dim, k_pages):
-    """Whether one new token per row of `dtype` heads of `head_dim` is
-    written and attended by the Pallas kernel (which reads a row's own pages
-    only, however wide its table)."""
+    """Whether the Pallas kernels attend `dtype` heads of `head_dim` over
+    these pages (they read a row's own pages only, however wide its
+    table)."""
     return paged_kernel.applies(jax.ShapeDtypeStruct((1, 1, head_dim), dtype), k_pages)
 
 
@@ -241,6 +241,10 @@ def paged_attention(qkv, k_pages, v_pages, tables, positions, valid, window=None
                 q, step[:, :, 0], step[:, :, 1], k_pages, v_pages, tables, position, starts)
         return out[:, None], k_pages, v_pages
     k_pages, v_pages = _write_pages(k_pages, v_pages, qkv[:, :, :, 0], qkv[:, :, :, 1], tables, positions, valid)
+    if paged_kernel.applies(q, k_pages):
+        out = paged_kernel.paged_chunk_attention(q.astype(k_pages.dtype), k_pages, v_pages, tables, positions[:, 0],
+                                                 valid.sum(axis=1), window)
+        return out.astype(q.dtype), k_pages, v_pages
     page_size = k_pages.shape[2]
     gather = lambda pages: jnp.moveaxis(pages[:, tables], 0, 3).reshape(rows, -1, kv, d)
     keys = jnp.arange(tables.shape[1] * page_size)

@@ -73,6 +73,9 @@ UNREAD = -1
 # The fewest rows a decode step runs at: it reads every weight whatever its
 # rows, so padding costs little, and fewer batch sizes compile.
 DECODE_MIN_ROWS = 16
+# The fewest ids a prompt's chunk is fed in when several prompts share a
+# step: narrower would add shapes to compile for little.
+MIN_CHUNK_WIDTH = 32
 
 
 class _Flight:
@@ -159,6 +162,12 @@ class Engine:
         # Every program's tokens are padded to this many (its rows at most),
         # so that the next program takes them in one shape.
         self._token_slots = 2 * _power_of_two(max(DECODE_MIN_ROWS, max_batch))
+        # The row counts of prompts' chunks: powers of two, each row at least
+        # MIN_CHUNK_WIDTH ids wide (or one row).
+        self._chunk_rows = [1]
+        while (self._chunk_rows[-1] * 2 <= max_batch
+               and prefill_chunk // (self._chunk_rows[-1] * 2) >= MIN_CHUNK_WIDTH):
+            self._chunk_rows.append(self._chunk_rows[-1] * 2)
         self._last_tokens = self._idle_tokens = np.zeros(self._token_slots, "int32")
         self._waiting = collections.deque()
         self._running = []
@@ -251,21 +260,24 @@ class Engine:
 
     # --- the engine's thread -------------------------------------------------------
     def warm_up(self):
-        """Compiles the decode step at every batch size it will run at, so
-        that no request waits for a compilation later (prompts' chunks still
-        compile at their first shapes)."""
-        rows = DECODE_MIN_ROWS
-        while True:
-            group = (np.zeros((rows, 1), "int32"), np.zeros(rows, "int32"), np.ones(rows, "int32"),
-                     np.zeros((rows, self._decode_table_width(1)), "int32"))
-            # (the first call's previous tokens come from the host, the rest's
+        """Compiles a step of every shape it will run at, of padding rows:
+        decode steps at each batch size, and beside them prompts' chunks at
+        each of their shapes (with the paged kernels, whose tables span the
+        positions, that is all; elsewhere chunks' tables are as wide as
+        their rows' pages, and each width compiles at its first step), so
+        that no request waits for a compilation later."""
+        shapes = [(rows, 1) for rows in (DECODE_MIN_ROWS, DECODE_MIN_ROWS)]
+        while shapes[-1][0] < self.max_batch:
+            shapes.append((shapes[-1][0] * 2, 1))
+        shapes += [(shapes[-1][0], self.prefill_chunk // rows, rows) for rows in self._chunk_rows]
+        for rows, width, *chunk_rows in shapes:
+            # (the first step's previous tokens come from the host, the rest's
             # from a program, as every step's will: two inputs of their own)
-            for _ in range(2 if rows == DECODE_MIN_ROWS else 1):
-                self._last_tokens, self._pages = self._launch(
-                    (group,), _padding_sampling(rows), np.full(rows, -1, "int32"))
-            if rows >= self.max_batch:
-                break
-            rows *= 2
+            groups = [_padding_group(rows, 1, self._table_width(1))]
+            groups += [_padding_group(chunk, width, self._table_width(1)) for chunk in chunk_rows]
+            total = sum(len(group[0]) for group in groups)
+            self._last_tokens, self._pages = self._launch(tuple(groups), _padding_sampling(total),
+                                                          np.full(rows, -1, "int32"))
         # Tokens of the device's kind that no failed program made (see _recover).
         self._idle_tokens = jax.block_until_ready(self._last_tokens)
 
@@ -327,13 +339,25 @@ class Engine:
                     self._preempt(max(self._running, key=lambda s: s.id))
                 else:
                     sequence.pages += page
-        prefills, budget = [], self.prefill_chunk
-        for sequence in self._running:
-            if sequence.pending > 1 and budget > 0:
-                count = min(sequence.pending, budget)
-                prefills.append((sequence, count))
-                budget -= count
+        # The first r prompts with ids to feed, each fed up to prefill_chunk / r
+        # of them, r (of _chunk_rows) feeding the most, the fewest rows among
+        # equals.
+        pending = [s for s in self._running if s.pending > 1]
+        prefills = max(([(s, min(s.pending, self.prefill_chunk // rows)) for s in pending[:rows]]
+                        for rows in self._chunk_rows), key=lambda feeds: sum(count for _, count in feeds))
         return prefills, [(s, 1) for s in decoding if s.pages]
+
+    def _group_shapes(self, decodes, prefills):
+        """(feeds, rows, width) of a step's groups. Beside prompts' chunks the
+        decode group is there, padded to the engine's batch even when empty,
+        and the chunks' group is r rows of prefill_chunk / r: a step with
+        chunks has one of len(_chunk_rows) shapes."""
+        rows = max(DECODE_MIN_ROWS, _power_of_two(self.max_batch if prefills else len(decodes)))
+        shapes = [(decodes, rows, 1)]
+        if prefills:
+            rows = _power_of_two(len(prefills))
+            shapes.append((prefills, rows, self.prefill_chunk // rows))
+        return shapes
 
     def _preempt(self, sequence):
         self._running.remove(sequence)
@@ -342,9 +366,9 @@ class Engine:
         self._waiting.appendleft(sequence)
         self._preemptions += 1
 
-    def _decode_table_width(self, pages):
-        # With the paged kernel, decode tables span the model's positions
-        # (it reads only each row's own pages), so one shape serves all.
+    def _table_width(self, pages):
+        # With the paged kernels, tables span the model's positions (they
+        # read only each row's own pages), so one shape serves all.
         if self._kernel_reads_pages:
             pages = self._pages_for(self.max_positions)
         return _power_of_two(pages)
@@ -356,18 +380,8 @@ class Engine:
         its ids gets an UNREAD token. Returns the `_Flight`, or None if the
         program failed (its rows fail alone)."""
         groups, rows_before, indices = [], 0, []
-        for feeds, width in ((decodes, 1), (prefills, None)):
-            if not feeds:
-                continue
-            if width == 1:
-                # Beside a prompt's chunk every decode row is padded in, so
-                # that such steps compile once per chunk shape.
-                rows = max(DECODE_MIN_ROWS, _power_of_two(self.max_batch if prefills else len(feeds)))
-                table_width = self._decode_table_width(max(len(s.pages) for s, _ in feeds))
-            else:
-                rows = _power_of_two(len(feeds))
-                width = _power_of_two(max(count for _, count in feeds))
-                table_width = _power_of_two(max(len(s.pages) for s, _ in feeds))
+        for feeds, rows, width in self._group_shapes(decodes, prefills):
+            table_width = self._table_width(max((len(s.pages) for s, _ in feeds), default=1))
             groups.append(self._group(feeds, rows, width, table_width))
             indices += range(rows_before, rows_before + len(feeds))
             rows_before += rows
@@ -489,6 +503,12 @@ class Engine:
 
 def _power_of_two(n):
     return 1 << (n - 1).bit_length()
+
+
+def _padding_group(rows, width, table_width):
+    """A group of `rows` padding rows (one token each into page 0)."""
+    return (np.zeros((rows, width), "int32"), np.zeros(rows, "int32"), np.ones(rows, "int32"),
+            np.zeros((rows, table_width), "int32"))
 
 
 def _padding_sampling(rows):
