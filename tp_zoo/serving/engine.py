@@ -26,10 +26,13 @@ back and waits at the front of the queue to feed all its ids again, so it
 is recomputed, never corrupted.
 
 Both feeds run one compiled program (`generation.programs`' "paged step",
-the model's paged pass and each row's own sampling), at batch, width and
-table sizes rounded up to powers of two so that few shapes compile. Its
-sampling is `lm.generate`'s, row by row: greedy ids, and seeded ones, are
-those of `lm.generate` for the prompt alone, whatever else runs.
+the model's paged pass and each row's own sampling) at a few shapes, all
+compiled at `start`: decode batches of powers of two, and beside the
+batch prompts' chunks in r rows of prefill_chunk / r (with the GPU
+kernels, tables span every position; elsewhere they are as wide as the
+rows' pages, rounded up to a power of two). Its sampling is
+`lm.generate`'s, row by row: greedy ids, and seeded ones, are those of
+`lm.generate` for the prompt alone, whatever else runs.
 """
 
 import collections
@@ -125,7 +128,11 @@ class Engine:
         page_size: positions per page of the KV cache (a power of two).
         kv_memory, kv_pages: the pool's size, in bytes per device or in
             pages (default: most of the device memory the weights leave).
-        prefill_chunk: prompt tokens fed per iteration.
+        prefill_chunk: prompt tokens fed per iteration: r prompts' chunks of
+            prefill_chunk / r tokens each (r a power of two, chosen to feed
+            the most; chunks at least MIN_CHUNK_WIDTH wide), padded, so
+            that a step runs at one of a few shapes, each compiled at
+            `start`.
         max_waiting: requests that may wait; more are refused
             (`QueueFullError`).
 
