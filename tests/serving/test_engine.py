@@ -187,6 +187,47 @@ def test_cancel_failure_and_stop_end_alone(lm, greedy):
     assert ids == [greedy[2][: greedy[2].index(stop) + 1]] and finished == [STOP]
 
 
+class _Unreadable:
+    """A program's tokens whose device failed after the program was sent:
+    reading them raises."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("device lost")
+
+
+def test_a_program_failing_when_read_fails_its_rows_alone(lm, greedy):
+    """A program whose tokens fail when read (an error on the device),
+    after the next program was sent: its rows end with the error; that next
+    program is dropped, and a request that joined in it is recomputed from
+    its ids, to generate's."""
+    engine = _engine(lm)
+    outputs = {i: [] for i in (1, 2, 4)}
+    for i in (1, 2):
+        engine.submit(PROMPTS[i], GREEDY, outputs[i].append)
+    for _ in range(4):
+        engine.step()
+    dispatch = engine._dispatch
+
+    def failing_once(*args):
+        engine._dispatch = dispatch
+        flight = dispatch(*args)
+        flight.tokens = _Unreadable()
+        return flight
+
+    engine._dispatch = failing_once
+    engine.step()  # sends the failing program
+    engine.submit(PROMPTS[4], GREEDY, outputs[4].append)
+    engine.step()  # sends the next (PROMPTS[4]'s prompt in it), then reads the failing one
+    for i in (1, 2):
+        assert (outputs[i][-1].finish_reason, outputs[i][-1].error) == (ERROR, "RuntimeError: device lost")
+    for _ in range(MAX_STEPS):
+        if outputs[4] and outputs[4][-1].finish_reason:
+            break
+        engine.step()
+    assert [t for o in outputs[4] for t in o.new_ids] == greedy[4] and outputs[4][-1].finish_reason == LENGTH
+    assert engine.stats().pages_used == 0
+
+
 @pytest.mark.parametrize("params,param", [
     (dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(top_k=-2), "top_k"),
     (dict(max_tokens=0), "max_tokens"), (dict(seed=-1), "seed"), (dict(stop_token_ids=[3]), "stop_token_ids"),
