@@ -425,10 +425,7 @@ class Engine:
     def _group(self, feeds, rows, width, table_width):
         """[token ids, starts, counts, tables, sampling] of `feeds` padded to
         `rows` (padding rows: one greedy token into page 0)."""
-        token_ids = np.zeros((rows, width), "int32")
-        starts = np.zeros(rows, "int32")
-        counts = np.ones(rows, "int32")
-        tables = np.zeros((rows, table_width), "int32")
+        token_ids, starts, counts, tables = _padding_group(rows, width, table_width)
         temperature, top_k, top_p, seed_states = sampling = _padding_sampling(rows)
         for row, (sequence, count) in enumerate(feeds):
             token_ids[row, :count] = sequence.ids[sequence.computed: sequence.computed + count]
